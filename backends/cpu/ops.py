@@ -1,0 +1,111 @@
+"""The CPU backend's everyday ops: torch code (SDPA, fused elementwise), checked against the
+reference in ``tests/ops``. Argument names and layouts are the catalogue's (``hal/ops.py``)."""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+
+def embedding_cpu(ids: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    return F.embedding(ids, weight)
+
+
+def rms_norm_cpu(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    xf = x.float()
+    normed = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)
+    return normed.to(x.dtype) * weight
+
+
+def add_rms_norm_cpu(x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor, eps: float,
+                     scale: float) -> tuple[torch.Tensor, torch.Tensor]:
+    if x.dtype == torch.float32:
+        new_residual = torch.add(residual, x, alpha=scale)
+    else:
+        new_residual = torch.add(residual.float(), x.float(), alpha=scale).to(x.dtype)
+    return rms_norm_cpu(new_residual, weight, eps), new_residual
+
+
+def _rotate_half_mul(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    xf = x.float()
+    x1, x2 = xf.chunk(2, dim=-1)
+    rotated = torch.cat((-x2, x1), dim=-1)
+    return (xf * cos + rotated * sin).to(x.dtype)
+
+
+def rotary_cpu(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor
+               ) -> tuple[torch.Tensor, torch.Tensor]:
+    cos = cos[:, :, None, :]
+    sin = sin[:, :, None, :]
+    return _rotate_half_mul(q, cos, sin), _rotate_half_mul(k, cos, sin)
+
+
+def swiglu_cpu(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
+    return F.silu(gate) * up
+
+
+def linear_cpu(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    return F.linear(x, weight)
+
+
+def _visibility_mask(new: int, keys: int, kv_start: torch.Tensor | None,
+                     device: torch.device) -> torch.Tensor | None:
+    """Boolean `[B, 1, T, S]` (True = may attend) for bottom-right causal + left padding;
+    None when plain causal/full attention suffices."""
+    if kv_start is None or not bool(kv_start.any()):
+        return None
+    kv_start = kv_start.to(device)
+    cols = torch.arange(keys, device=device)
+    last = keys - new + torch.arange(new, device=device)
+    causal = cols[None, :] <= last[:, None]
+    valid = cols[None, :] >= kv_start[:, None]
+    return causal[None, None] & valid[:, None, None, :]
+
+
+def _sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kv_start: torch.Tensor | None,
+          scale: float) -> torch.Tensor:
+    new, heads = q.shape[1], q.shape[2]
+    keys = k.shape[1]
+    qh, kh, vh = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
+    mask = _visibility_mask(new, keys, kv_start, q.device)
+    gqa = heads != k.shape[2]
+    if mask is not None:
+        out = F.scaled_dot_product_attention(qh, kh, vh, attn_mask=mask, scale=scale, enable_gqa=gqa)
+        # rows that see no key (left padding) come out as NaN from SDPA; the contract says zeros
+        out = out.masked_fill(~mask.any(-1, keepdim=True), 0.0)
+    elif new == 1:
+        out = F.scaled_dot_product_attention(qh, kh, vh, scale=scale, enable_gqa=gqa)
+    elif new == keys:
+        out = F.scaled_dot_product_attention(qh, kh, vh, is_causal=True, scale=scale, enable_gqa=gqa)
+    else:
+        cols = torch.arange(keys, device=q.device)
+        causal = cols[None, :] <= (keys - new + torch.arange(new, device=q.device))[:, None]
+        out = F.scaled_dot_product_attention(qh, kh, vh, attn_mask=causal, scale=scale, enable_gqa=gqa)
+    return out.transpose(1, 2)
+
+
+def attention_prefill_cpu(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                          kv_start: torch.Tensor | None, scale: float) -> torch.Tensor:
+    return _sdpa(q, k, v, kv_start, scale)
+
+
+def attention_decode_cpu(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
+                         kv_start: torch.Tensor | None, scale: float) -> torch.Tensor:
+    return _sdpa(q, k_cache, v_cache, kv_start, scale)
+
+
+def sample_cpu(logits: torch.Tensor, temperature: float, top_k: int, top_p: float,
+               generator: torch.Generator | None) -> torch.Tensor:
+    logits = logits.float()
+    if temperature == 0:
+        return logits.argmax(dim=-1)
+    scaled = logits / temperature
+    if 0 < top_k < scaled.shape[-1]:
+        values, order = torch.topk(scaled, top_k, dim=-1, sorted=True)
+    else:
+        values, order = torch.sort(scaled, dim=-1, descending=True, stable=True)
+    probs = torch.softmax(values, dim=-1)
+    if top_p < 1.0:
+        before = probs.cumsum(-1) - probs
+        probs = probs.masked_fill(before >= top_p, 0.0)
+    choice = torch.multinomial(probs, 1, generator=generator)
+    return order.gather(-1, choice).squeeze(-1)

@@ -1,0 +1,9 @@
+from __future__ import annotations
+
+import torch
+
+
+def swiglu_ref(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
+    """gate, up `[..., F]` -> silu(gate) * up, in gate.dtype."""
+    g = gate.float()
+    return (g / (1.0 + torch.exp(-g)) * up.float()).to(gate.dtype)

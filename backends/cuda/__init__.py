@@ -1,0 +1,11 @@
+"""CUDA backend (Triton kernels). No kernels are registered yet: binding on ``cuda`` runs the
+portable torch implementations below, which work on any torch device."""
+from __future__ import annotations
+
+from hal.registry import Impl, register
+
+_OPS = ("embedding", "rms_norm", "add_rms_norm", "rotary", "swiglu", "linear",
+        "attention_prefill", "attention_decode", "sample")
+
+for _op in _OPS:
+    register(Impl(op=_op, backend="cuda", name="torch", fn=f"backends.cpu.ops:{_op}_cpu", priority=50))

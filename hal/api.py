@@ -1,0 +1,80 @@
+"""Public entry point: :func:`load_model`."""
+from __future__ import annotations
+
+import warnings
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+
+from hal import devices as _devices
+from hal.errors import CheckpointError, InputError
+from hal.registry import bind
+
+DTYPE_NAMES = {
+    "float32": torch.float32, "fp32": torch.float32,
+    "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
+    "float16": torch.float16, "fp16": torch.float16, "half": torch.float16,
+}
+
+
+def parse_dtype(dtype: str | torch.dtype) -> torch.dtype:
+    if isinstance(dtype, torch.dtype):
+        if dtype in (torch.float32, torch.bfloat16, torch.float16):
+            return dtype
+        raise InputError(f"dtype must be float32, bfloat16 or float16, got {dtype}")
+    name = str(dtype).strip().lower().removeprefix("torch.")
+    if name not in DTYPE_NAMES:
+        raise InputError(f"unknown dtype {dtype!r}; choose float32, bfloat16 or float16")
+    return DTYPE_NAMES[name]
+
+
+def dtype_name(dtype: torch.dtype) -> str:
+    return str(dtype).removeprefix("torch.")
+
+
+def torch_device(kind: str) -> torch.device:
+    return torch.device("cpu" if kind == "cpu" else f"{kind}:0")
+
+
+def load_model(path: str | Path, device: str = "auto", dtype: str | torch.dtype | None = None, *,
+               reference: bool = False, allow_fallback: bool = False,
+               op_overrides: dict[str, Callable[..., Any]] | None = None):
+    """Load a MiniCPM checkpoint (Hugging Face layout) and bind it to a device.
+
+    Args:
+        path: checkpoint folder (config.json, model.safetensors or a sharded index, tokenizer).
+        device: ``auto`` (HAL_DEVICE, else npu > cuda > cpu), ``cpu``, ``cuda`` or ``npu``.
+        dtype: ``float32``/``bfloat16``/``float16`` or a torch dtype. Default: float32 on CPU,
+            the checkpoint's torch_dtype elsewhere.
+        reference: bind the float32 reference ops (CPU only): the judge used by validation.
+        allow_fallback: run ops the device cannot serve on the CPU reference (listed in
+            ``model.bound_ops``). Default: raise UnsupportedOpError.
+        op_overrides: op name -> callable replacing the bound implementation (fault injection).
+
+    Raises:
+        DeviceUnavailable, ConfigError, CheckpointError, UnsupportedOpError, InputError.
+    """
+    from model.checkpoint import load_weights
+    from model.config import load_config, load_generation_config
+    from model.minicpm import MiniCPMForCausalLM
+
+    kind = _devices.resolve(device)
+    folder = Path(path)
+    if not folder.is_dir():
+        raise CheckpointError(f"{folder}: checkpoint folder not found")
+    config = load_config(folder)
+    generation = load_generation_config(folder)
+    if dtype is None:
+        dtype = "float32" if kind == "cpu" else config.torch_dtype
+    torch_dtype = parse_dtype(dtype)
+    if reference and kind != "cpu":
+        raise InputError(f"reference=True binds the CPU float32 reference; device must be cpu, got {kind}")
+    if config.sparse_config is not None:
+        warnings.warn(f"{folder}: sparse_config (InfLLM-v2) is set but sparse attention is not implemented "
+                      "yet; running dense attention (exact below dense_len)", stacklevel=2)
+    ops = bind(kind, torch_dtype, config.shapes(), reference=reference, allow_fallback=allow_fallback,
+               overrides=op_overrides)
+    weights = load_weights(folder, config, torch_dtype, torch_device(kind))
+    return MiniCPMForCausalLM(config, weights, ops, torch_device(kind), torch_dtype, path=folder,
+                              generation=generation)

@@ -1,0 +1,173 @@
+"""The op catalogue: every op the model core calls, declared once, as data.
+
+Shape letters (fixed project-wide):
+    B batch, T new tokens, S cached/key length, H query heads, Hk KV heads, D head dim,
+    E hidden size, F FFN size, V vocab, N sequences, K (in) / O (out) features of a linear.
+Layouts are written ``[B, T, H, D]`` and are contiguous in the last dim unless stated.
+
+Each :class:`OpSpec` names the op, its arguments (with layouts), its outputs, the dtypes the
+model may call it with and the NMSE tolerance of an implementation against the float32
+reference per dtype. Tolerances live here and nowhere else; tests and the conformance CLI
+read them from the spec.
+
+Semantics (what every implementation must compute; the float32 reference in
+``backends/cpu/reference/`` is the executable form of these sentences):
+
+``embedding(ids [B, T] int64, weight [V, E]) -> [B, T, E]``
+    Row lookup ``weight[ids]``; the μP ``scale_emb`` is applied by the model, not here.
+
+``rms_norm(x [..., E], weight [E], eps) -> [..., E]``
+    ``(x.float() * rsqrt(mean(x.float()**2, -1) + eps)).to(x.dtype) * weight``.
+
+``add_rms_norm(x [..., E], residual [..., E], weight [E], eps, scale) -> (y, new_residual)``
+    ``new_residual = residual + scale * x`` (in x.dtype) and ``y = rms_norm(new_residual)``.
+    The model's scaled residual add (scale = scale_depth / sqrt(L)) fused with the next norm.
+
+``rotary(q [B, T, H, D], k [B, T, Hk, D], cos [B, T, D], sin [B, T, D]) -> (q', k')``
+    NeoX ("rotate_half") layout: pairs (i, i + D/2). Computed in float32, returned in the input
+    dtype: ``q' = q*cos + rotate_half(q)*sin``. cos/sin already carry the LongRoPE factors and
+    mscale (see ``model/rope.py``); they are float32.
+
+``swiglu(gate [..., F], up [..., F]) -> [..., F]``
+    ``silu(gate) * up``.
+
+``linear(x [..., K], weight [O, K]) -> [..., O]``
+    ``x @ weight.T``, no bias.
+
+``attention_prefill(q [B, T, H, D], k [B, T, Hk, D], v [B, T, Hk, D], kv_start [B] int64 | None,
+scale) -> [B, T, H, D]``
+    Causal grouped-query attention: query head h reads KV head ``h // (H // Hk)``. Query t sees
+    key j iff ``kv_start[b] <= j <= t`` (kv_start marks left padding; None means 0). Softmax in
+    float32 with ``scale`` (normally ``1/sqrt(D)``). A query that sees no key returns zeros.
+
+``attention_decode(q [B, T, H, D], k_cache [B, S, Hk, D], v_cache [B, S, Hk, D],
+kv_start [B] int64 | None, scale) -> [B, T, H, D]``
+    The T new queries are the last T positions of the S cached ones (their keys are already
+    written into the cache): query t sees key j iff ``kv_start[b] <= j <= S - T + t``.
+    T is usually 1 (decode) but any T <= S is valid (chunked prefill against a cache).
+
+``sample(logits [B, V] float32, temperature, top_k, top_p, generator) -> [B] int64``
+    ``temperature == 0`` is greedy (argmax, lowest index on ties). Otherwise divide by the
+    temperature, keep the ``top_k`` highest (0 = all), then the smallest set whose probability
+    reaches ``top_p`` (1.0 = all; the top token is always kept), renormalise and draw one token
+    with ``generator``.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+FLOAT_DTYPES = ("float32", "bfloat16", "float16")
+
+
+@dataclass(frozen=True)
+class OpSpec:
+    """One op's contract. ``nmse`` maps a dtype name to the largest NMSE
+    ``sum((ref - out)^2) / sum(ref^2)`` an implementation may show against the float32
+    reference on that dtype's inputs (0.0 = must match exactly)."""
+
+    name: str
+    inputs: dict[str, str]
+    outputs: dict[str, str]
+    attrs: dict[str, str] = field(default_factory=dict)
+    dtypes: tuple[str, ...] = FLOAT_DTYPES
+    nmse: dict[str, float] = field(default_factory=dict)
+
+    def tolerance(self, dtype: str) -> float:
+        if dtype not in self.nmse:
+            raise KeyError(f"op {self.name}: no NMSE tolerance declared for dtype {dtype}")
+        return self.nmse[dtype]
+
+
+# NMSE bounds: float32 implementations may reorder sums (1e-10); bf16/fp16 are bounded by the
+# rounding of inputs and outputs to 8 / 11 mantissa bits (unit roundoff^2 ~ 1.5e-5 / 2.4e-7),
+# with headroom for accumulation through a softmax or a K-long dot product.
+_ELEMENTWISE = {"float32": 1e-10, "bfloat16": 5e-5, "float16": 1e-6}
+_REDUCTION = {"float32": 1e-10, "bfloat16": 1e-4, "float16": 2e-6}
+
+EMBEDDING = OpSpec(
+    "embedding",
+    inputs={"ids": "[B, T] int64", "weight": "[V, E]"},
+    outputs={"y": "[B, T, E]"},
+    nmse={"float32": 0.0, "bfloat16": 0.0, "float16": 0.0},
+)
+RMS_NORM = OpSpec(
+    "rms_norm",
+    inputs={"x": "[..., E]", "weight": "[E]"},
+    outputs={"y": "[..., E]"},
+    attrs={"eps": "float"},
+    nmse=_ELEMENTWISE,
+)
+ADD_RMS_NORM = OpSpec(
+    "add_rms_norm",
+    inputs={"x": "[..., E]", "residual": "[..., E]", "weight": "[E]"},
+    outputs={"y": "[..., E]", "new_residual": "[..., E]"},
+    attrs={"eps": "float", "scale": "float"},
+    nmse=_ELEMENTWISE,
+)
+ROTARY = OpSpec(
+    "rotary",
+    inputs={"q": "[B, T, H, D]", "k": "[B, T, Hk, D]", "cos": "[B, T, D] f32", "sin": "[B, T, D] f32"},
+    outputs={"q": "[B, T, H, D]", "k": "[B, T, Hk, D]"},
+    nmse=_ELEMENTWISE,
+)
+SWIGLU = OpSpec(
+    "swiglu",
+    inputs={"gate": "[..., F]", "up": "[..., F]"},
+    outputs={"y": "[..., F]"},
+    nmse=_ELEMENTWISE,
+)
+LINEAR = OpSpec(
+    "linear",
+    inputs={"x": "[..., K]", "weight": "[O, K]"},
+    outputs={"y": "[..., O]"},
+    nmse=_REDUCTION,
+)
+ATTENTION_PREFILL = OpSpec(
+    "attention_prefill",
+    inputs={"q": "[B, T, H, D]", "k": "[B, T, Hk, D]", "v": "[B, T, Hk, D]", "kv_start": "[B] int64 | None"},
+    outputs={"o": "[B, T, H, D]"},
+    attrs={"scale": "float"},
+    nmse=_REDUCTION,
+)
+ATTENTION_DECODE = OpSpec(
+    "attention_decode",
+    inputs={
+        "q": "[B, T, H, D]",
+        "k_cache": "[B, S, Hk, D]",
+        "v_cache": "[B, S, Hk, D]",
+        "kv_start": "[B] int64 | None",
+    },
+    outputs={"o": "[B, T, H, D]"},
+    attrs={"scale": "float"},
+    nmse=_REDUCTION,
+)
+SAMPLE = OpSpec(
+    "sample",
+    inputs={"logits": "[B, V] float32"},
+    outputs={"ids": "[B] int64"},
+    attrs={"temperature": "float", "top_k": "int", "top_p": "float", "generator": "torch.Generator | None"},
+    dtypes=("float32",),
+    nmse={"float32": 0.0},
+)
+
+CATALOGUE: dict[str, OpSpec] = {
+    spec.name: spec
+    for spec in (
+        EMBEDDING,
+        RMS_NORM,
+        ADD_RMS_NORM,
+        ROTARY,
+        SWIGLU,
+        LINEAR,
+        ATTENTION_PREFILL,
+        ATTENTION_DECODE,
+        SAMPLE,
+    )
+}
+
+
+def get_spec(name: str) -> OpSpec:
+    try:
+        return CATALOGUE[name]
+    except KeyError:
+        raise KeyError(f"unknown op {name!r}; the catalogue has: {', '.join(sorted(CATALOGUE))}") from None

@@ -1,0 +1,143 @@
+"""Hugging Face-layout checkpoint loading: safetensors only (single file or sharded index),
+memory-mapped, every tensor checked against the shapes the config implies."""
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+from typing import Iterator
+
+import torch
+
+from hal.errors import CheckpointError
+from model.config import MiniCPMConfig
+from model.safetensors_mmap import SafetensorsFile
+
+SINGLE = "model.safetensors"
+INDEX = "model.safetensors.index.json"
+PICKLE_PATTERNS = ("*.bin", "*.pt", "*.pth", "*.ckpt", "*.pkl")
+# Non-persistent rotary buffers that some exporters still save; harmless, skipped.
+IGNORED = re.compile(r"model\.layers\.\d+\.self_attn\.rotary_emb\.inv_freq")
+
+
+def expected_shapes(config: MiniCPMConfig) -> dict[str, tuple[int, ...]]:
+    """Tensor name -> shape of a MiniCPMForCausalLM checkpoint (HF names)."""
+    e, f, v = config.hidden_size, config.intermediate_size, config.vocab_size
+    q_out = config.num_attention_heads * config.head_dim
+    kv_out = config.num_key_value_heads * config.head_dim
+    shapes = {"model.embed_tokens.weight": (v, e), "model.norm.weight": (e,)}
+    for i in range(config.num_hidden_layers):
+        p = f"model.layers.{i}."
+        shapes.update({
+            p + "input_layernorm.weight": (e,),
+            p + "self_attn.q_proj.weight": (q_out, e),
+            p + "self_attn.k_proj.weight": (kv_out, e),
+            p + "self_attn.v_proj.weight": (kv_out, e),
+            p + "self_attn.o_proj.weight": (e, q_out),
+            p + "post_attention_layernorm.weight": (e,),
+            p + "mlp.gate_proj.weight": (f, e),
+            p + "mlp.up_proj.weight": (f, e),
+            p + "mlp.down_proj.weight": (e, f),
+        })
+    if not config.tie_word_embeddings:
+        shapes["lm_head.weight"] = (v, e)
+    return shapes
+
+
+def _shard_files(checkpoint: Path) -> dict[str, Path]:
+    """Tensor name -> file holding it."""
+    index = checkpoint / INDEX
+    single = checkpoint / SINGLE
+    if index.is_file():
+        try:
+            weight_map = json.loads(index.read_text(encoding="utf-8"))["weight_map"]
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError, KeyError, TypeError) as exc:
+            raise CheckpointError(f"{index}: malformed index ({type(exc).__name__}: {exc})") from None
+        if not isinstance(weight_map, dict):
+            raise CheckpointError(f"{index}: 'weight_map' must be an object")
+        files = {}
+        for name, shard in weight_map.items():
+            if not isinstance(shard, str) or "/" in shard or "\\" in shard or not shard.endswith(".safetensors"):
+                raise CheckpointError(f"{index}: tensor '{name}' maps to a bad shard name {shard!r}")
+            files[name] = checkpoint / shard
+        return files
+    if single.is_file():
+        return {}
+    pickles = sorted(p.name for pattern in PICKLE_PATTERNS for p in checkpoint.glob(pattern))
+    if pickles:
+        raise CheckpointError(f"{checkpoint}: only pickle weights found ({', '.join(pickles[:3])}); pickle "
+                              "checkpoints are refused (they can run code): convert them to safetensors")
+    raise CheckpointError(f"{checkpoint}: no {SINGLE} or {INDEX} found")
+
+
+class CheckpointReader:
+    """Opens the checkpoint's safetensors files and yields validated tensors one at a time."""
+
+    def __init__(self, checkpoint: Path, config: MiniCPMConfig):
+        self.checkpoint = Path(checkpoint)
+        self.config = config
+        names_to_file = _shard_files(self.checkpoint)
+        self.files: dict[Path, SafetensorsFile] = {}
+        self.location: dict[str, SafetensorsFile] = {}
+        if names_to_file:
+            for name, path in names_to_file.items():
+                if not path.is_file():
+                    raise CheckpointError(f"{path}: shard listed in {INDEX} for '{name}' is missing")
+                if path not in self.files:
+                    self.files[path] = SafetensorsFile(path)
+                if name not in self.files[path].entries:
+                    raise CheckpointError(f"{path}: tensor '{name}' listed in {INDEX} is not in the shard")
+                self.location[name] = self.files[path]
+        else:
+            single = SafetensorsFile(self.checkpoint / SINGLE)
+            self.files[single.path] = single
+            self.location = {name: single for name in single.entries}
+        self._validate()
+
+    def _validate(self) -> None:
+        expected = expected_shapes(self.config)
+        present = {n for n in self.location if not IGNORED.fullmatch(n)}
+        if self.config.tie_word_embeddings:
+            present.discard("lm_head.weight")  # tied: a stored copy is ignored, as in transformers
+        missing = sorted(set(expected) - present)
+        extra = sorted(present - set(expected))
+        where = self.checkpoint
+        if missing:
+            more = f" (and {len(missing) - 3} more)" if len(missing) > 3 else ""
+            raise CheckpointError(f"{where}: missing tensor '{missing[0]}'"
+                                  + (f", {', '.join(repr(m) for m in missing[1:3])}" if len(missing) > 1 else "")
+                                  + more + " (expected " + str(list(expected[missing[0]])) + ")")
+        if extra:
+            more = f" (and {len(extra) - 3} more)" if len(extra) > 3 else ""
+            hint = " (quantized checkpoints are not supported yet)" if any("qweight" in n for n in extra) else ""
+            raise CheckpointError(f"{where}: unexpected tensor '{extra[0]}'"
+                                  + (f", {', '.join(repr(x) for x in extra[1:3])}" if len(extra) > 1 else "")
+                                  + more + hint)
+        for name, shape in expected.items():
+            entry = self.location[name].entries[name]
+            if entry.shape != shape:
+                raise CheckpointError(f"{self.location[name].path}: tensor '{name}' has shape {list(entry.shape)}, "
+                                      f"expected {list(shape)} from config.json")
+            if not entry.dtype.is_floating_point:
+                raise CheckpointError(f"{self.location[name].path}: tensor '{name}' has dtype {entry.dtype}, "
+                                      "expected a floating-point dtype")
+
+    def tensors(self, dtype: torch.dtype, device: torch.device) -> Iterator[tuple[str, torch.Tensor]]:
+        """Yields (name, tensor in dtype on device). Tensors already in the right dtype on CPU are
+        zero-copy views of the mapping; converted ones have their source pages released."""
+        for name in expected_shapes(self.config):
+            source = self.location[name]
+            raw = source.tensor(name)
+            if raw.dtype == dtype and device.type == "cpu":
+                yield name, raw
+                continue
+            converted = raw.to(device=device, dtype=dtype)
+            del raw
+            source.release(name)
+            yield name, converted
+
+
+def load_weights(checkpoint: Path, config: MiniCPMConfig, dtype: torch.dtype,
+                 device: torch.device) -> dict[str, torch.Tensor]:
+    reader = CheckpointReader(checkpoint, config)
+    return dict(reader.tensors(dtype, device))

@@ -1,0 +1,273 @@
+"""MiniCPM config.json parsing. Every field the model reads is validated here, with an error
+that names the file and the field; defaults are those of the remote ``MiniCPMConfig``."""
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from hal.errors import ConfigError
+
+SUPPORTED_ARCHITECTURES = ("MiniCPMForCausalLM",)
+
+
+@dataclass(frozen=True)
+class RopeScaling:
+    """LongRoPE parameters (``rope_scaling`` with ``rope_type: longrope``)."""
+
+    long_factor: tuple[float, ...]
+    short_factor: tuple[float, ...]
+    original_max_position_embeddings: int
+
+
+@dataclass(frozen=True)
+class MiniCPMConfig:
+    vocab_size: int
+    hidden_size: int
+    intermediate_size: int
+    num_hidden_layers: int
+    num_attention_heads: int
+    num_key_value_heads: int
+    max_position_embeddings: int
+    rms_norm_eps: float = 1e-6
+    rope_theta: float = 10000.0
+    rope_scaling: RopeScaling | None = None
+    scale_emb: float = 1.0
+    scale_depth: float = 1.0
+    dim_model_base: float = 1.0
+    tie_word_embeddings: bool = True
+    bos_token_id: int | None = 1
+    eos_token_ids: tuple[int, ...] = (2,)
+    pad_token_id: int | None = None
+    torch_dtype: str = "float32"
+    sparse_config: dict[str, Any] | None = None
+    raw: dict[str, Any] = field(default_factory=dict, compare=False, repr=False)
+
+    @property
+    def head_dim(self) -> int:
+        return self.hidden_size // self.num_attention_heads
+
+    @property
+    def residual_scale(self) -> float:
+        """μP: each residual branch is multiplied by scale_depth / sqrt(L)."""
+        return self.scale_depth / math.sqrt(self.num_hidden_layers)
+
+    @property
+    def logit_scale(self) -> float:
+        """μP: the final hidden state is divided by hidden_size / dim_model_base before lm_head."""
+        return self.hidden_size / self.dim_model_base
+
+    def shapes(self) -> dict[str, int]:
+        """Sizes for the op registry's ``supports()`` checks."""
+        return {
+            "E": self.hidden_size,
+            "F": self.intermediate_size,
+            "V": self.vocab_size,
+            "H": self.num_attention_heads,
+            "Hk": self.num_key_value_heads,
+            "D": self.head_dim,
+        }
+
+
+class _Fields:
+    """Typed access to a config dict; every error names the file and the field."""
+
+    def __init__(self, data: dict[str, Any], source: str):
+        self.data = data
+        self.source = source
+
+    def fail(self, name: str, problem: str) -> ConfigError:
+        return ConfigError(f"{self.source}: field '{name}' {problem}")
+
+    def integer(self, name: str, default: Any = ..., minimum: int | None = 1) -> Any:
+        if name not in self.data or self.data[name] is None:
+            if default is ...:
+                raise self.fail(name, "is required but missing")
+            return default
+        value = self.data[name]
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise self.fail(name, f"must be an integer, got {value!r}")
+        if minimum is not None and value < minimum:
+            raise self.fail(name, f"must be >= {minimum}, got {value}")
+        return value
+
+    def number(self, name: str, default: Any = ..., positive: bool = True) -> Any:
+        if name not in self.data or self.data[name] is None:
+            if default is ...:
+                raise self.fail(name, "is required but missing")
+            return default
+        value = self.data[name]
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+            raise self.fail(name, f"must be a number, got {value!r}")
+        if positive and value <= 0:
+            raise self.fail(name, f"must be > 0, got {value}")
+        return float(value)
+
+    def boolean(self, name: str, default: bool) -> bool:
+        value = self.data.get(name, default)
+        if value is None:
+            return default
+        if not isinstance(value, bool):
+            raise self.fail(name, f"must be true or false, got {value!r}")
+        return value
+
+    def token_ids(self, name: str, default: tuple[int, ...]) -> tuple[int, ...]:
+        value = self.data.get(name)
+        if value is None:
+            return default
+        items = value if isinstance(value, list) else [value]
+        if not items or any(isinstance(i, bool) or not isinstance(i, int) or i < 0 for i in items):
+            raise self.fail(name, f"must be a token id or a list of token ids, got {value!r}")
+        return tuple(items)
+
+
+def _factor_list(fields: _Fields, scaling: dict[str, Any], key: str, length: int) -> tuple[float, ...]:
+    value = scaling.get(key)
+    name = f"rope_scaling.{key}"
+    if not isinstance(value, list) or any(isinstance(v, bool) or not isinstance(v, (int, float)) for v in value):
+        raise fields.fail(name, f"must be a list of {length} numbers, got {value!r}"[:200])
+    if len(value) != length:
+        raise fields.fail(name, f"must have head_dim/2 = {length} entries, got {len(value)}")
+    if any(not math.isfinite(v) or v <= 0 for v in value):
+        raise fields.fail(name, "must hold positive finite numbers")
+    return tuple(float(v) for v in value)
+
+
+def _rope_scaling(fields: _Fields, head_dim: int) -> RopeScaling | None:
+    scaling = fields.data.get("rope_scaling")
+    if scaling is None:
+        return None
+    if not isinstance(scaling, dict):
+        raise fields.fail("rope_scaling", f"must be an object or null, got {scaling!r}")
+    kind = scaling.get("rope_type", scaling.get("type"))
+    if kind != "longrope":
+        raise fields.fail("rope_scaling.rope_type", f"must be 'longrope' (the only MiniCPM4 scaling), got {kind!r}")
+    original = scaling.get("original_max_position_embeddings")
+    if isinstance(original, bool) or not isinstance(original, int) or original < 1:
+        raise fields.fail("rope_scaling.original_max_position_embeddings", f"must be a positive integer, got {original!r}")
+    return RopeScaling(
+        long_factor=_factor_list(fields, scaling, "long_factor", head_dim // 2),
+        short_factor=_factor_list(fields, scaling, "short_factor", head_dim // 2),
+        original_max_position_embeddings=original,
+    )
+
+
+def parse_config(data: Any, source: str = "config.json") -> MiniCPMConfig:
+    """Validate a config dict and build :class:`MiniCPMConfig`. Raises :class:`ConfigError`."""
+    if not isinstance(data, dict):
+        raise ConfigError(f"{source}: must hold a JSON object, got {type(data).__name__}")
+    f = _Fields(data, source)
+    architectures = data.get("architectures")
+    if not isinstance(architectures, list) or not architectures:
+        raise f.fail("architectures", f"must be a non-empty list, got {architectures!r}")
+    if not any(a in SUPPORTED_ARCHITECTURES for a in architectures):
+        raise f.fail("architectures", f"names unsupported architecture {architectures!r}; "
+                                      f"supported: {', '.join(SUPPORTED_ARCHITECTURES)}")
+    model_type = data.get("model_type", "minicpm")
+    if model_type != "minicpm":
+        raise f.fail("model_type", f"must be 'minicpm', got {model_type!r}")
+    hidden_act = data.get("hidden_act", "silu")
+    if hidden_act != "silu":
+        raise f.fail("hidden_act", f"must be 'silu', got {hidden_act!r}")
+    if f.boolean("attention_bias", False):
+        raise f.fail("attention_bias", "must be false: MiniCPM attention has no bias")
+
+    hidden = f.integer("hidden_size")
+    heads = f.integer("num_attention_heads")
+    kv_heads = f.integer("num_key_value_heads", heads)
+    if hidden % heads:
+        raise f.fail("hidden_size", f"must be divisible by num_attention_heads={heads}, got {hidden}")
+    if heads % kv_heads:
+        raise f.fail("num_key_value_heads", f"must divide num_attention_heads={heads}, got {kv_heads}")
+    head_dim = hidden // heads
+    if head_dim % 2:
+        raise f.fail("hidden_size", f"gives an odd head_dim {head_dim}; rotary needs an even one")
+    if "head_dim" in data and data["head_dim"] not in (None, head_dim):
+        raise f.fail("head_dim", f"must equal hidden_size/num_attention_heads = {head_dim}, got {data['head_dim']!r}")
+
+    sparse = data.get("sparse_config")
+    if sparse is not None and not isinstance(sparse, dict):
+        raise f.fail("sparse_config", f"must be an object or null, got {sparse!r}")
+    dtype = data.get("torch_dtype", data.get("dtype", "float32"))
+    if dtype not in ("float32", "bfloat16", "float16"):
+        raise f.fail("torch_dtype", f"must be float32, bfloat16 or float16, got {dtype!r}")
+
+    config = MiniCPMConfig(
+        vocab_size=f.integer("vocab_size"),
+        hidden_size=hidden,
+        intermediate_size=f.integer("intermediate_size"),
+        num_hidden_layers=f.integer("num_hidden_layers"),
+        num_attention_heads=heads,
+        num_key_value_heads=kv_heads,
+        max_position_embeddings=f.integer("max_position_embeddings"),
+        rms_norm_eps=f.number("rms_norm_eps", 1e-6),
+        rope_theta=f.number("rope_theta", 10000.0),
+        rope_scaling=_rope_scaling(f, head_dim),
+        scale_emb=f.number("scale_emb", 1.0),
+        scale_depth=f.number("scale_depth", 1.0),
+        dim_model_base=f.number("dim_model_base", 1.0),
+        tie_word_embeddings=f.boolean("tie_word_embeddings", True),
+        bos_token_id=f.integer("bos_token_id", None, minimum=0),
+        eos_token_ids=f.token_ids("eos_token_id", (2,)),
+        pad_token_id=f.integer("pad_token_id", None, minimum=0),
+        torch_dtype=dtype,
+        sparse_config=sparse,
+        raw=data,
+    )
+    for name in ("bos_token_id", "pad_token_id"):
+        value = getattr(config, name)
+        if value is not None and value >= config.vocab_size:
+            raise f.fail(name, f"must be < vocab_size={config.vocab_size}, got {value}")
+    if any(i >= config.vocab_size for i in config.eos_token_ids):
+        raise f.fail("eos_token_id", f"must be < vocab_size={config.vocab_size}, got {list(config.eos_token_ids)}")
+    return config
+
+
+def read_json(path: Path, what: str) -> Any:
+    """Parse a JSON file, turning every failure into a one-line :class:`ConfigError`."""
+    if not path.is_file():
+        raise ConfigError(f"{path}: {what} not found")
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ConfigError(f"{path}: cannot read {what}: {exc}") from None
+    except json.JSONDecodeError as exc:
+        raise ConfigError(f"{path}: malformed JSON at line {exc.lineno} column {exc.colno}: {exc.msg}") from None
+
+
+def load_config(checkpoint: Path) -> MiniCPMConfig:
+    path = Path(checkpoint) / "config.json"
+    return parse_config(read_json(path, "config.json"), source=str(path))
+
+
+@dataclass(frozen=True)
+class GenerationDefaults:
+    """Sampling defaults from generation_config.json (greedy when absent)."""
+
+    do_sample: bool = False
+    temperature: float = 1.0
+    top_k: int = 0
+    top_p: float = 1.0
+    eos_token_ids: tuple[int, ...] = ()
+
+
+def load_generation_config(checkpoint: Path) -> GenerationDefaults:
+    path = Path(checkpoint) / "generation_config.json"
+    if not path.exists():
+        return GenerationDefaults()
+    data = read_json(path, "generation_config.json")
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: must hold a JSON object")
+    f = _Fields(data, str(path))
+    top_p = f.number("top_p", 1.0)
+    if top_p > 1.0:
+        raise f.fail("top_p", f"must be in (0, 1], got {top_p}")
+    return GenerationDefaults(
+        do_sample=f.boolean("do_sample", False),
+        temperature=f.number("temperature", 1.0, positive=False),
+        top_k=f.integer("top_k", 0, minimum=0),
+        top_p=top_p,
+        eos_token_ids=f.token_ids("eos_token_id", ()),
+    )

@@ -1,0 +1,117 @@
+"""Token generation: greedy and sampling (temperature, top-k, top-p) with a KV cache, batch > 1
+(left-padded), EOS stopping and a streaming callback."""
+from __future__ import annotations
+
+from typing import Callable, Sequence
+
+import torch
+
+from hal.errors import InputError
+from model.cache import KVCache
+
+Streamer = Callable[[int, int], None]
+
+
+def _left_pad(prompts: Sequence[Sequence[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Returns input_ids `[B, T]` left-padded with pad_id and kv_start `[B]` (pad counts)."""
+    longest = max(len(p) for p in prompts)
+    ids = torch.full((len(prompts), longest), pad_id, dtype=torch.long)
+    start = torch.zeros(len(prompts), dtype=torch.long)
+    for row, prompt in enumerate(prompts):
+        ids[row, longest - len(prompt):] = torch.tensor(list(prompt), dtype=torch.long)
+        start[row] = longest - len(prompt)
+    return ids, start
+
+
+def _as_prompts(input_ids: torch.Tensor | Sequence[Sequence[int]]) -> list[list[int]]:
+    if isinstance(input_ids, torch.Tensor):
+        if input_ids.dim() == 1:
+            input_ids = input_ids[None]
+        if input_ids.dim() != 2 or input_ids.dtype != torch.long:
+            raise InputError(f"input_ids must be a LongTensor [batch, seq], got {input_ids.dtype} "
+                             f"{list(input_ids.shape)}")
+        return input_ids.tolist()
+    prompts = [list(p) for p in input_ids]
+    if not prompts or any(not p for p in prompts):
+        raise InputError("input_ids must hold at least one non-empty prompt")
+    if any(isinstance(t, bool) or not isinstance(t, int) for p in prompts for t in p):
+        raise InputError("input_ids must hold integer token ids")
+    return prompts
+
+
+def generate(model, input_ids: torch.Tensor | Sequence[Sequence[int]], max_new_tokens: int = 64, *,
+             do_sample: bool | None = None, temperature: float | None = None, top_k: int | None = None,
+             top_p: float | None = None, eos_token_id: int | Sequence[int] | None = None,
+             seed: int | None = None, streamer: Streamer | None = None,
+             use_cache: bool = True) -> list[list[int]]:
+    """Generate up to ``max_new_tokens`` per prompt.
+
+    Args:
+        input_ids: `[B, T]` LongTensor, or a list of B prompts of any lengths (left-padded here).
+        do_sample / temperature / top_k / top_p: None takes generation_config.json's value;
+            greedy when do_sample is false or temperature is 0.
+        eos_token_id: stop ids; None takes generation_config.json's, else config.json's.
+        seed: seeds the sampling generator (deterministic sampling).
+        streamer: called as ``streamer(row, token_id)`` for every new token as it is produced.
+        use_cache: False recomputes the whole sequence each step (a check of the cache path).
+
+    Returns:
+        The new token ids of each prompt (EOS included when it stopped on one).
+    """
+    defaults = model.generation_defaults
+    do_sample = defaults.do_sample if do_sample is None else do_sample
+    temperature = defaults.temperature if temperature is None else float(temperature)
+    top_k = defaults.top_k if top_k is None else int(top_k)
+    top_p = defaults.top_p if top_p is None else float(top_p)
+    if max_new_tokens < 1:
+        raise InputError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
+    if temperature < 0 or not 0 < top_p <= 1 or top_k < 0:
+        raise InputError(f"bad sampling parameters: temperature={temperature} (>= 0), top_p={top_p} "
+                         f"(in (0, 1]), top_k={top_k} (>= 0)")
+    if not do_sample:
+        temperature = 0.0
+    if eos_token_id is None:
+        eos = set(defaults.eos_token_ids or model.config.eos_token_ids)
+    else:
+        eos = {eos_token_id} if isinstance(eos_token_id, int) else set(eos_token_id)
+
+    prompts = _as_prompts(input_ids)
+    pad_id = model.config.pad_token_id if model.config.pad_token_id is not None else 0
+    ids, kv_start = _left_pad(prompts, pad_id)
+    model.check_input_ids(ids, extra=max_new_tokens)
+    generator = torch.Generator(device="cpu")
+    generator.manual_seed(seed if seed is not None else torch.seed())
+
+    device = model.device
+    ids = ids.to(device)
+    starts = kv_start.to(device) if bool(kv_start.any()) else None
+    cfg = model.config
+    cache = None
+    if use_cache:
+        cache = KVCache(cfg.num_hidden_layers, ids.shape[0], ids.shape[1] + max_new_tokens,
+                        cfg.num_key_value_heads, cfg.head_dim, model.dtype, device)
+    outputs: list[list[int]] = [[] for _ in prompts]
+    finished = [False] * len(prompts)
+    step_input = ids
+    sequence = ids
+    with torch.inference_mode():
+        for _ in range(max_new_tokens):
+            if use_cache:
+                out = model.forward(step_input, cache=cache, kv_start=starts, logits_last_only=True)
+            else:
+                out = model.forward(sequence, kv_start=starts, logits_last_only=True)
+            last = out.logits[:, -1].float().cpu()
+            tokens = model.ops.sample(last, temperature, top_k, top_p, generator).cpu()
+            for row, token in enumerate(tokens.tolist()):
+                if finished[row]:
+                    continue
+                outputs[row].append(token)
+                if streamer is not None:
+                    streamer(row, token)
+                if token in eos:
+                    finished[row] = True
+            if all(finished):
+                break
+            step_input = tokens[:, None].to(device)
+            sequence = torch.cat([sequence, step_input], dim=1)
+    return outputs

@@ -1,0 +1,190 @@
+"""The dense MiniCPM4 decoder, written against hal ops only.
+
+Per layer (μP scalings, α = scale_depth / sqrt(L)):
+    x  = h + α · Attn(RMSNorm_in(h));   h' = x + α · MLP(RMSNorm_post(x))
+Embeddings are multiplied by scale_emb; the final normed hidden state is divided by
+hidden_size / dim_model_base before lm_head; logits are float32.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+import torch
+
+from hal.errors import InputError
+from hal.registry import BoundOps
+from model.cache import KVCache
+from model.config import GenerationDefaults, MiniCPMConfig
+from model.rope import RopeTable
+
+
+@dataclass
+class LayerWeights:
+    input_norm: torch.Tensor
+    q: torch.Tensor
+    k: torch.Tensor
+    v: torch.Tensor
+    o: torch.Tensor
+    post_norm: torch.Tensor
+    gate: torch.Tensor
+    up: torch.Tensor
+    down: torch.Tensor
+
+
+def _layers(weights: dict[str, torch.Tensor], count: int) -> list[LayerWeights]:
+    layers = []
+    for i in range(count):
+        p = f"model.layers.{i}."
+        layers.append(LayerWeights(
+            input_norm=weights[p + "input_layernorm.weight"],
+            q=weights[p + "self_attn.q_proj.weight"],
+            k=weights[p + "self_attn.k_proj.weight"],
+            v=weights[p + "self_attn.v_proj.weight"],
+            o=weights[p + "self_attn.o_proj.weight"],
+            post_norm=weights[p + "post_attention_layernorm.weight"],
+            gate=weights[p + "mlp.gate_proj.weight"],
+            up=weights[p + "mlp.up_proj.weight"],
+            down=weights[p + "mlp.down_proj.weight"],
+        ))
+    return layers
+
+
+@dataclass
+class ForwardOutput:
+    """logits: `[B, T, V]` float32 on the model device (or None). hidden_states: the residual
+    stream after the embedding and after each layer, `L+1` tensors `[B, T, E]` (when asked)."""
+
+    logits: torch.Tensor | None
+    hidden_states: list[torch.Tensor] | None = None
+
+
+class MiniCPMForCausalLM:
+    """A loaded, bound MiniCPM model. Build it with :func:`hal.load_model`."""
+
+    def __init__(self, config: MiniCPMConfig, weights: dict[str, torch.Tensor], ops: BoundOps,
+                 device: torch.device, dtype: torch.dtype, path: Path | None = None,
+                 generation: GenerationDefaults | None = None):
+        self.config = config
+        self.ops = ops
+        self.device = device
+        self.dtype = dtype
+        self.path = path
+        self.generation_defaults = generation or GenerationDefaults()
+        self.embed = weights["model.embed_tokens.weight"]
+        self.final_norm = weights["model.norm.weight"]
+        self.lm_head = self.embed if config.tie_word_embeddings else weights["lm_head.weight"]
+        self.layers = _layers(weights, config.num_hidden_layers)
+        self.rope = RopeTable(config, device)
+        self.attn_scale = config.head_dim ** -0.5
+        self._tokenizer = None
+
+    # -- public API ---------------------------------------------------------------------------
+
+    @property
+    def bound_ops(self) -> dict[str, str]:
+        """Op name -> implementation serving it (e.g. ``{"rms_norm": "cpu.torch", ...}``)."""
+        return {op: b.impl for op, b in self.ops.record.items()}
+
+    @property
+    def tokenizer(self):
+        if self._tokenizer is None:
+            if self.path is None:
+                raise InputError("this model was built without a checkpoint folder, so it has no tokenizer")
+            from model.tokenizer import load_tokenizer
+
+            self._tokenizer = load_tokenizer(self.path)
+        return self._tokenizer
+
+    def check_input_ids(self, input_ids: torch.Tensor, extra: int = 0) -> None:
+        """Raise :class:`InputError` unless input_ids is a `[B, T]` int64 tensor of valid ids whose
+        length (+ ``extra`` tokens to come) fits max_position_embeddings."""
+        if not isinstance(input_ids, torch.Tensor) or input_ids.dtype != torch.long or input_ids.dim() != 2:
+            what = f"{input_ids.dtype} tensor of shape {list(input_ids.shape)}" if isinstance(
+                input_ids, torch.Tensor) else type(input_ids).__name__
+            raise InputError(f"input_ids must be a torch.LongTensor of shape [batch, seq], got {what}")
+        if input_ids.shape[0] == 0 or input_ids.shape[1] == 0:
+            raise InputError(f"input_ids must not be empty, got shape {list(input_ids.shape)}")
+        limit = self.config.max_position_embeddings
+        if input_ids.shape[1] + extra > limit:
+            raise InputError(f"prompt of {input_ids.shape[1]} tokens" + (f" + {extra} new tokens" if extra else "")
+                             + f" exceeds max_position_embeddings={limit}")
+        low, high = int(input_ids.min()), int(input_ids.max())
+        if low < 0 or high >= self.config.vocab_size:
+            bad = low if low < 0 else high
+            raise InputError(f"input_ids holds token id {bad}, outside [0, vocab_size={self.config.vocab_size})")
+
+    @torch.inference_mode()
+    def logits(self, input_ids: torch.Tensor) -> torch.Tensor:
+        """input_ids `[B, T]` int64 -> next-token logits `[B, T, V]`, float32, on the CPU."""
+        self.check_input_ids(input_ids)
+        out = self.forward(input_ids.to(self.device))
+        return out.logits.float().cpu()
+
+    def generate(self, *args, **kwargs):
+        """See :func:`model.generation.generate`."""
+        from model.generation import generate
+
+        return generate(self, *args, **kwargs)
+
+    # -- forward ------------------------------------------------------------------------------
+
+    @torch.inference_mode()
+    def forward(self, input_ids: torch.Tensor, cache: KVCache | None = None,
+                kv_start: torch.Tensor | None = None, output_hidden_states: bool = False,
+                logits_last_only: bool = False,
+                hidden_hook: Callable[[int, torch.Tensor], None] | None = None) -> ForwardOutput:
+        """One forward pass over T new tokens (on the model device).
+
+        input_ids: `[B, T]` int64. cache: filled with these tokens' keys/values when given
+        (positions continue from ``cache.length``). kv_start: `[B]` first real position per row
+        (left padding), or None. logits_last_only: compute logits for the last position only.
+        """
+        ops, cfg = self.ops, self.config
+        batch, new = input_ids.shape
+        past = cache.length if cache is not None else 0
+        positions = torch.arange(past, past + new, device=self.device).expand(batch, new)
+        if kv_start is not None:
+            positions = (positions - kv_start[:, None]).clamp(min=0)
+        cos, sin = self.rope(positions)
+
+        h = ops.embedding(input_ids, self.embed) * cfg.scale_emb
+        hidden: list[torch.Tensor] | None = [h] if output_hidden_states else None
+        residual = h
+        x = ops.rms_norm(h, self.layers[0].input_norm, cfg.rms_norm_eps)
+        alpha = cfg.residual_scale
+        for index, layer in enumerate(self.layers):
+            attn = self._attention(index, layer, x, cos, sin, cache, kv_start, past)
+            x, residual = ops.add_rms_norm(attn, residual, layer.post_norm, cfg.rms_norm_eps, alpha)
+            mlp = ops.linear(ops.swiglu(ops.linear(x, layer.gate), ops.linear(x, layer.up)), layer.down)
+            next_norm = self.layers[index + 1].input_norm if index + 1 < len(self.layers) else self.final_norm
+            x, residual = ops.add_rms_norm(mlp, residual, next_norm, cfg.rms_norm_eps, alpha)
+            if hidden is not None:
+                hidden.append(residual)
+            if hidden_hook is not None:
+                hidden_hook(index, residual)
+        if cache is not None:
+            cache.advance(new)
+        if logits_last_only:
+            x = x[:, -1:]
+        logits = ops.linear(x / cfg.logit_scale, self.lm_head).float()
+        return ForwardOutput(logits=logits, hidden_states=hidden)
+
+    def _attention(self, index: int, layer: LayerWeights, x: torch.Tensor, cos: torch.Tensor,
+                   sin: torch.Tensor, cache: KVCache | None, kv_start: torch.Tensor | None,
+                   past: int) -> torch.Tensor:
+        ops, cfg = self.ops, self.config
+        batch, new, _ = x.shape
+        d = cfg.head_dim
+        q = ops.linear(x, layer.q).view(batch, new, cfg.num_attention_heads, d)
+        k = ops.linear(x, layer.k).view(batch, new, cfg.num_key_value_heads, d)
+        v = ops.linear(x, layer.v).view(batch, new, cfg.num_key_value_heads, d)
+        q, k = ops.rotary(q, k, cos, sin)
+        if cache is not None:
+            k_all, v_all = cache.write(index, k, v)
+            if past > 0:
+                o = ops.attention_decode(q, k_all, v_all, kv_start, self.attn_scale)
+                return ops.linear(o.reshape(batch, new, -1), layer.o)
+        o = ops.attention_prefill(q, k, v, kv_start, self.attn_scale)
+        return ops.linear(o.reshape(batch, new, -1), layer.o)

@@ -1,0 +1,60 @@
+"""Rotary position tables with MiniCPM's LongRoPE, exactly as the remote ``MiniCPMLongRoPE``.
+
+    inv_freq[j] = 1 / (ext[j] * theta^(2j/D)),  j = 0 .. D/2-1
+    ext         = long_factor if max_position_embeddings > original_max_position_embeddings
+                  else short_factor        (chosen once per model, for every position)
+    mscale      = sqrt(1 + ln(s) / ln(original_max_position_embeddings)), s = max_pos / original,
+                  1.0 when s <= 1
+    cos, sin    = cos(emb) * mscale, sin(emb) * mscale,  emb = cat(t * inv_freq, t * inv_freq)
+
+The remote code builds its cache at length max_position_embeddings, so the factor set follows
+that length, not the request's. Tables are float32 and grow on demand.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+
+from model.config import MiniCPMConfig
+
+
+def rope_parameters(config: MiniCPMConfig) -> tuple[torch.Tensor, float]:
+    """Returns (inv_freq `[D/2]` float32, mscale)."""
+    dim = config.head_dim
+    exponents = torch.arange(0, dim, 2, dtype=torch.int64).float() / dim
+    inv_freq = 1.0 / (config.rope_theta ** exponents)
+    scaling = config.rope_scaling
+    if scaling is None:
+        return inv_freq, 1.0
+    original = scaling.original_max_position_embeddings
+    use_long = config.max_position_embeddings > original
+    ext = torch.tensor(scaling.long_factor if use_long else scaling.short_factor, dtype=torch.float32)
+    scale = config.max_position_embeddings / original
+    mscale = 1.0 if scale <= 1.0 else math.sqrt(1.0 + math.log(scale) / math.log(original))
+    return inv_freq / ext, mscale
+
+
+class RopeTable:
+    """cos/sin lookup for absolute positions: ``table(positions [B, T]) -> (cos, sin) [B, T, D]``."""
+
+    def __init__(self, config: MiniCPMConfig, device: torch.device):
+        self.inv_freq, self.mscale = rope_parameters(config)
+        self.device = device
+        self.limit = config.max_position_embeddings
+        self._cos = torch.empty(0, config.head_dim, device=device)
+        self._sin = torch.empty(0, config.head_dim, device=device)
+
+    def _grow(self, length: int) -> None:
+        length = min(max(length, 2 * self._cos.shape[0], 256), max(self.limit, length))
+        t = torch.arange(length, dtype=torch.int64).float()
+        freqs = torch.outer(t, self.inv_freq)
+        emb = torch.cat((freqs, freqs), dim=-1)
+        self._cos = (emb.cos() * self.mscale).to(self.device)
+        self._sin = (emb.sin() * self.mscale).to(self.device)
+
+    def __call__(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        needed = int(positions.max()) + 1 if positions.numel() else 0
+        if needed > self._cos.shape[0]:
+            self._grow(needed)
+        return self._cos[positions], self._sin[positions]

@@ -1,0 +1,114 @@
+"""A memory-mapped safetensors reader (header parsed here, data never copied on read).
+
+File layout: 8-byte little-endian header length N, N bytes of JSON
+``{name: {"dtype": "BF16", "shape": [...], "data_offsets": [begin, end]}, "__metadata__": {...}}``,
+then the data area; offsets are relative to its start. Tensors come back as zero-copy views of
+a private (copy-on-write) mapping, so loading in the stored dtype costs no second copy. After a
+tensor has been converted or moved, :meth:`SafetensorsFile.release` drops its pages from memory.
+"""
+from __future__ import annotations
+
+import json
+import mmap
+import struct
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from hal.errors import CheckpointError
+
+DTYPES = {
+    "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
+    "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
+    "BOOL": torch.bool,
+}
+_MAX_HEADER = 100 * 1024 * 1024
+
+
+@dataclass(frozen=True)
+class TensorEntry:
+    name: str
+    dtype: torch.dtype
+    shape: tuple[int, ...]
+    begin: int  # absolute byte offset in the file
+    end: int
+
+
+class SafetensorsFile:
+    """One ``.safetensors`` file, mapped. ``entries`` lists its tensors; :meth:`tensor` views one."""
+
+    def __init__(self, path: Path):
+        self.path = Path(path)
+        try:
+            self._fh = open(self.path, "rb")
+            size = self.path.stat().st_size
+            if size < 8:
+                raise CheckpointError(f"{self.path}: not a safetensors file (only {size} bytes)")
+            (header_len,) = struct.unpack("<Q", self._fh.read(8))
+            if header_len > min(_MAX_HEADER, size - 8):
+                raise CheckpointError(f"{self.path}: not a safetensors file (header length {header_len})")
+            header = json.loads(self._fh.read(header_len))
+            self._map = mmap.mmap(self._fh.fileno(), 0, access=mmap.ACCESS_COPY) if size > 0 else None
+        except OSError as exc:
+            raise CheckpointError(f"{self.path}: cannot read: {exc.strerror or exc}") from None
+        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+            raise CheckpointError(f"{self.path}: malformed safetensors header: {exc}") from None
+        if not isinstance(header, dict):
+            raise CheckpointError(f"{self.path}: malformed safetensors header (not an object)")
+        self.entries = self._parse(header, 8 + header_len, size)
+
+    def _parse(self, header: dict, data_start: int, size: int) -> dict[str, TensorEntry]:
+        entries = {}
+        for name, info in header.items():
+            if name == "__metadata__":
+                continue
+            try:
+                dtype = DTYPES[info["dtype"]]
+                shape = tuple(int(d) for d in info["shape"])
+                begin, end = (int(o) for o in info["data_offsets"])
+            except (KeyError, TypeError, ValueError):
+                raise CheckpointError(f"{self.path}: tensor '{name}' has a malformed header entry {info!r}"[:300]) from None
+            numel = 1
+            for d in shape:
+                numel *= d
+            nbytes = numel * dtype.itemsize
+            if end - begin != nbytes or begin < 0 or data_start + end > size:
+                raise CheckpointError(f"{self.path}: tensor '{name}' data offsets {begin}..{end} do not fit "
+                                      f"shape {list(shape)} {info['dtype']} in a {size}-byte file")
+            entries[name] = TensorEntry(name, dtype, shape, data_start + begin, data_start + end)
+        return entries
+
+    def tensor(self, name: str) -> torch.Tensor:
+        """Zero-copy view of one tensor (writable, copy-on-write)."""
+        e = self.entries[name]
+        numel = (e.end - e.begin) // e.dtype.itemsize
+        if numel == 0:
+            return torch.empty(e.shape, dtype=e.dtype)
+        return torch.frombuffer(self._map, dtype=e.dtype, count=numel, offset=e.begin).view(e.shape)
+
+    def release(self, name: str) -> None:
+        """Drop the pages of a tensor nobody references any more (after a dtype/device copy)."""
+        e = self.entries[name]
+        first = -(-e.begin // mmap.PAGESIZE) * mmap.PAGESIZE
+        last = (e.end // mmap.PAGESIZE) * mmap.PAGESIZE
+        if self._map is not None and last > first and hasattr(mmap, "MADV_DONTNEED"):
+            self._map.madvise(mmap.MADV_DONTNEED, first, last - first)
+
+
+def write_safetensors(path: Path, tensors: dict[str, torch.Tensor], metadata: dict[str, str] | None = None) -> None:
+    """Write tensors in the safetensors format (used by synthetic checkpoints and tests)."""
+    names = {v: k for k, v in DTYPES.items()}
+    header: dict = {"__metadata__": dict(metadata or {"format": "pt"})}
+    offset = 0
+    for name, t in tensors.items():
+        nbytes = t.numel() * t.element_size()
+        header[name] = {"dtype": names[t.dtype], "shape": list(t.shape), "data_offsets": [offset, offset + nbytes]}
+        offset += nbytes
+    raw = json.dumps(header, separators=(",", ":")).encode()
+    raw += b" " * (-len(raw) % 8)
+    with open(path, "wb") as fh:
+        fh.write(struct.pack("<Q", len(raw)))
+        fh.write(raw)
+        for t in tensors.values():
+            fh.write(t.detach().contiguous().cpu().view(torch.uint8).numpy().tobytes())
