@@ -7,7 +7,7 @@ from typing import Any, Callable
 
 import torch
 
-from hal import devices as _devices
+from hal.devices import resolve as resolve_device
 from hal.errors import CheckpointError, InputError
 from hal.registry import bind
 
@@ -59,7 +59,7 @@ def load_model(path: str | Path, device: str = "auto", dtype: str | torch.dtype 
     from model.config import load_config, load_generation_config
     from model.minicpm import MiniCPMForCausalLM
 
-    kind = _devices.resolve(device)
+    kind = resolve_device(device)
     folder = Path(path)
     if not folder.is_dir():
         raise CheckpointError(f"{folder}: checkpoint folder not found")

@@ -1,0 +1,89 @@
+"""Generate text from the command line, streaming tokens as they come.
+
+    python -m model.generate --model PATH --device auto "prompt"
+    python -m model.generate --chat "What is a NPU?"          # built-in synthetic checkpoint
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+import warnings
+from pathlib import Path
+
+from hal.errors import HalError
+
+
+class _TextStream:
+    """Decodes one row's tokens incrementally and prints only the new text."""
+
+    def __init__(self, tokenizer, out):
+        self.tokenizer = tokenizer
+        self.out = out
+        self.tokens: list[int] = []
+        self.printed = ""
+
+    def __call__(self, row: int, token: int) -> None:
+        self.tokens.append(token)
+        text = self.tokenizer.decode(self.tokens, skip_special_tokens=True)
+        if text.endswith("\ufffd"):
+            return  # an incomplete multi-byte character: wait for the next token
+        self.out.write(text[len(self.printed):])
+        self.out.flush()
+        self.printed = text
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m model.generate", description="Generate text with MiniCPM.")
+    parser.add_argument("prompt", help="the prompt (or the user message with --chat)")
+    parser.add_argument("--model", type=Path, default=None,
+                        help="checkpoint folder (default: the built-in synthetic tiny checkpoint)")
+    parser.add_argument("--device", default="auto", help="auto, cpu, cuda or npu (default: auto)")
+    parser.add_argument("--dtype", default=None, help="float32, bfloat16 or float16 "
+                                                      "(default: float32 on cpu, the checkpoint's dtype elsewhere)")
+    parser.add_argument("--max-new-tokens", type=int, default=64)
+    parser.add_argument("--greedy", action="store_true", help="greedy decoding (default: generation_config.json)")
+    parser.add_argument("--temperature", type=float, default=None)
+    parser.add_argument("--top-k", type=int, default=None)
+    parser.add_argument("--top-p", type=float, default=None)
+    parser.add_argument("--seed", type=int, default=None)
+    parser.add_argument("--chat", action="store_true", help="wrap the prompt in the chat template")
+    parser.add_argument("--no-think", action="store_true", help="with --chat: enable_thinking=False (MiniCPM4.1)")
+    args = parser.parse_args(argv)
+
+    import hal
+    from model.synthetic import default_checkpoint
+    from model.tokenizer import render_chat
+
+    try:
+        path = args.model if args.model is not None else default_checkpoint()
+        print(f"[minicpm-hal] loading {path} on {args.device}", file=sys.stderr)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            model = hal.load_model(path, device=args.device, dtype=args.dtype)
+        tokenizer = model.tokenizer
+        text = args.prompt
+        if args.chat:
+            thinking = False if args.no_think else None
+            text = render_chat(tokenizer, [{"role": "user", "content": args.prompt}], enable_thinking=thinking)
+        # The ChatML template emits no BOS; add_bos_token in tokenizer_config.json adds it here.
+        prompt_ids = tokenizer(text)["input_ids"]
+        print(f"[minicpm-hal] {model.device} {hal.api.dtype_name(model.dtype)}, prompt {len(prompt_ids)} tokens",
+              file=sys.stderr)
+        stream = _TextStream(tokenizer, sys.stdout)
+        start = time.perf_counter()
+        out = model.generate([prompt_ids], args.max_new_tokens, do_sample=False if args.greedy else None,
+                             temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, seed=args.seed,
+                             streamer=stream)
+        elapsed = time.perf_counter() - start
+        sys.stdout.write("\n")
+        print(f"[minicpm-hal] {len(out[0])} tokens in {elapsed:.2f} s ({len(out[0]) / elapsed:.1f} tok/s)",
+              file=sys.stderr)
+    except HalError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
