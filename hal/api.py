@@ -34,7 +34,11 @@ def dtype_name(dtype: torch.dtype) -> str:
 
 
 def torch_device(kind: str) -> torch.device:
-    return torch.device("cpu" if kind == "cpu" else f"{kind}:0")
+    """Where a device kind's tensors live: ``cpu``, ``cuda:0``, ``npu:0``; the emulated NPU
+    (HAL_NPU_EMULATE=1) keeps its tensors on the CPU."""
+    if kind == "cpu" or (kind == "npu" and env.npu_emulate()):
+        return torch.device("cpu")
+    return torch.device(f"{kind}:0")
 
 
 def load_model(path: str | Path, device: str = "auto", dtype: str | torch.dtype | None = None, *,

@@ -71,6 +71,11 @@ def explain_npu_import_error(exc: BaseException) -> str:
 
 
 def probe_npu() -> Device:
+    if env.npu_emulate():
+        from backends.npu.emulator import DESCRIPTION, install
+
+        install()
+        return Device("npu", True, "", DESCRIPTION)
     if importlib.util.find_spec("torch_npu") is None:
         return Device("npu", False, "torch_npu not installed (pip install 'minicpm-hal[npu]' on an Ascend host)")
     try:

@@ -1,2 +1,36 @@
-"""Ascend NPU backend (torch_npu fused ops). Not implemented yet: registers nothing, so binding
-on ``npu`` raises UnsupportedOpError unless fallback is allowed."""
+"""Ascend NPU backend: torch_npu fused ops behind the op catalogue (data only; torch_npu is
+imported when an op first runs, see ``runtime.py``).
+
+op                 implementation      torch_npu op
+embedding          npu.torch           (F.embedding on the NPU)
+rms_norm           npu.torch_npu       npu_rms_norm
+add_rms_norm       npu.torch_npu       npu_add_rms_norm (branch scaled first)
+rotary             npu.torch_npu       npu_rotary_mul ('half', float32)
+swiglu             npu.torch_npu       npu_swiglu ([gate, up])
+linear             npu.torch           (F.linear on the NPU)
+attention_prefill  npu.torch_npu       npu_fused_infer_attention_score (TND, sparse_mode=3)
+                   npu.torch           float32 / other head dims
+attention_decode   npu.torch_npu       npu_scatter_pa_kv_cache + FIA with block_table
+                   npu.torch           float32 / other head dims
+sample             npu.torch_npu       npu_top_k_top_p + exponential race
+
+With ``HAL_NPU_EMULATE=1`` the same code runs against ``backends/npu/emulator`` on CPU tensors.
+"""
+from __future__ import annotations
+
+from backends.npu import supports
+from hal.registry import Impl, register
+
+_M = "backends.npu"
+
+register(Impl("embedding", "npu", "torch", f"{_M}.dense:embedding_npu"))
+register(Impl("rms_norm", "npu", "torch_npu", f"{_M}.norm:rms_norm_npu"))
+register(Impl("add_rms_norm", "npu", "torch_npu", f"{_M}.norm:add_rms_norm_npu"))
+register(Impl("rotary", "npu", "torch_npu", f"{_M}.rotary:rotary_npu", supports=supports.rotary))
+register(Impl("swiglu", "npu", "torch_npu", f"{_M}.swiglu:swiglu_npu"))
+register(Impl("linear", "npu", "torch", f"{_M}.dense:linear_npu"))
+for _op in ("attention_prefill", "attention_decode"):
+    register(Impl(_op, "npu", "torch_npu", f"{_M}.attention:{_op}_npu",
+                  supports=supports.fused_attention(_op), priority=0))
+    register(Impl(_op, "npu", "torch", f"{_M}.attention_torch:{_op}_npu_torch", priority=10))
+register(Impl("sample", "npu", "torch_npu", f"{_M}.sample:sample_npu"))

@@ -1,0 +1,36 @@
+"""Attention as plain torch code on the NPU (``npu.torch``): serves what FIA does not take
+(float32 activations, head dims other than 64/128). Explicit scores, mask and softmax in float32."""
+from __future__ import annotations
+
+import torch
+
+
+def _attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kv_start: torch.Tensor | None,
+            scale: float) -> torch.Tensor:
+    """q `[B, T, H, D]`, k/v `[B, S, Hk, D]` -> `[B, T, H, D]`; query t sees kv_start <= j <= S - T + t."""
+    batch, new, heads, _ = q.shape
+    keys, kv_heads = k.shape[1], k.shape[2]
+    group = heads // kv_heads
+    kf = k.float().repeat_interleave(group, dim=2)
+    vf = v.float().repeat_interleave(group, dim=2)
+    scores = torch.einsum("bthd,bshd->bhts", q.float(), kf) * scale
+    cols = torch.arange(keys, device=q.device)
+    last = keys - new + torch.arange(new, device=q.device)
+    keep = (cols[None, :] <= last[:, None])[None].expand(batch, new, keys)
+    if kv_start is not None:
+        keep = keep & (cols[None, None, :] >= kv_start.to(q.device)[:, None, None])
+    scores = scores.masked_fill(~keep[:, None], float("-inf"))
+    probs = torch.softmax(scores, dim=-1).masked_fill(~keep.any(-1)[:, None, :, None], 0.0)
+    return torch.einsum("bhts,bshd->bthd", probs, vf).to(q.dtype)
+
+
+def attention_prefill_npu_torch(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                                kv_start: torch.Tensor | None, scale: float) -> torch.Tensor:
+    """Catalogue ``attention_prefill``: q `[B, T, H, D]`, k/v `[B, T, Hk, D]` -> `[B, T, H, D]`."""
+    return _attend(q, k, v, kv_start, scale)
+
+
+def attention_decode_npu_torch(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
+                               kv_start: torch.Tensor | None, scale: float) -> torch.Tensor:
+    """Catalogue ``attention_decode``: q `[B, T, H, D]`, caches `[B, S, Hk, D]` -> `[B, T, H, D]`."""
+    return _attend(q, k_cache, v_cache, kv_start, scale)

@@ -1,0 +1,145 @@
+"""Every catalogue op through the NPU backend on the emulator == the float32 CPU reference,
+for every NPU implementation and catalogue dtype (unsupported combinations skip with the
+implementation's own reason)."""
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from hal.ops import CATALOGUE
+from hal.registry import BindContext, implementations
+from npu_metrics import assert_close
+
+SHAPES = {"E": 60, "F": 96, "V": 50, "H": 4, "Hk": 2, "D": 64}
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def _reference(op: str):
+    return next(i for i in implementations(op, "cpu") if i.name == "reference").load()
+
+
+def _rope(batch: int, new: int, dim: int, offset: int) -> tuple[torch.Tensor, torch.Tensor]:
+    inv = 1.0 / (10000 ** (torch.arange(0, dim, 2).float() / dim))
+    pos = torch.arange(offset, offset + new).float()[None].expand(batch, new)
+    emb = torch.cat((pos[..., None] * inv, pos[..., None] * inv), dim=-1)
+    return emb.cos() * 1.1, emb.sin() * 1.1
+
+
+def _cases(op: str, dt: torch.dtype) -> list[tuple[str, tuple]]:
+    """(id, positional args) per op; seeded, odd sizes, left padding where the op takes it."""
+    g = torch.Generator().manual_seed(42)
+
+    def rnd(*shape, scale=1.0):
+        return (torch.randn(*shape, generator=g) * scale).to(dt)
+
+    e, f, h, hk, d = SHAPES["E"], SHAPES["F"], SHAPES["H"], SHAPES["Hk"], SHAPES["D"]
+    if op == "embedding":
+        return [("B2-T7", (torch.randint(0, 50, (2, 7), generator=g), rnd(50, e)))]
+    if op == "rms_norm":
+        return [("B2-T7-E60", (rnd(2, 7, e, scale=3.0), (1 + 0.1 * torch.randn(e, generator=g)).to(dt), 1e-5))]
+    if op == "add_rms_norm":
+        w = (1 + 0.1 * torch.randn(e, generator=g)).to(dt)
+        return [("B2-T7-E60-s0.35", (rnd(2, 7, e), rnd(2, 7, e, scale=4.0), w, 1e-5, 0.35)),
+                ("B1-T3-E60-s1", (rnd(1, 3, e), rnd(1, 3, e), w, 1e-6, 1.0))]
+    if op == "rotary":
+        cos, sin = _rope(2, 7, d, offset=1000)
+        return [("B2-T7-H4-D64", (rnd(2, 7, h, d), rnd(2, 7, hk, d), cos, sin))]
+    if op == "swiglu":
+        return [("B2-T7-F96", (rnd(2, 7, f, scale=2.0), rnd(2, 7, f)))]
+    if op == "linear":
+        return [("B2-T7-K60-O36", (rnd(2, 7, e), rnd(36, e, scale=e ** -0.5)))]
+    scale = 1 / math.sqrt(d)
+    if op == "attention_prefill":
+        return [(f"B2-T9-H4-Hk2-D64-start{s}", (rnd(2, 9, h, d), rnd(2, 9, hk, d), rnd(2, 9, hk, d),
+                                                 None if s is None else torch.tensor(s), scale))
+                for s in (None, [0, 3], [9, 2])]
+    if op == "attention_decode":
+        cases = []
+        for new, starts in ((1, None), (1, [0, 20]), (5, [0, 147]), (3, None)):
+            name = f"B2-T{new}-S150-start{starts}"
+            cases.append((name, (rnd(2, new, h, d), rnd(2, 150, hk, d), rnd(2, 150, hk, d),
+                                 None if starts is None else torch.tensor(starts), scale)))
+        return cases
+    raise KeyError(op)
+
+
+DENSE_OPS = [op for op in CATALOGUE if op != "sample"]
+PARAMS = [
+    pytest.param(op, impl, dtype, id=f"{op}-{impl.qualname}-{dtype}")
+    for op in DENSE_OPS for impl in implementations(op, "npu") for dtype in CATALOGUE[op].dtypes
+]
+
+
+@pytest.mark.parametrize(("op", "impl", "dtype"), PARAMS)
+def test_op_matches_reference(emulated, op, impl, dtype):
+    reason = impl.supports(BindContext("npu", DTYPES[dtype], SHAPES))
+    if reason is not None:
+        pytest.skip(reason)
+    fn, ref = impl.load(), _reference(op)
+    for case, args in _cases(op, DTYPES[dtype]):
+        expected, got = ref(*args), fn(*args)
+        outputs = zip(expected, got) if isinstance(expected, tuple) else [(expected, got)]
+        for index, (r, o) in enumerate(outputs):
+            assert o.dtype == r.dtype, f"{op} {case}: dtype {o.dtype} != {r.dtype}"
+            assert_close(op, f"out{index} {case}", r, o, dtype)
+
+
+def test_fused_attention_binds_for_its_shapes_and_reports_why_not(emulated):
+    from hal.registry import bind
+
+    ops = bind("npu", torch.bfloat16, SHAPES)
+    assert ops.record["attention_decode"].impl == "npu.torch_npu"
+    fp32 = bind("npu", torch.float32, SHAPES)
+    assert fp32.record["attention_prefill"].impl == "npu.torch"
+    assert ("npu.torch_npu", "npu.attention_prefill: dtype must be bfloat16 or float16 (FIA), got float32") \
+        in fp32.record["attention_prefill"].passed_over
+    d32 = bind("npu", torch.bfloat16, dict(SHAPES, D=32))
+    assert "head_dim must be 64 or 128 (FIA TND), got 32" in d32.record["attention_decode"].describe()
+
+
+# -- sample -------------------------------------------------------------------------------------
+
+def _sample_impl():
+    (impl,) = implementations("sample", "npu")
+    return impl.load()
+
+
+def test_sample_greedy_is_exact(emulated):
+    logits = torch.randn(6, 50, generator=torch.Generator().manual_seed(1))
+    logits[2, 7] = logits[2, 9] = logits[2].max() + 1.0  # tie: lowest index wins
+    expected = _reference("sample")(logits, 0.0, 0, 1.0, None)
+    assert torch.equal(_sample_impl()(logits, 0.0, 0, 1.0, None), expected)
+
+
+def _kept(row: torch.Tensor, temperature: float, top_k: int, top_p: float) -> set[int]:
+    """Independent statement of the catalogue rule for one row: top_k, then top_p (kept while the
+    mass strictly above a token is < top_p)."""
+    probs = torch.softmax(row.double() / temperature, dim=0)
+    order = torch.argsort(probs, descending=True, stable=True).tolist()
+    if top_k:
+        order = order[:top_k]
+    kept, above = [], 0.0
+    for token in order:
+        if above >= top_p:
+            break
+        kept.append(token)
+        above += float(probs[token])
+    return set(kept)
+
+
+@pytest.mark.parametrize(("temperature", "top_k", "top_p"), [(1.0, 0, 0.6), (0.7, 5, 1.0), (1.3, 0, 1.0)])
+def test_sample_draws_follow_the_reference_distribution(emulated, temperature, top_k, top_p):
+    row = torch.randn(40, generator=torch.Generator().manual_seed(3)) * 1.5
+    logits = row.expand(20000, 40).contiguous()
+    got = _sample_impl()(logits, temperature, top_k, top_p, torch.Generator().manual_seed(5))
+    kept = _kept(row, temperature, top_k, top_p)
+    assert set(got.tolist()) <= kept
+    exact = torch.zeros(40, dtype=torch.float64)
+    exact[list(kept)] = torch.softmax(row.double() / temperature, dim=0)[list(kept)]
+    exact /= exact.sum()
+    freq = torch.bincount(got, minlength=40).double() / got.numel()
+    assert 0.5 * float((freq - exact).abs().sum()) < 0.04  # total variation distance; noise ~0.015
+    again = _sample_impl()(logits, temperature, top_k, top_p, torch.Generator().manual_seed(5))
+    assert torch.equal(got, again), "a seeded generator must make sampling deterministic"
