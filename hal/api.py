@@ -7,6 +7,7 @@ from typing import Any, Callable
 
 import torch
 
+from hal import env
 from hal.devices import resolve as resolve_device
 from hal.errors import CheckpointError, InputError
 from hal.registry import bind

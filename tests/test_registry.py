@@ -29,7 +29,7 @@ def test_disabled_backend_is_strict_by_default_and_falls_back_when_allowed(monke
     message = str(err.value)
     assert "rms_norm (cuda.torch: disabled by HAL_DISABLE_BACKENDS)" in message
     assert "--allow-fallback" in message
-    with pytest.warns(UserWarning, match="runs on the CPU reference"):
+    with pytest.warns(UserWarning, match="op rms_norm runs on the CPU reference"):
         ops = bind("cuda", torch.bfloat16, SHAPES, allow_fallback=True)
     binding = ops.record["rms_norm"]
     assert binding.fallback and binding.impl == "cpu.reference"
