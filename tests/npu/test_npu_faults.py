@@ -1,0 +1,134 @@
+"""Wrapper bugs injected on purpose (wrong mask convention, forgotten scale, wrong length
+conventions, wrong sparse_mode) must be caught by the emulator-backed comparison with the
+reference: each mutated call either raises in the emulator or misses the tolerance."""
+from __future__ import annotations
+
+import math
+from types import SimpleNamespace
+
+import pytest
+import torch
+
+from backends.cpu.reference.attention import attention_decode_ref, attention_prefill_ref
+from backends.npu import attention as npu_attention
+from backends.npu.emulator import EmulatedOpError
+from npu_metrics import mismatch
+
+D = 64
+SCALE = 1 / math.sqrt(D)
+
+
+def _prefill_inputs():
+    g = torch.Generator().manual_seed(7)
+    q = torch.randn(2, 9, 4, D, generator=g).bfloat16()
+    k = torch.randn(2, 9, 2, D, generator=g).bfloat16()
+    v = torch.randn(2, 9, 2, D, generator=g).bfloat16()
+    return q, k, v, torch.tensor([0, 3]), SCALE
+
+
+def _decode_inputs():
+    g = torch.Generator().manual_seed(8)
+    q = torch.randn(2, 4, 4, D, generator=g).bfloat16()
+    k = torch.randn(2, 140, 2, D, generator=g).bfloat16()
+    v = torch.randn(2, 140, 2, D, generator=g).bfloat16()
+    return q, k, v, torch.tensor([0, 11]), SCALE
+
+
+def _caught(op: str, fn, ref, args) -> bool:
+    try:
+        out = fn(*args)
+    except EmulatedOpError:
+        return True
+    return mismatch(op, "o", ref(*args), out, "bfloat16") is not None
+
+
+def _with_fia(monkeypatch, emulator, mutate) -> None:
+    """Make the wrappers call FIA with kwargs rewritten by ``mutate`` (a simulated wrapper bug)."""
+    real = emulator.npu_fused_infer_attention_score
+
+    def fia(*args, **kwargs):
+        return real(*args, **mutate(dict(kwargs)))
+
+    proxy = SimpleNamespace(**{name: getattr(emulator, name) for name in emulator.__all__})
+    proxy.npu_fused_infer_attention_score = fia
+    monkeypatch.setattr(npu_attention, "torch_npu", lambda: proxy)
+
+
+@pytest.mark.parametrize("op", ["attention_prefill", "attention_decode"])
+def test_correct_wrapper_passes(emulated, op):
+    fn, ref, args = _pair(op)
+    assert not _caught(op, fn, ref, args)
+
+
+def _pair(op: str):
+    if op == "attention_prefill":
+        return npu_attention.attention_prefill_npu, attention_prefill_ref, _prefill_inputs()
+    return npu_attention.attention_decode_npu, attention_decode_ref, _decode_inputs()
+
+
+MASK_BUGS = {
+    "sdpa-convention-tril": lambda dev: torch.tril(torch.ones(2048, 2048, dtype=torch.bool, device=dev)),
+    "all-false": lambda dev: torch.zeros(2048, 2048, dtype=torch.bool, device=dev),
+    "triu-diagonal-0": lambda dev: torch.triu(torch.ones(2048, 2048, dtype=torch.bool, device=dev), 0),
+    "seq-sized-mask": lambda dev: torch.triu(torch.ones(9, 9, dtype=torch.bool, device=dev), 1),
+}
+
+
+@pytest.mark.parametrize("op", ["attention_prefill", "attention_decode"])
+@pytest.mark.parametrize("bug", sorted(MASK_BUGS))
+def test_wrong_mask_is_caught(emulated, monkeypatch, op, bug):
+    monkeypatch.setattr(npu_attention, "causal_mask", MASK_BUGS[bug])
+    assert _caught(op, *_pair(op))
+
+
+KWARG_BUGS = {
+    "scale-forgotten (op default 1.0)": lambda kw: {k: v for k, v in kw.items() if k != "scale"},
+    "scale-squared": lambda kw: dict(kw, scale=kw["scale"] ** 2),
+    "top-left causal (sparse_mode=2)": lambda kw: dict(kw, sparse_mode=2),
+    "no causal (sparse_mode=0, no mask)": lambda kw: dict(kw, sparse_mode=0, atten_mask=None),
+    "q lengths per sequence, not cumulative": lambda kw: dict(
+        kw, actual_seq_lengths=[b - a for a, b in zip([0] + kw["actual_seq_lengths"][:-1], kw["actual_seq_lengths"])]),
+    "kv heads = q heads": lambda kw: dict(kw, num_key_value_heads=kw["num_heads"]),
+}
+
+
+# top-left and bottom-right causal agree when q and kv lengths are equal (prefill): decode only
+KWARG_CASES = [(op, bug) for bug in sorted(KWARG_BUGS) for op in ("attention_prefill", "attention_decode")
+               if not (bug.startswith("top-left") and op == "attention_prefill")]
+
+
+@pytest.mark.parametrize(("op", "bug"), KWARG_CASES)
+def test_wrong_call_is_caught(emulated, monkeypatch, op, bug):
+    _with_fia(monkeypatch, emulated, KWARG_BUGS[bug])
+    assert _caught(op, *_pair(op))
+
+
+def test_cumulative_kv_lengths_with_a_paged_cache_are_caught(emulated, monkeypatch):
+    def cumulative(kw):
+        lens = kw["actual_seq_lengths_kv"]
+        return dict(kw, actual_seq_lengths_kv=[sum(lens[:i + 1]) for i in range(len(lens))])
+
+    _with_fia(monkeypatch, emulated, cumulative)
+    assert _caught("attention_decode", *_pair("attention_decode"))
+
+
+def test_swapped_swiglu_halves_are_caught(emulated, monkeypatch):
+    from backends.cpu.reference.swiglu import swiglu_ref
+    from backends.npu import swiglu
+
+    g = torch.Generator().manual_seed(9)
+    gate, up = torch.randn(3, 40, generator=g).bfloat16(), torch.randn(3, 40, generator=g).bfloat16()
+    assert not _caught("swiglu", swiglu.swiglu_npu, swiglu_ref, (gate, up))
+    monkeypatch.setattr(swiglu, "swiglu_npu", lambda a, b: emulated.npu_swiglu(torch.cat((b, a), -1)))
+    assert _caught("swiglu", swiglu.swiglu_npu, swiglu_ref, (gate, up))
+
+
+def test_unscaled_residual_branch_is_caught(emulated):
+    from backends.cpu.reference.rms_norm import add_rms_norm_ref
+
+    g = torch.Generator().manual_seed(10)
+    x, res = torch.randn(2, 5, 60, generator=g).bfloat16(), torch.randn(2, 5, 60, generator=g).bfloat16()
+    w = torch.ones(60, dtype=torch.bfloat16)
+    ref = add_rms_norm_ref(x, res, w, 1e-5, 0.3)[1]
+    forgot = emulated.npu_add_rms_norm(res, x, w, 1e-5)[2]  # the fused add without the branch scale
+    assert mismatch("add_rms_norm", "new_residual", ref, forgot, "bfloat16") is not None
