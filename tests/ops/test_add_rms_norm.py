@@ -1,0 +1,10 @@
+"""add_rms_norm: every CPU implementation against the float32 reference (catalogue tolerance)."""
+from __future__ import annotations
+
+import pytest
+from cpu_conformance import assert_conforms, params
+
+
+@pytest.mark.parametrize(("impl", "case"), params("add_rms_norm"))
+def test_add_rms_norm_matches_reference(impl, case):
+    assert_conforms(impl, case)

@@ -1,0 +1,10 @@
+"""attention_decode: every CPU implementation against the float32 reference (catalogue tolerance)."""
+from __future__ import annotations
+
+import pytest
+from cpu_conformance import assert_conforms, params
+
+
+@pytest.mark.parametrize(("impl", "case"), params("attention_decode"))
+def test_attention_decode_matches_reference(impl, case):
+    assert_conforms(impl, case)

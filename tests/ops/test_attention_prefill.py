@@ -1,0 +1,10 @@
+"""attention_prefill: every CPU implementation against the float32 reference (catalogue tolerance)."""
+from __future__ import annotations
+
+import pytest
+from cpu_conformance import assert_conforms, params
+
+
+@pytest.mark.parametrize(("impl", "case"), params("attention_prefill"))
+def test_attention_prefill_matches_reference(impl, case):
+    assert_conforms(impl, case)

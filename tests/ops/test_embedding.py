@@ -1,0 +1,10 @@
+"""embedding: every CPU implementation against the float32 reference (catalogue tolerance)."""
+from __future__ import annotations
+
+import pytest
+from cpu_conformance import assert_conforms, params
+
+
+@pytest.mark.parametrize(("impl", "case"), params("embedding"))
+def test_embedding_matches_reference(impl, case):
+    assert_conforms(impl, case)

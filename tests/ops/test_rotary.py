@@ -1,0 +1,10 @@
+"""rotary: every CPU implementation against the float32 reference (catalogue tolerance)."""
+from __future__ import annotations
+
+import pytest
+from cpu_conformance import assert_conforms, params
+
+
+@pytest.mark.parametrize(("impl", "case"), params("rotary"))
+def test_rotary_matches_reference(impl, case):
+    assert_conforms(impl, case)

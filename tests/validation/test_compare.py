@@ -1,0 +1,99 @@
+"""python -m validation.compare end to end on the tiny synthetic checkpoint."""
+from __future__ import annotations
+
+import importlib
+import json
+
+import pytest
+import torch
+from conftest import run_cli
+
+import hal
+from hal.ops import CATALOGUE
+from validation.prompts import DEFAULT_PROMPTS
+
+METRIC_KEYS = ("top1_match_rate", "top5_inclusion_rate", "top10_overlap_mean", "top1_prob_rel_err_mean",
+               "top1_prob_rel_err_max", "top1_prob_rel_err_max_prompt", "top10_prob_mae",
+               "top10_prob_max_abs_err", "top10_prob_rmse", "kl_mean", "kl_max")
+
+
+def test_fp32_passes_and_writes_every_file(fp32_run):
+    assert fp32_run.code == 0, fp32_run.stderr
+    names = sorted(p.name for p in fp32_run.report_dir.iterdir())
+    assert names == ["drift.png", "report.json", "report.md", "top10.png"]
+    for png in ("drift.png", "top10.png"):
+        assert (fp32_run.report_dir / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    leftovers = [p.name for p in fp32_run.report_dir.parent.iterdir() if p.name.startswith(".")]
+    assert leftovers == []
+
+
+def test_stdout_is_the_seed_style_report_and_stderr_has_progress(fp32_run):
+    md = (fp32_run.report_dir / "report.md").read_text(encoding="utf-8")
+    assert md in fp32_run.stdout
+    for section in ("## Environment", "## Model configuration", "## Accuracy per prompt", "## Summary",
+                    "## Top-10 distribution per prompt", "## Verdict", "**PASS**"):
+        assert section in md
+    assert "EMULATED" not in md
+    progress = [line for line in fp32_run.stderr.splitlines() if line.startswith("[compare] prompt")]
+    assert len(progress) == len(DEFAULT_PROMPTS)
+
+
+def test_report_json_schema(fp32_run):
+    r = fp32_run.report
+    assert r["schema_version"] == 1 and r["passed"] is True
+    assert (r["device"], r["dtype"], r["reference"], r["emulated"]) == ("cpu", "float32", "cpu-fp32", False)
+    for key in METRIC_KEYS:
+        assert key in r and key in r["prompt_end"]
+    assert [p["prompt"] for p in r["prompts"]] == list(DEFAULT_PROMPTS)
+    assert all(len(p["positions"]) == 5 for p in r["prompts"])  # prompt end + 4 teacher-forced
+    assert set(r["bound_ops"]) == set(CATALOGUE)
+    assert all(b["impl"] == "cpu.torch" for b in r["bound_ops"].values())
+    assert r["environment"]["torch"] == torch.__version__
+    assert r["model"]["config"]["num_hidden_layers"] == len(r["drift"]["layers"]) - 1
+    assert r["conformance"]["failed_ops"] == [] and r["conformance"]["total"] > 0
+    json.dumps(r, allow_nan=False)
+
+
+def test_fp32_device_agrees_with_the_reference(fp32_run):
+    r = fp32_run.report
+    assert r["top1_match_rate"] == 1.0 and r["top10_overlap_mean"] == 10.0
+    assert r["top1_prob_rel_err_max"] < 1e-4  # two float32 implementations: rounding-level only
+    assert r["drift"]["first_layer_over"] is None
+
+
+def test_numbers_match_an_independent_reference_run(fp32_run, tiny_checkpoint):
+    """Recompute prompt 1 with the reference model directly: its top-1 and the teacher forcing."""
+    r = fp32_run.report["prompts"][0]
+    model = hal.load_model(tiny_checkpoint, "cpu", "float32", reference=True)
+    ids = model.tokenizer("The capital of France is", return_tensors="pt").input_ids
+    for pos in r["positions"]:
+        probs = torch.softmax(model.logits(ids)[0, -1].double(), -1)
+        assert pos["position"] == ids.shape[1] - 1
+        assert pos["ref_top1"]["id"] == int(probs.argmax())
+        assert pos["ref_top1"]["prob"] == pytest.approx(float(probs.max()), rel=1e-5)
+        ids = torch.cat([ids, probs.argmax().view(1, 1)], dim=1)  # the reference's greedy token
+
+
+@pytest.mark.xfail(strict=True, reason="random-weight tiny checkpoint in bf16 on the CPU: mean top-1 prob "
+                   "rel err ~1.6% > 1% (bf16 residual-stream drift ~1.2% + bf16 logits); see validation/README.md")
+def test_cpu_bfloat16_passes(tiny_checkpoint, tmp_path):
+    run = run_cli(["--device", "cpu", "--dtype", "bfloat16", "--model", str(tiny_checkpoint)], tmp_path / "r")
+    assert run.code == 0, run.report["verdict"]
+
+
+def test_npu_emulated_report_says_emulated(tiny_checkpoint, tmp_path, monkeypatch):
+    devices = importlib.import_module("hal.devices")  # the module (hal.devices is also a function)
+    monkeypatch.delenv("HAL_NPU_EMULATE", raising=False)  # main() sets it; undone at teardown
+    devices.reset()
+    prompts = tmp_path / "p.txt"
+    prompts.write_text("The capital of France is\n")
+    try:
+        run = run_cli(["--device", "npu", "--emulate", "--model", str(tiny_checkpoint), "--prompts", str(prompts),
+                       "--positions", "1"], tmp_path / "r")
+    finally:
+        devices.reset()
+    assert run.code in (0, 1), run.stderr
+    r = run.report
+    assert r["emulated"] is True and "EMULATED" in r["title"] and "EMULATED" in r["device_description"]
+    md = (tmp_path / "r" / "report.md").read_text(encoding="utf-8")
+    assert md.startswith("# ") and "EMULATED" in md.splitlines()[0]

@@ -1,0 +1,135 @@
+"""python -m validation.compare: accuracy of a device against the float32 CPU reference.
+
+Runs the same prompts through the device under test and the reference, compares next-token
+distributions at the end of each prompt and at ``--positions`` teacher-forced positions after
+it, measures per-layer drift and checks every bound op on this model's shapes. Prints the
+Markdown report, writes report.md / report.json / top10.png / drift.png, and exits 0 (pass),
+1 (accuracy failure) or 2 (usage error, device unavailable). See validation/README.md.
+"""
+from __future__ import annotations
+
+import argparse
+import importlib
+import json
+import math
+import os
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+from hal.errors import HalError, InputError
+
+EXIT_PASS, EXIT_FAIL, EXIT_USAGE = 0, 1, 2
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m validation.compare", description=__doc__.split("\n\n")[0])
+    p.add_argument("--device", default="auto", help="device under test: auto, cpu, cuda, npu (default: auto)")
+    p.add_argument("--dtype", default="bfloat16", help="float32, bfloat16 or float16 (default: bfloat16)")
+    p.add_argument("--model", type=Path, default=None,
+                   help="checkpoint folder (Hugging Face layout); default: the built-in synthetic tiny checkpoint")
+    p.add_argument("--prompts", default=None, metavar="FILE",
+                   help="prompts: one per line, or a .json list; default: the seven prompts of seed 004")
+    p.add_argument("--top-k", type=int, default=10, help="size of the compared top-k sets (default: 10)")
+    p.add_argument("--positions", type=int, default=4, metavar="N",
+                   help="also compare N teacher-forced positions after each prompt (default: 4)")
+    p.add_argument("--report-dir", type=Path, default=None, metavar="DIR",
+                   help="where to write the report (default: reports/<device>-<dtype>-<timestamp>/)")
+    p.add_argument("--thresholds", action="append", default=[], metavar="KEY=VALUE[,KEY=VALUE]",
+                   help="pass-rule overrides: top1_prob_rel_err_mean, near_tie_margin, drift_rel_l2, "
+                        "ops_must_conform")
+    p.add_argument("--allow-fallback", action="store_true",
+                   help="run ops the device cannot serve on the CPU reference (listed in the report)")
+    p.add_argument("--reference", choices=("cpu-fp32", "hf"), default="cpu-fp32",
+                   help="the judge: our float32 CPU reference (default) or transformers with remote code")
+    p.add_argument("--trust-remote-code", action="store_true",
+                   help="allow --reference hf to run the checkpoint's own Python code")
+    p.add_argument("--emulate", action="store_true",
+                   help="use the torch_npu emulator for --device npu (reports say EMULATED)")
+    return p
+
+
+def progress(message: str) -> None:
+    print(f"[compare] {message}", file=sys.stderr, flush=True)
+
+
+def _json_safe(value: Any) -> Any:
+    """Non-finite floats become null (strict JSON); containers are walked."""
+    if isinstance(value, float):
+        return value if math.isfinite(value) else None
+    if isinstance(value, dict):
+        return {str(k): _json_safe(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_json_safe(v) for v in value]
+    return value
+
+
+def write_report(report: dict[str, Any], folder: Path) -> list[str]:
+    """report.md, report.json, top10.png, drift.png into ``folder``; returns the file names."""
+    from validation import plots, report_md
+
+    (folder / "report.md").write_text(report_md.render(report), encoding="utf-8")
+    text = json.dumps(_json_safe(report), indent=2, ensure_ascii=False, allow_nan=False)
+    (folder / "report.json").write_text(text + "\n", encoding="utf-8")
+    plots.plot_topk(report, folder)
+    plots.plot_drift(report, folder)
+    return ["report.md", "report.json", "top10.png", "drift.png"]
+
+
+def _run(args: argparse.Namespace) -> int:
+    hal_devices = importlib.import_module("hal.devices")  # hal.devices is also a function
+    from hal.api import dtype_name, parse_dtype
+    from validation import harness, passrule, prompts, report_dir
+
+    started = time.perf_counter()
+    dtype = dtype_name(parse_dtype(args.dtype))
+    thresholds = passrule.parse_overrides(args.thresholds)
+    prompt_list = prompts.load_prompts(args.prompts)
+    if args.reference != "hf" and args.trust_remote_code:
+        raise InputError("--trust-remote-code only applies to --reference hf")
+    kind = hal_devices.resolve(args.device)
+    if args.model is None:
+        from model.synthetic import default_checkpoint
+
+        model = default_checkpoint()
+    else:
+        model = args.model
+        if not model.is_dir():
+            raise InputError(f"--model {model}: checkpoint folder not found")
+    settings = harness.Settings(model=model, device=kind, dtype=dtype, prompts=prompt_list,
+                                prompts_file=args.prompts, top_k=args.top_k, positions=args.positions,
+                                thresholds=thresholds, allow_fallback=args.allow_fallback,
+                                reference=args.reference, trust_remote_code=args.trust_remote_code)
+    stage = report_dir.StagedDir(args.report_dir or report_dir.default_dir(kind, dtype))
+    try:
+        report = harness.run(settings, progress)
+        progress("writing the report")
+        names = write_report(report, stage.path)
+        final = stage.commit()
+    except BaseException:
+        stage.discard()
+        raise
+    print(report_md_text(final))
+    print(f"Report: {final}/ ({', '.join(names)}) in {time.perf_counter() - started:.1f} s")
+    return EXIT_PASS if report["passed"] else EXIT_FAIL
+
+
+def report_md_text(folder: Path) -> str:
+    return (folder / "report.md").read_text(encoding="utf-8")
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    if args.emulate:
+        os.environ["HAL_NPU_EMULATE"] = "1"  # before any device probing
+    try:
+        return _run(args)
+    except (HalError, OSError) as exc:
+        text = str(exc).strip().splitlines()
+        print(f"error: {text[0] if text else type(exc).__name__}", file=sys.stderr)
+        return EXIT_USAGE
+
+
+if __name__ == "__main__":
+    sys.exit(main())

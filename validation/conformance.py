@@ -1,0 +1,126 @@
+"""python -m validation.conformance: every catalogue op of a backend against the CPU float32
+reference (ggml's test-backend-ops, in Python).
+
+    python -m validation.conformance --device cpu                  # test mode: one line per case
+    python -m validation.conformance --device cpu --op rms_norm -p 'T=63'
+    python -m validation.conformance --mode support                # op x backend matrix, with reasons
+    python -m validation.conformance --coverage                    # catalogue ops without a grid
+
+Exit 0 when every supported case meets its catalogue NMSE tolerance, 1 when one fails, 2 for a
+usage error or an unavailable device.
+"""
+from __future__ import annotations
+
+import argparse
+import importlib
+import os
+import re
+import sys
+from typing import Iterable
+
+from hal.errors import HalError, InputError
+from hal.ops import CATALOGUE
+from hal.registry import BACKEND_PACKAGES, Impl, implementations
+from validation import grid, opcheck
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m validation.conformance", description=__doc__.split("\n\n")[0])
+    p.add_argument("--device", default="cpu", help="backend under test: cpu, cuda, npu or auto (default: cpu)")
+    p.add_argument("--mode", choices=("test", "support"), default="test")
+    p.add_argument("--op", action="append", default=[], help="only this op (repeatable)")
+    p.add_argument("-p", "--pattern", default=None, metavar="REGEX", help="only cases whose label matches")
+    p.add_argument("--dtype", action="append", default=[], help="only this dtype (repeatable)")
+    p.add_argument("--coverage", action="store_true", help="list catalogue ops that have no conformance grid")
+    p.add_argument("--emulate", action="store_true", help="use the torch_npu emulator for --device npu")
+    return p
+
+
+def _impls(op: str, backend: str) -> list[Impl]:
+    """The backend's implementations of ``op`` under test (the judge itself is not tested)."""
+    return [i for i in implementations(op, backend) if i.name != "reference"]
+
+
+def run_tests(device: str, ops: Iterable[str], dtypes: list[str], pattern: str | None) -> int:
+    results: list[opcheck.CaseResult] = []
+    regex = re.compile(pattern) if pattern else None
+    for op in ops:
+        impls = _impls(op, device)
+        if not impls:
+            print(f"{op}: no {device} implementation registered")
+            continue
+        for c in grid.grid(op, dtypes or None):
+            if regex and not regex.search(c.label):
+                continue
+            for impl in impls:
+                result = opcheck.check_impl(c, impl, device)
+                results.append(result)
+                print(result.line(), flush=True)
+    failed = [r for r in results if not r.passed]
+    skipped = sum(r.status == "not supported" for r in results)
+    print(f"\n{len(results) - len(failed) - skipped}/{len(results) - skipped} passed"
+          + (f" ({skipped} not supported)" if skipped else ""))
+    for r in failed:
+        print(f"  FAILED: {r.case.label} [{r.impl}] {r.status}" + (f" NMSE {r.error:.2e}" if r.status == "FAIL"
+                                                                   else f" {r.reason}"))
+    return 1 if failed else 0
+
+
+def run_support(ops: Iterable[str], dtypes: list[str]) -> int:
+    """Per op and backend: which implementation would serve the grid's cases, or why none does."""
+    for op in ops:
+        print(op)
+        for backend in BACKEND_PACKAGES:
+            impls = _impls(op, backend)
+            if not impls:
+                print(f"  {backend:<5} -  no implementation registered")
+                continue
+            for impl in impls:
+                reasons = sorted({r for c in grid.grid(op, dtypes or None)
+                                  if (r := impl.supports(c.context(backend))) is not None})
+                state = "supported" if not reasons else "partly supported: " + "; ".join(reasons)
+                print(f"  {backend:<5} {impl.qualname}: {state}")
+    return 0
+
+
+def coverage() -> int:
+    missing = []
+    for op in CATALOGUE:
+        try:
+            grid.grid(op)
+        except KeyError:
+            missing.append(op)
+    print("every catalogue op has conformance cases" if not missing else "ops without cases: " + ", ".join(missing))
+    return 1 if missing else 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    if args.emulate:
+        os.environ["HAL_NPU_EMULATE"] = "1"
+    try:
+        unknown = [o for o in args.op if o not in CATALOGUE]
+        if unknown:
+            raise InputError(f"unknown op(s) {', '.join(unknown)}; the catalogue has: {', '.join(CATALOGUE)}")
+        bad = [d for d in args.dtype if d not in opcheck.TORCH_DTYPE]
+        if bad:
+            raise InputError(f"unknown dtype(s) {', '.join(bad)}; choose from {', '.join(opcheck.TORCH_DTYPE)}")
+        if args.pattern:
+            try:
+                re.compile(args.pattern)
+            except re.error as exc:
+                raise InputError(f"-p {args.pattern!r}: not a regular expression ({exc})") from None
+        ops = args.op or list(CATALOGUE)
+        if args.coverage:
+            return coverage()
+        if args.mode == "support":
+            return run_support(ops, args.dtype)
+        device = importlib.import_module("hal.devices").resolve(args.device)
+        return run_tests(device, ops, args.dtype, args.pattern)
+    except HalError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

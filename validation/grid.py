@@ -1,0 +1,79 @@
+"""Which cases to run: the conformance grid (edges included) and the shapes a model used.
+
+The grid covers seq 1, lengths that are no multiple of a block size (63, 65), GQA ratios
+1/2/8/16, head_dim 64/128, odd sizes (E=60) and every dtype the op's contract allows.
+"""
+from __future__ import annotations
+
+from typing import Iterable
+
+from hal.ops import CATALOGUE, get_spec
+from validation.opcheck import Case, case
+
+GQA = ((4, 4), (4, 2), (16, 2), (16, 1))  # (H, Hk): ratios 1, 2, 8, 16
+
+
+def _grid_dims(op: str) -> list[tuple[dict[str, int], tuple[str, ...]]]:
+    if op == "embedding":
+        return [({"B": 1, "T": 1, "V": 1000, "E": 64}, ()), ({"B": 2, "T": 63, "V": 1000, "E": 60}, ())]
+    if op in ("rms_norm", "add_rms_norm"):
+        return [({"B": 1, "T": t, "E": e}, ()) for t, e in ((1, 64), (63, 60), (7, 1024))]
+    if op == "rotary":
+        return [({"B": b, "T": t, "H": h, "Hk": hk, "D": d, "P": p}, ())
+                for b, t, (h, hk), d, p in ((1, 1, GQA[0], 64, 100), (2, 63, GQA[2], 128, 0),
+                                            (1, 5, GQA[3], 64, 4000))]
+    if op == "swiglu":
+        return [({"B": 1, "T": t, "F": f}, ()) for t, f in ((1, 256), (63, 60))]
+    if op == "linear":
+        return [({"B": 1, "T": t, "K": k, "O": o}, ()) for t, k, o in ((1, 128, 256), (63, 60, 44), (5, 512, 1024))]
+    if op == "attention_prefill":
+        cases = [({"B": 1, "T": t, "H": h, "Hk": hk, "D": d}, ())
+                 for t, (h, hk), d in ((1, GQA[0], 64), (63, GQA[1], 64), (17, GQA[2], 128), (65, GQA[3], 64))]
+        cases.append(({"B": 2, "T": 13, "H": 4, "Hk": 2, "D": 64}, ("padded",)))
+        return cases
+    if op == "attention_decode":
+        cases = [({"B": 1, "T": t, "S": s, "H": h, "Hk": hk, "D": d}, ())
+                 for t, s, (h, hk), d in ((1, 1, GQA[0], 64), (1, 65, GQA[1], 128), (1, 63, GQA[2], 64),
+                                          (3, 40, GQA[3], 128))]
+        cases.append(({"B": 2, "T": 1, "S": 20, "H": 4, "Hk": 2, "D": 64}, ("padded",)))
+        return cases
+    if op == "sample":
+        return [({"B": 3, "V": 1000}, ()), ({"B": 2, "V": 1000}, ("ties",))]
+    raise KeyError(f"no conformance grid for op {op!r}")
+
+
+def grid(op: str, dtypes: Iterable[str] | None = None) -> list[Case]:
+    """The conformance cases of one op, for each dtype of its contract (or of ``dtypes``)."""
+    allowed = get_spec(op).dtypes
+    chosen = [d for d in (dtypes or allowed) if d in allowed]
+    return [Case(op, dtype, tuple(dims.items()), flags) for dtype in chosen for dims, flags in _grid_dims(op)]
+
+
+def full_grid(dtypes: Iterable[str] | None = None) -> list[Case]:
+    return [c for op in CATALOGUE for c in grid(op, dtypes)]
+
+
+MAX_LINEAR_ELEMENTS = 1 << 24  # cap the lm_head weight a model-shape case allocates
+
+
+def model_cases(shapes: dict[str, int], dtype: str, lengths: Iterable[int], decode_len: int) -> list[Case]:
+    """Cases on the shapes a model used: ``shapes`` from ``MiniCPMConfig.shapes()``, prompt
+    ``lengths`` (T of each prefill), ``decode_len`` (S of a one-token decode step)."""
+    e, f, v, h, hk, d = (shapes[k] for k in ("E", "F", "V", "H", "Hk", "D"))
+    ts = sorted(set(lengths))
+    dt = dtype if dtype in get_spec("rms_norm").dtypes else "float32"
+    out: list[Case] = []
+    for t in ts:
+        out.append(case("embedding", dt, V=v, E=e, B=1, T=t))
+        out.append(case("rms_norm", dt, B=1, T=t, E=e))
+        out.append(case("add_rms_norm", dt, B=1, T=t, E=e))
+        out.append(case("rotary", dt, B=1, T=t, H=h, Hk=hk, D=d, P=0))
+        out.append(case("swiglu", dt, B=1, T=t, F=f))
+        for k_in, o_out in ((e, h * d), (e, hk * d), (h * d, e), (e, f), (f, e), (e, v)):
+            o_out = min(o_out, max(1, MAX_LINEAR_ELEMENTS // k_in))
+            out.append(case("linear", dt, B=1, T=t, K=k_in, O=o_out))
+        out.append(case("attention_prefill", dt, B=1, T=t, H=h, Hk=hk, D=d))
+    out.append(case("attention_decode", dt, B=1, T=1, S=max(1, decode_len), H=h, Hk=hk, D=d))
+    out.append(case("sample", "float32", B=1, V=v))
+    seen: set[str] = set()
+    return [c for c in out if not (c.label in seen or seen.add(c.label))]

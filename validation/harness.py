@@ -1,0 +1,244 @@
+"""Drive the device under test and the reference over the prompts; build the report dict.
+
+The report dict *is* report.json (schema in ``validation/README.md``); the Markdown and the
+plots are rendered from it, so every number a user reads is one a machine can read too.
+"""
+from __future__ import annotations
+
+import datetime as _dt
+import importlib
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+
+import hal
+from hal.api import dtype_name, parse_dtype
+from hal.errors import InputError
+from validation import environment, grid, metrics, opcheck
+from validation.drift import layer_drift, summarize_drift
+from validation.passrule import Check, Thresholds, verdict
+
+hal_devices = importlib.import_module("hal.devices")  # the module; ``hal.devices`` is also a function
+
+SCHEMA = "minicpm-hal/validation-report"
+SCHEMA_VERSION = 1
+
+Progress = Callable[[str], None]
+
+
+@dataclass
+class Settings:
+    """Everything a comparison depends on (the CLI fills it; tests build it directly).
+
+    op_overrides: op -> callable for the device model (fault injection)."""
+
+    model: Path
+    device: str = "auto"
+    dtype: str = "bfloat16"
+    prompts: list[str] = field(default_factory=list)
+    prompts_file: str | None = None
+    top_k: int = 10
+    positions: int = 4
+    thresholds: Thresholds = field(default_factory=Thresholds)
+    allow_fallback: bool = False
+    reference: str = "cpu-fp32"
+    trust_remote_code: bool = False
+    op_overrides: dict[str, Callable[..., Any]] | None = None
+
+
+class OurReference:
+    """Our float32 CPU reference model as the judge."""
+
+    name = "cpu-fp32"
+
+    def __init__(self, model: Any):
+        self.model = model
+        self.bound_ops = model.ops.as_dict()
+
+    def run(self, ids: torch.Tensor) -> tuple[torch.Tensor, list[torch.Tensor | None]]:
+        """ids `[1, T]` -> (logits `[T, V]` float32, L+1 hidden states `[1, T, E]`)."""
+        out = self.model.forward(ids, output_hidden_states=True)
+        return out.logits[0].float(), list(out.hidden_states)
+
+
+def _silent(_: str) -> None:
+    pass
+
+
+def _token_text(tokenizer: Any, token_id: int) -> str:
+    text = tokenizer.decode([token_id])
+    if not text.strip() or "\ufffd" in text:  # whitespace or a lone UTF-8 byte: show the piece
+        text = str(tokenizer.convert_ids_to_tokens(token_id))
+    return text
+
+
+def _parameter_count(model: Any) -> int:
+    total = model.embed.numel() + model.final_norm.numel()
+    if model.lm_head is not model.embed:
+        total += model.lm_head.numel()
+    for layer in model.layers:
+        total += sum(t.numel() for t in vars(layer).values())
+    return total
+
+
+def is_emulated(kind: str) -> bool:
+    """True when the chosen device is the NPU emulator (its probe description says so)."""
+    return kind == "npu" and "emulat" in hal_devices.probe("npu").description.lower()
+
+
+def _top_table(p_ref: torch.Tensor, p_dev: torch.Tensor, k: int, tok: Callable[[int], str]) -> list[dict[str, Any]]:
+    ref_vals, ref_ids = torch.topk(p_ref, k)
+    dev_vals, dev_ids = torch.topk(p_dev, k)
+    return [{"rank": r + 1, "ref_id": int(ref_ids[r]), "ref_token": tok(int(ref_ids[r])), "ref_prob": float(ref_vals[r]),
+             "dev_id": int(dev_ids[r]), "dev_token": tok(int(dev_ids[r])), "dev_prob": float(dev_vals[r]),
+             "dev_prob_of_ref_token": float(p_dev[ref_ids[r]])} for r in range(k)]
+
+
+def _load(settings: Settings, progress: Progress) -> tuple[Any, Any, str]:
+    kind = hal_devices.resolve(settings.device)
+    dtype = dtype_name(parse_dtype(settings.dtype))
+    started = time.perf_counter()
+    if settings.reference == "hf":
+        from validation.hf_reference import HFReference, check_remote_code
+
+        check_remote_code(Path(settings.model), settings.trust_remote_code)
+        progress(f"loading the transformers reference (cpu, float32, remote code) from {settings.model}")
+        reference: Any = HFReference(Path(settings.model))
+    elif settings.reference == "cpu-fp32":
+        progress(f"loading the reference (cpu, float32, reference ops) from {settings.model}")
+        reference = OurReference(hal.load_model(settings.model, "cpu", "float32", reference=True))
+    else:
+        raise InputError(f"unknown reference {settings.reference!r}; choose cpu-fp32 or hf")
+    progress(f"loading the device under test ({kind}, {dtype})")
+    device_model = hal.load_model(settings.model, kind, dtype, allow_fallback=settings.allow_fallback,
+                                  op_overrides=settings.op_overrides)
+    progress(f"models loaded in {time.perf_counter() - started:.1f} s")
+    return reference, device_model, kind
+
+
+def run(settings: Settings, progress: Progress = _silent) -> dict[str, Any]:
+    """Compare the device under test with the reference; return the report dict (report.json).
+
+    Raises HalError subclasses for user errors (bad model, device unavailable, bad prompt)."""
+    if settings.top_k < 5:
+        raise InputError(f"--top-k must be >= 5 (top-5 inclusion is reported), got {settings.top_k}")
+    if settings.positions < 0:
+        raise InputError(f"--positions must be >= 0, got {settings.positions}")
+    if not settings.prompts:
+        raise InputError("no prompts to compare")
+    t0 = time.perf_counter()
+    reference, model, kind = _load(settings, progress)
+    t_load = time.perf_counter() - t0
+    dtype = dtype_name(model.dtype)
+    thresholds = settings.thresholds.for_dtype(dtype)
+    tokenizer = model.tokenizer
+    k = min(settings.top_k, model.config.vocab_size)
+    tok = lambda i: _token_text(tokenizer, i)  # noqa: E731
+
+    prompts_out: list[dict[str, Any]] = []
+    rows: list[metrics.PositionMetrics] = []
+    labels: list[str] = []
+    end_rows: list[metrics.PositionMetrics] = []
+    end_labels: list[str] = []
+    checks: list[Check] = []
+    drifts: list[list[float]] = []
+    lengths: list[int] = []
+    t1 = time.perf_counter()
+    for index, prompt in enumerate(settings.prompts):
+        ids = torch.tensor([tokenizer(prompt)["input_ids"]], dtype=torch.long)
+        if ids.shape[1] == 0:
+            raise InputError(f"prompt {index + 1} ({prompt!r}) encodes to no tokens")
+        model.check_input_ids(ids, extra=settings.positions)
+        length = ids.shape[1]
+        for _ in range(settings.positions):  # teacher forcing: append the reference's greedy tokens
+            logits, _ = reference.run(ids)
+            ids = torch.cat([ids, logits[-1].argmax().view(1, 1)], dim=1)
+        ref_logits, ref_hidden = reference.run(ids)
+        out = model.forward(ids.to(model.device), output_hidden_states=True)
+        dev_logits = out.logits[0].float().cpu()
+        lengths += [length, ids.shape[1]]
+        drift = layer_drift(ref_hidden, out.hidden_states)
+        drifts.append(drift)
+        positions = []
+        for offset in range(settings.positions + 1):
+            pos = length - 1 + offset
+            p_ref = metrics.softmax64(ref_logits[pos])
+            p_dev = metrics.softmax64(dev_logits[pos])
+            m = metrics.position_metrics(p_ref, p_dev, k, thresholds.near_tie_margin)
+            label = prompt if offset == 0 else f"{prompt} [+{offset}]"
+            rows.append(m)
+            labels.append(label)
+            if offset == 0:
+                end_rows.append(m)
+                end_labels.append(label)
+            detail = (f"reference {tok(m.ref_top1)!r} ({m.ref_top1_prob:.4f}) vs device {tok(m.dev_top1)!r} "
+                      f"({float(p_dev[m.dev_top1]):.4f})")
+            checks.append(Check(f"prompt {index + 1} position {pos}" + (f" (+{offset})" if offset else ""),
+                                m.top1_match, m.near_tie, detail))
+            positions.append({
+                "offset": offset, "position": pos, "teacher_forced": offset > 0,
+                "ref_top1": {"id": m.ref_top1, "token": tok(m.ref_top1), "prob": m.ref_top1_prob},
+                "dev_top1": {"id": m.dev_top1, "token": tok(m.dev_top1), "prob": float(p_dev[m.dev_top1])},
+                "dev_prob_of_ref_top1": m.dev_prob_of_ref_top1, "top1_match": m.top1_match,
+                "near_tie": m.near_tie, "top1_prob_rel_err": m.top1_prob_rel_err,
+                "top5_inclusion": m.top5_inclusion, "top10_overlap": m.topk_overlap, "kl": m.kl,
+                "top10": _top_table(p_ref, p_dev, k, tok),
+            })
+        first = positions[0]
+        progress(f"prompt {index + 1}/{len(settings.prompts)} {prompt!r}: reference {first['ref_top1']['token']!r} "
+                 f"{first['ref_top1']['prob']:.4f}, device {first['dev_top1']['token']!r} {first['dev_top1']['prob']:.4f}"
+                 f", rel err {first['top1_prob_rel_err']:.2%}, max layer drift {max(d for d in drift if d == d):.2e}")
+        prompts_out.append({"index": index + 1, "prompt": prompt, "tokens": length,
+                            "continuation": tokenizer.decode(ids[0, length:].tolist()),
+                            "positions": positions, "layer_drift": drift})
+    t_prompts = time.perf_counter() - t1
+
+    t2 = time.perf_counter()
+    progress("op conformance on this model's shapes")
+    cases = grid.model_cases(model.config.shapes(), dtype, lengths, max(lengths))
+    results = [opcheck.check(c, getattr(model.ops, c.op), model.ops.record[c.op].impl, kind) for c in cases]
+    failed_ops = sorted({r.case.op for r in results if not r.passed})
+    t_conf = time.perf_counter() - t2
+
+    summary = metrics.summarize(rows, labels, k)
+    judged = verdict(checks, float(summary["top1_prob_rel_err_mean"]), thresholds, failed_ops)
+    drift_summary = summarize_drift(drifts, float(thresholds.drift_rel_l2 or 0.0))
+    emulated = is_emulated(kind)
+    description = hal_devices.probe(kind).description
+    title = (f"Accuracy report: {kind}{' (EMULATED)' if emulated else ''} {dtype} vs "
+             f"{'transformers' if reference.name == 'hf' else 'CPU'} float32 reference")
+    report: dict[str, Any] = {
+        "schema": SCHEMA,
+        "schema_version": SCHEMA_VERSION,
+        "title": title,
+        "emulated": emulated,
+        "passed": judged.passed,
+        "verdict": {"passed": judged.passed, "failures": list(judged.failures), "notes": list(judged.notes)},
+        "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+        "device": kind,
+        "device_description": description + (" (EMULATED: numbers from the torch_npu emulator, not hardware)"
+                                              if emulated else ""),
+        "dtype": dtype,
+        "reference": reference.name,
+        "settings": {"top_k": k, "positions": settings.positions, "prompts_file": settings.prompts_file,
+                     "allow_fallback": settings.allow_fallback, "thresholds": thresholds.as_dict()},
+        **{key: value for key, value in summary.items()},
+        "prompt_end": metrics.summarize(end_rows, end_labels, k),
+        "prompts": prompts_out,
+        "drift": drift_summary.as_dict(),
+        "conformance": {"cases": [r.as_dict() for r in results], "failed_ops": failed_ops,
+                        "passed": sum(r.passed for r in results), "total": len(results)},
+        "bound_ops": model.ops.as_dict(),
+        "fallback_ops": sorted(op for op, b in model.ops.record.items() if b.fallback),
+        "reference_bound_ops": reference.bound_ops,
+        "model": {"path": str(settings.model), "synthetic": (Path(settings.model) / "SYNTHETIC.md").is_file(),
+                  "architecture": (model.config.raw.get("architectures") or ["?"])[0],
+                  "parameters": _parameter_count(model), "weights_dtype": model.config.torch_dtype,
+                  "config": model.config.raw},
+        "environment": environment.collect(description),
+        "timing_s": {"load": round(t_load, 3), "prompts": round(t_prompts, 3), "conformance": round(t_conf, 3)},
+    }
+    return report

@@ -1,0 +1,133 @@
+"""Accuracy metrics on next-token distributions: plain functions, no model, no I/O.
+
+A distribution is a float tensor ``[V]`` of probabilities (or logits where named). "ref" is the
+float32 reference, "dev" the device under test. Every per-position metric compares the device
+at the tokens the *reference* ranks highest, so a swapped token is seen as a probability error.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Sequence
+
+import torch
+
+
+def softmax64(logits: torch.Tensor) -> torch.Tensor:
+    """logits ``[..., V]`` (any float dtype) -> probabilities ``[..., V]`` float64."""
+    return torch.softmax(logits.double(), dim=-1)
+
+
+def top1_prob_rel_err(p_ref: float, p_dev: float) -> float:
+    """``|p_dev - p_ref| / p_ref``: relative error of the reference top-1 token's probability."""
+    if p_ref <= 0:
+        raise ValueError(f"reference probability must be > 0, got {p_ref}")
+    return abs(p_dev - p_ref) / p_ref
+
+
+def topk_overlap(ref: torch.Tensor, dev: torch.Tensor, k: int) -> int:
+    """Number of tokens in both top-k sets (0..k). ref/dev: ``[V]``."""
+    a = set(torch.topk(ref, k).indices.tolist())
+    b = set(torch.topk(dev, k).indices.tolist())
+    return len(a & b)
+
+
+def top_inclusion(ref: torch.Tensor, dev: torch.Tensor, k: int = 5) -> bool:
+    """Whether the reference top-1 token is among the device's top-k tokens."""
+    return int(ref.argmax()) in torch.topk(dev, k).indices.tolist()
+
+
+def kl_divergence(p_ref: torch.Tensor, p_dev: torch.Tensor, eps: float = 1e-30) -> float:
+    """KL(ref || dev) in nats over the full vocabulary. p_ref/p_dev: ``[V]`` probabilities."""
+    p = p_ref.double()
+    q = p_dev.double().clamp_min(eps)
+    mask = p > 0
+    return float((p[mask] * (p[mask].log() - q[mask].log())).sum().clamp_min(0.0))
+
+
+def near_tie(p_ref: torch.Tensor, margin: float) -> bool:
+    """True when the reference's top-1 and top-2 probabilities differ by less than ``margin``."""
+    top2 = torch.topk(p_ref, 2).values
+    return float(top2[0] - top2[1]) < margin
+
+
+def topk_abs_errors(p_ref: torch.Tensor, p_dev: torch.Tensor, k: int) -> list[float]:
+    """``|p_dev[t] - p_ref[t]|`` for the reference's top-k tokens t, best first (k values)."""
+    idx = torch.topk(p_ref, k).indices
+    return (p_dev.double()[idx] - p_ref.double()[idx]).abs().tolist()
+
+
+@dataclass(frozen=True)
+class PositionMetrics:
+    """The per-position numbers a summary is built from (see :func:`position_metrics`)."""
+
+    ref_top1: int
+    dev_top1: int
+    ref_top1_prob: float
+    dev_prob_of_ref_top1: float
+    top1_match: bool
+    top5_inclusion: bool
+    topk_overlap: int
+    topk_abs_errors: tuple[float, ...]
+    kl: float
+    near_tie: bool
+
+    @property
+    def top1_prob_rel_err(self) -> float:
+        return top1_prob_rel_err(self.ref_top1_prob, self.dev_prob_of_ref_top1)
+
+
+def position_metrics(p_ref: torch.Tensor, p_dev: torch.Tensor, k: int, tie_margin: float) -> PositionMetrics:
+    """Every per-position metric for one pair of distributions ``[V]`` (probabilities)."""
+    ref_top1 = int(p_ref.argmax())
+    return PositionMetrics(
+        ref_top1=ref_top1,
+        dev_top1=int(p_dev.argmax()),
+        ref_top1_prob=float(p_ref[ref_top1]),
+        dev_prob_of_ref_top1=float(p_dev[ref_top1]),
+        top1_match=int(p_dev.argmax()) == ref_top1,
+        top5_inclusion=top_inclusion(p_ref, p_dev, 5),
+        topk_overlap=topk_overlap(p_ref, p_dev, k),
+        topk_abs_errors=tuple(topk_abs_errors(p_ref, p_dev, k)),
+        kl=kl_divergence(p_ref, p_dev),
+        near_tie=near_tie(p_ref, tie_margin),
+    )
+
+
+def mean(values: Sequence[float]) -> float:
+    return sum(values) / len(values) if values else float("nan")
+
+
+def rmse(values: Sequence[float]) -> float:
+    return math.sqrt(mean([v * v for v in values])) if values else float("nan")
+
+
+def summarize(rows: Sequence[PositionMetrics], labels: Sequence[str], k: int) -> dict[str, object]:
+    """The report's summary over compared positions (``labels[i]`` names row i, e.g. its prompt).
+
+    Keys: top1_match_rate, top5_inclusion_rate, top10_overlap_mean (mean count out of ``k``),
+    top1_prob_rel_err_mean / _max / _max_prompt, top10_prob_mae / _max_abs_err / _rmse (over
+    the reference's top-k tokens of every row), kl_mean, kl_max, near_ties, positions."""
+    if len(rows) != len(labels):
+        raise ValueError(f"expected one label per row, got {len(labels)} labels for {len(rows)} rows")
+    if not rows:
+        raise ValueError("cannot summarize zero positions")
+    rel = [r.top1_prob_rel_err for r in rows]
+    worst = max(range(len(rows)), key=lambda i: rel[i])
+    abs_errs = [e for r in rows for e in r.topk_abs_errors]
+    kls = [r.kl for r in rows]
+    return {
+        "positions": len(rows),
+        "top1_match_rate": mean([float(r.top1_match) for r in rows]),
+        "top5_inclusion_rate": mean([float(r.top5_inclusion) for r in rows]),
+        "top10_overlap_mean": mean([float(r.topk_overlap) for r in rows]),
+        "top1_prob_rel_err_mean": mean(rel),
+        "top1_prob_rel_err_max": rel[worst],
+        "top1_prob_rel_err_max_prompt": labels[worst],
+        "top10_prob_mae": mean(abs_errs),
+        "top10_prob_max_abs_err": max(abs_errs),
+        "top10_prob_rmse": rmse(abs_errs),
+        "kl_mean": mean(kls),
+        "kl_max": max(kls),
+        "near_ties": sum(r.near_tie for r in rows),
+    }

@@ -1,0 +1,261 @@
+"""Op cases and the NMSE check: one implementation against the float32 reference.
+
+A :class:`Case` is an op, a dtype and named sizes (shape letters of ``hal/ops.py``). Inputs are
+drawn in float32 from a seeded generator and rounded to the case dtype once, so the
+implementation under test and the reference see the same values; the reference computes on
+their float32 upcast (the judge never sees a rounded intermediate). The metric is ggml's
+``NMSE = sum((ref - out)^2) / sum(ref^2)`` after a NaN check and an inf-sign check, compared
+with the op's catalogue tolerance (``OpSpec.nmse``); integer outputs (sampled ids) are compared
+as the fraction of mismatches.
+"""
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+import torch
+
+from hal.api import torch_device
+from hal.ops import get_spec
+from hal.registry import BindContext, Impl, implementations
+
+SHORT_DTYPE = {"float32": "f32", "bfloat16": "bf16", "float16": "f16"}
+TORCH_DTYPE = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+@dataclass(frozen=True)
+class Case:
+    """op: catalogue name. dtype: ``float32`` / ``bfloat16`` / ``float16``. dims: sizes by
+    shape letter (B, T, S, H, Hk, D, E, F, K, O, V). flags: ``padded`` (left padding via
+    kv_start), ``ties`` (sample: equal top logits)."""
+
+    op: str
+    dtype: str
+    dims: tuple[tuple[str, int], ...]
+    flags: tuple[str, ...] = ()
+
+    def dim(self, letter: str) -> int:
+        return dict(self.dims)[letter]
+
+    @property
+    def label(self) -> str:
+        parts = [f"{k}={v}" for k, v in self.dims] + list(self.flags) + [f"dtype={SHORT_DTYPE[self.dtype]}"]
+        return f"{self.op}({','.join(parts)})"
+
+    @property
+    def test_id(self) -> str:
+        """pytest id, e.g. ``B1-T63-H16-Hk2-D128-padded-bf16``."""
+        return "-".join([f"{k}{v}" for k, v in self.dims] + list(self.flags) + [SHORT_DTYPE[self.dtype]])
+
+    def context(self, device: str) -> BindContext:
+        """What ``supports()`` is asked with: the case's sizes under the model's letters."""
+        d = dict(self.dims)
+        shapes = {k: d[k] for k in ("E", "F", "V", "H", "Hk", "D") if k in d}
+        if "K" in d:
+            shapes.setdefault("E", d["K"])
+        return BindContext(device=device, dtype=TORCH_DTYPE[self.dtype], shapes=shapes)
+
+
+def case(op: str, dtype: str, flags: tuple[str, ...] = (), **dims: int) -> Case:
+    return Case(op, dtype, tuple(dims.items()), flags)
+
+
+# -- inputs ------------------------------------------------------------------------------------
+
+def _randn(g: torch.Generator, *shape: int, scale: float = 1.0) -> torch.Tensor:
+    return torch.randn(*shape, generator=g) * scale
+
+
+def _rope(g: torch.Generator, batch: int, new: int, start: int, dim: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos/sin ``[B, T, D]`` float32 for positions start..start+T-1 with a LongRoPE-like mscale."""
+    inv_freq = 1.0 / (10000.0 ** (torch.arange(0, dim, 2).float() / dim))
+    inv_freq = inv_freq / (1.0 + torch.rand(dim // 2, generator=g))
+    pos = torch.arange(start, start + new).float()
+    emb = torch.outer(pos, inv_freq)
+    emb = torch.cat((emb, emb), dim=-1)
+    mscale = 1.1
+    return (emb.cos() * mscale).expand(batch, new, dim), (emb.sin() * mscale).expand(batch, new, dim)
+
+
+def _kv_start(c: Case, keys: int) -> torch.Tensor | None:
+    if "padded" not in c.flags:
+        return None
+    batch = c.dim("B")
+    # row 0 unpadded; later rows padded by growing amounts (at most keys - 1)
+    return torch.tensor([min(b * max(1, keys // 3), keys - 1) for b in range(batch)], dtype=torch.int64)
+
+
+def make_inputs(c: Case, seed: int = 0) -> dict[str, Any]:
+    """The case's keyword arguments, float tensors in float32 already rounded to ``c.dtype``."""
+    g = torch.Generator().manual_seed(seed)
+    d = dict(c.dims)
+    b, t = d.get("B", 1), d.get("T", 1)
+    if c.op == "embedding":
+        args = {"ids": torch.randint(0, d["V"], (b, t), generator=g), "weight": _randn(g, d["V"], d["E"])}
+    elif c.op == "rms_norm":
+        args = {"x": _randn(g, b, t, d["E"], scale=3.0), "weight": 1 + _randn(g, d["E"], scale=0.1), "eps": 1e-5}
+    elif c.op == "add_rms_norm":
+        args = {"x": _randn(g, b, t, d["E"]), "residual": _randn(g, b, t, d["E"], scale=2.0),
+                "weight": 1 + _randn(g, d["E"], scale=0.1), "eps": 1e-5, "scale": 0.35}
+    elif c.op == "rotary":
+        cos, sin = _rope(g, b, t, d.get("P", 5), d["D"])
+        args = {"q": _randn(g, b, t, d["H"], d["D"]), "k": _randn(g, b, t, d["Hk"], d["D"]), "cos": cos, "sin": sin}
+    elif c.op == "swiglu":
+        args = {"gate": _randn(g, b, t, d["F"], scale=2.0), "up": _randn(g, b, t, d["F"])}
+    elif c.op == "linear":
+        args = {"x": _randn(g, b, t, d["K"]), "weight": _randn(g, d["O"], d["K"], scale=d["K"] ** -0.5)}
+    elif c.op == "attention_prefill":
+        args = {"q": _randn(g, b, t, d["H"], d["D"]), "k": _randn(g, b, t, d["Hk"], d["D"]),
+                "v": _randn(g, b, t, d["Hk"], d["D"]), "kv_start": _kv_start(c, t), "scale": d["D"] ** -0.5}
+    elif c.op == "attention_decode":
+        s = d["S"]
+        args = {"q": _randn(g, b, t, d["H"], d["D"]), "k_cache": _randn(g, b, s, d["Hk"], d["D"]),
+                "v_cache": _randn(g, b, s, d["Hk"], d["D"]), "kv_start": _kv_start(c, s), "scale": d["D"] ** -0.5}
+    elif c.op == "sample":
+        logits = _randn(g, b, d["V"], scale=3.0)
+        if "ties" in c.flags:
+            top = logits.max(dim=-1, keepdim=True).values
+            logits[:, d["V"] // 2] = top.squeeze(-1)
+            logits[:, d["V"] // 4] = top.squeeze(-1)
+        args = {"logits": logits, "temperature": 0.0, "top_k": 0, "top_p": 1.0, "generator": None}
+    else:
+        raise KeyError(f"no input recipe for op {c.op!r}")
+    dtype = TORCH_DTYPE[c.dtype]
+    fixed_f32 = {"cos", "sin", "logits"}  # float32 by contract
+    return {k: v.to(dtype).float() if isinstance(v, torch.Tensor) and v.is_floating_point() and k not in fixed_f32
+            else v for k, v in args.items()}
+
+
+def _place(args: dict[str, Any], dtype: torch.dtype | None, device: torch.device) -> dict[str, Any]:
+    """Move tensors to ``device``; float tensors to ``dtype`` (None keeps float32), except the
+    float32-by-contract cos/sin/logits."""
+    out = {}
+    for k, v in args.items():
+        if isinstance(v, torch.Tensor):
+            if v.is_floating_point() and dtype is not None and k not in ("cos", "sin", "logits"):
+                v = v.to(dtype)
+            v = v.to(device)
+        out[k] = v
+    return out
+
+
+# -- the metric --------------------------------------------------------------------------------
+
+def nmse(ref: torch.Tensor, out: torch.Tensor) -> float:
+    """``sum((ref - out)^2) / sum(ref^2)`` in float64; inf when NaN appears in ``out`` (but not in
+    ``ref``) or an infinity has the wrong sign; 0 for two all-zero tensors."""
+    if ref.shape != out.shape:
+        raise ValueError(f"shape mismatch: reference {list(ref.shape)} vs output {list(out.shape)}")
+    r = ref.detach().double().cpu()
+    o = out.detach().double().cpu()
+    if bool(torch.isnan(o).ne(torch.isnan(r)).any()):
+        return math.inf
+    both_inf = torch.isinf(r) | torch.isinf(o)
+    if bool((r[both_inf] != o[both_inf]).any()):
+        return math.inf
+    finite = ~(both_inf | torch.isnan(r))
+    r, o = r[finite], o[finite]
+    den = float((r * r).sum())
+    num = float(((r - o) ** 2).sum())
+    if den == 0.0:
+        return 0.0 if num == 0.0 else math.inf
+    return num / den
+
+
+def max_abs(ref: torch.Tensor, out: torch.Tensor) -> float:
+    diff = (ref.detach().double().cpu() - out.detach().double().cpu()).abs()
+    diff = diff[~torch.isnan(diff)]
+    return float(diff.max()) if diff.numel() else 0.0
+
+
+@dataclass
+class CaseResult:
+    """status: ``ok`` | ``FAIL`` | ``not supported`` | ``error``. error: worst NMSE over the op's
+    outputs (or mismatch fraction for ids); output: which output it was."""
+
+    case: Case
+    impl: str
+    status: str
+    error: float = float("nan")
+    tolerance: float = float("nan")
+    max_abs: float = float("nan")
+    output: str = ""
+    reason: str = ""
+    seconds: float = 0.0
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def passed(self) -> bool:
+        return self.status in ("ok", "not supported")
+
+    def line(self) -> str:
+        head = f"{self.case.label} [{self.impl}]: "
+        if self.status == "ok":
+            return head + f"OK (NMSE {self.error:.2e} <= {self.tolerance:.0e})"
+        if self.status == "FAIL":
+            return head + (f"FAIL {self.output}: NMSE {self.error:.2e} > {self.tolerance:.0e} "
+                           f"(max_abs {self.max_abs:.2e})")
+        return head + f"{self.status} [{self.reason}]"
+
+    def as_dict(self) -> dict[str, Any]:
+        return {"op": self.case.op, "case": self.case.label, "impl": self.impl, "dtype": self.case.dtype,
+                "status": self.status, "nmse": self.error, "tolerance": self.tolerance, "max_abs": self.max_abs,
+                "output": self.output, "reason": self.reason}
+
+
+def reference_fn(op: str) -> Callable[..., Any]:
+    """The float32 reference implementation of ``op`` (the judge)."""
+    ref = next(i for i in implementations(op, "cpu") if i.name == "reference")
+    return ref.load()
+
+
+def _outputs(op: str, value: Any) -> dict[str, torch.Tensor]:
+    names = list(get_spec(op).outputs)
+    values = value if isinstance(value, tuple) else (value,)
+    if len(values) != len(names):
+        raise ValueError(f"{op} returned {len(values)} outputs, the catalogue declares {len(names)}: {names}")
+    return dict(zip(names, values))
+
+
+def check(c: Case, fn: Callable[..., Any], impl: str = "impl", device: str = "cpu",
+          ref_fn: Callable[..., Any] | None = None, seed: int = 0) -> CaseResult:
+    """Run ``fn`` on the case's inputs (on ``device``, in ``c.dtype``) and the reference on the
+    float32 upcast; compare every output with the op's tolerance. Never raises for a failing
+    implementation: an exception becomes status ``error`` with its first line."""
+    spec = get_spec(c.op)
+    tolerance = spec.tolerance(c.dtype)
+    args = make_inputs(c, seed)
+    started = time.perf_counter()
+    ref = _outputs(c.op, (ref_fn or reference_fn(c.op))(**_place(args, None, torch.device("cpu"))))
+    dev = torch_device(device)  # the emulated NPU keeps tensors on the CPU
+    try:
+        out = _outputs(c.op, fn(**_place(args, TORCH_DTYPE[c.dtype], dev)))
+    except Exception as exc:  # noqa: BLE001 - a broken implementation is a result, not a crash
+        first = (str(exc).strip().splitlines() or [""])[0]
+        return CaseResult(c, impl, "error", tolerance=tolerance, reason=f"{type(exc).__name__}: {first}")
+    worst, worst_name, worst_abs = -1.0, "", 0.0
+    for name, r in ref.items():
+        o = out[name]
+        if tuple(o.shape) != tuple(r.shape):
+            return CaseResult(c, impl, "FAIL", math.inf, tolerance, math.inf, name,
+                              f"shape {list(o.shape)}, expected {list(r.shape)}")
+        if not r.is_floating_point():
+            err = float((o.cpu() != r).double().mean()) if r.numel() else 0.0
+        else:
+            err = nmse(r, o)
+        if err > worst:
+            worst, worst_name, worst_abs = err, name, max_abs(r.double(), o.double())
+    status = "ok" if worst <= tolerance else "FAIL"
+    return CaseResult(c, impl, status, worst, tolerance, worst_abs, worst_name,
+                      seconds=time.perf_counter() - started)
+
+
+def check_impl(c: Case, impl: Impl, device: str | None = None, seed: int = 0) -> CaseResult:
+    """:func:`check` for a registered implementation, asking its ``supports()`` first."""
+    device = device or impl.backend
+    reason = impl.supports(c.context(device))
+    if reason is not None:
+        return CaseResult(c, impl.qualname, "not supported", reason=reason)
+    return check(c, impl.load(), impl.qualname, device, seed=seed)

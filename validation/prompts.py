@@ -1,0 +1,51 @@
+"""The prompts ``validation.compare`` runs: the seven of seed 004 by default, or a file."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from hal.errors import InputError
+
+DEFAULT_PROMPTS: tuple[str, ...] = (
+    "The capital of France is",
+    "Einstein is known for",
+    "Quantum computing is",
+    "The meaning of life is",
+    "Machine learning is a",
+    "Python is a programming",
+    "Natural language processing",
+)
+"""Seed 004's seven completion prompts, in its order."""
+
+
+def load_prompts(path: str | Path | None) -> list[str]:
+    """Prompts from ``path``: a ``.json`` file holding a list of strings, or a text file with one
+    prompt per line (blank lines and lines starting with ``#`` are skipped). None: the defaults.
+
+    Raises :class:`InputError` (one line, naming the file) when it is missing, unreadable, not
+    UTF-8, malformed or holds no prompt."""
+    if path is None:
+        return list(DEFAULT_PROMPTS)
+    file = Path(path)
+    if not file.is_file():
+        raise InputError(f"prompts file {file}: not found")
+    try:
+        text = file.read_text(encoding="utf-8")
+    except UnicodeDecodeError:
+        raise InputError(f"prompts file {file}: not UTF-8 text") from None
+    except OSError as exc:
+        raise InputError(f"prompts file {file}: cannot read: {exc.strerror or exc}") from None
+    if file.suffix.lower() == ".json":
+        try:
+            data = json.loads(text)
+        except json.JSONDecodeError as exc:
+            raise InputError(f"prompts file {file}: malformed JSON at line {exc.lineno}: {exc.msg}") from None
+        if not isinstance(data, list) or not all(isinstance(p, str) for p in data):
+            raise InputError(f"prompts file {file}: expected a JSON list of strings")
+        prompts = [p for p in data if p.strip()]
+    else:
+        prompts = [line.rstrip("\r") for line in text.split("\n")]
+        prompts = [p for p in prompts if p.strip() and not p.lstrip().startswith("#")]
+    if not prompts:
+        raise InputError(f"prompts file {file}: holds no prompt")
+    return prompts
