@@ -32,7 +32,8 @@ PRESETS = ("tiny", "0.5b", "8b", "4.1-8b")
 
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m validation.npu_smoke", description=__doc__.split("\n\n")[0])
-    p.add_argument("--out", type=Path, default=None, help="report folder (default: reports/npu-smoke-<time>/)")
+    p.add_argument("--out", type=Path, default=None,
+                   help="report folder (default: reports/npu-smoke-<time>/)")
     p.add_argument("--model", type=Path, default=None, help="also check this real checkpoint folder")
     p.add_argument("--presets", nargs="+", choices=PRESETS, default=["tiny", "0.5b"],
                    help="synthetic checkpoints to compare on (default: tiny 0.5b; 8b needs ~50 GB RAM)")
@@ -120,15 +121,16 @@ def _summary(out: Path, env_info: dict[str, object], steps: list[dict[str, objec
     lines += [f"- {k}: {v}" for k, v in env_info.items() if k != "npu_smi"]
     if "npu_smi" in env_info:
         lines += ["", "```", str(env_info["npu_smi"]), "```"]
-    lines += ["", "## Steps", "", "step | exit | seconds | result | log", "-----|------|---------|--------|----"]
+    lines += ["", "## Steps", "", "step | exit | seconds | result | log",
+              "-----|------|---------|--------|----"]
     for s in steps:
         result = s.get("result") or ("pass" if s["exit"] == 0 else "FAIL")
         lines.append(f"{s['step']} | {s['exit']} | {s['seconds']} | {result} | {s.get('log', '')}")
     lines += ["", "Attach this folder (summary.md, summary.json, *.log, compare-*/) to the bug report."]
     text = "\n".join(lines) + "\n"
     (out / "summary.md").write_text(text, encoding="utf-8")
-    (out / "summary.json").write_text(json.dumps({"emulated": emulated, "environment": env_info, "steps": steps},
-                                                 indent=2, default=str), encoding="utf-8")
+    data = {"emulated": emulated, "environment": env_info, "steps": steps}
+    (out / "summary.json").write_text(json.dumps(data, indent=2, default=str), encoding="utf-8")
     return text
 
 
@@ -152,24 +154,27 @@ def main(argv: list[str] | None = None) -> int:
     steps: list[dict[str, object]] = []
     env_info = environment()
     if "conformance" not in args.skip:
-        steps.append(_step("conformance", ["validation.conformance", "--device", "npu", *emulate], out, child_env))
+        command = ["validation.conformance", "--device", "npu", *emulate]
+        steps.append(_step("conformance", command, out, child_env))
     if "compare" not in args.skip:
         targets = [(f"synthetic-{p}", default_checkpoint(p)) for p in args.presets]
         targets += [("model", args.model)] if args.model else []
         for name, path in targets:
-            steps.append(_step(f"compare-{name}", ["validation.compare", "--device", "npu", "--dtype", args.dtype,
-                                                   "--model", str(path), "--report-dir", str(out / f"compare-{name}"),
-                                                   *emulate], out, child_env))
+            command = ["validation.compare", "--device", "npu", "--dtype", args.dtype, "--model", str(path),
+                       "--report-dir", str(out / f"compare-{name}"), *emulate]
+            steps.append(_step(f"compare-{name}", command, out, child_env))
     if "speed" not in args.skip:
         path = args.model or default_checkpoint("0.5b" if "0.5b" in args.presets else args.presets[0])
         start = time.perf_counter()
+        record: dict[str, object] = {"step": f"speed ({path.name})"}
         try:
             result = speed(path, args.dtype, args.new_tokens)
-            steps.append({"step": f"speed ({path.name})", "exit": 0, "seconds": round(time.perf_counter() - start, 1),
-                          "result": ", ".join(f"{k}={v}" for k, v in result.items())})
+            record.update(exit=0, result=", ".join(f"{k}={v}" for k, v in result.items()))
         except (HalError, RuntimeError) as exc:
-            steps.append({"step": f"speed ({path.name})", "exit": 1, "seconds": round(time.perf_counter() - start, 1),
-                          "result": f"error: {str(exc).splitlines()[0] if str(exc) else type(exc).__name__}"})
+            text = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+            record.update(exit=1, result=f"error: {text}")
+        record["seconds"] = round(time.perf_counter() - start, 1)
+        steps.append(record)
     print(_summary(out, env_info, steps, args.emulate))
     _log(f"report folder: {out}")
     return EXIT_PASS if all(s["exit"] == 0 for s in steps) else EXIT_FAIL

@@ -58,9 +58,9 @@ def attention_prefill_npu(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kv_
     starts = _starts(kv_start, batch)
     rows = [b for b in range(batch) if starts[b] < new]
     lengths = [new - starts[b] for b in rows]
-    index = torch.cat([torch.arange(b * new + starts[b], (b + 1) * new) for b in rows]).to(q.device) if rows else None
-    if index is None:
+    if not rows:
         return torch.zeros_like(q)
+    index = torch.cat([torch.arange(b * new + starts[b], (b + 1) * new) for b in rows]).to(q.device)
     flat = (q.reshape(batch * new, heads, dim), k.reshape(batch * new, kv_heads, dim),
             v.reshape(batch * new, kv_heads, dim))
     q_t, k_t, v_t = (t[index].contiguous() for t in flat)
@@ -89,16 +89,19 @@ def attention_decode_npu(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.
     blocks = len(rows) * per_row
     paged_k = k_cache.new_zeros(blocks, BLOCK_SIZE, kv_heads, dim)
     paged_v = v_cache.new_zeros(blocks, BLOCK_SIZE, kv_heads, dim)
-    slots = torch.cat([r * per_row * BLOCK_SIZE + torch.arange(n) for r, n in enumerate(kv_lens)]).to(q.device)
+    slots = torch.cat([r * per_row * BLOCK_SIZE + torch.arange(n) for r, n in enumerate(kv_lens)])
+    slots = slots.to(q.device)
     tnpu.npu_scatter_pa_kv_cache(
         torch.cat([k_cache[b, starts[b]:] for b in rows]).contiguous(),
         torch.cat([v_cache[b, starts[b]:] for b in rows]).contiguous(),
         paged_k, paged_v, slots, cache_mode="Norm")
     block_table = torch.arange(blocks, dtype=torch.int32, device=q.device).view(len(rows), per_row)
-    index = torch.cat([torch.arange((b + 1) * new - n, (b + 1) * new) for b, n in zip(rows, q_lens)]).to(q.device)
+    index = torch.cat([torch.arange((b + 1) * new - n, (b + 1) * new) for b, n in zip(rows, q_lens)])
+    index = index.to(q.device)
     q_t = q.reshape(batch * new, heads, dim)[index].contiguous()
     out, _ = tnpu.npu_fused_infer_attention_score(
-        q_t, paged_k.view(blocks, BLOCK_SIZE, kv_heads * dim), paged_v.view(blocks, BLOCK_SIZE, kv_heads * dim),
+        q_t, paged_k.view(blocks, BLOCK_SIZE, kv_heads * dim),
+        paged_v.view(blocks, BLOCK_SIZE, kv_heads * dim),
         atten_mask=causal_mask(q.device), block_table=block_table, block_size=BLOCK_SIZE,
         actual_seq_lengths=_cumulative(q_lens), actual_seq_lengths_kv=kv_lens,
         num_heads=heads, num_key_value_heads=kv_heads, scale=scale, input_layout="TND", sparse_mode=3)

@@ -71,7 +71,8 @@ def test_fia_tnd_lengths_are_cumulative_and_paged_kv_lengths_per_request():
     assert torch.equal(cache[2, :3], kv[:3]) and torch.equal(cache[0, :4], kv[3:])
     table = torch.tensor([[2, 3], [0, 1]], dtype=torch.int32)
     paged, _ = E.npu_fused_infer_attention_score(
-        q[[2, 6]].contiguous(), cache.view(4, 128, 128), cache.view(4, 128, 128), block_table=table, block_size=128,
+        q[[2, 6]].contiguous(), cache.view(4, 128, 128), cache.view(4, 128, 128), block_table=table,
+        block_size=128,
         actual_seq_lengths=[1, 2], actual_seq_lengths_kv=[3, 4], atten_mask=MASK, sparse_mode=3,
         num_heads=2, input_layout="TND", scale=0.125)
     assert torch.allclose(paged.float(), out[[2, 6]].float(), atol=1e-2)
@@ -80,8 +81,10 @@ def test_fia_tnd_lengths_are_cumulative_and_paged_kv_lengths_per_request():
 def test_fia_rejects_what_the_real_op_rejects():
     q, k = rnd(1, 4, 2, 64), rnd(1, 4, 2, 64)
     cases = {
-        "query dtype": dict(query=q.float(), key=k.float(), value=k.float(), num_heads=2, input_layout="BSND"),
-        r"needs atten_mask of shape \(2048, 2048\)": dict(query=q, key=k, value=k, num_heads=2, input_layout="BSND", sparse_mode=3,
+        "query dtype": dict(query=q.float(), key=k.float(), value=k.float(), num_heads=2,
+                            input_layout="BSND"),
+        r"needs atten_mask of shape \(2048, 2048\)": dict(query=q, key=k, value=k, num_heads=2,
+                                                          input_layout="BSND", sparse_mode=3,
                                     atten_mask=torch.ones(4, 4, dtype=torch.bool).triu(1)),
         "num_heads says 4": dict(query=q, key=k, value=k, num_heads=4, input_layout="BSND"),
         "must be contiguous": dict(query=q.transpose(1, 2), key=k, value=k, num_heads=4, input_layout="BSND"),
@@ -89,7 +92,8 @@ def test_fia_rejects_what_the_real_op_rejects():
                                    input_layout="TND", actual_seq_lengths=[4], actual_seq_lengths_kv=[4]),
         "non-decreasing": dict(query=rnd(4, 2, 64), key=rnd(4, 2, 64), value=rnd(4, 2, 64), num_heads=2,
                                input_layout="TND", actual_seq_lengths=[3, 1], actual_seq_lengths_kv=[3, 4]),
-        "block_table dtype": dict(query=rnd(2, 2, 64), key=rnd(2, 128, 128), value=rnd(2, 128, 128), num_heads=2,
+        "block_table dtype": dict(query=rnd(2, 2, 64), key=rnd(2, 128, 128), value=rnd(2, 128, 128),
+                                  num_heads=2,
                                   input_layout="TND", actual_seq_lengths=[1, 2], actual_seq_lengths_kv=[5, 5],
                                   block_table=torch.zeros(2, 1, dtype=torch.int64), block_size=128),
         "multiple of 128": dict(query=rnd(4, 2, 64), key=rnd(2, 64, 128), value=rnd(2, 64, 128), num_heads=2,
@@ -125,7 +129,8 @@ def test_norms_rope_swiglu_match_formulas_and_reject_bad_calls():
         E.npu_rms_norm(x, w.bfloat16())
     y2, _, total = E.npu_add_rms_norm(x, 2 * x, w)
     assert torch.allclose(total, 3 * x) and torch.allclose(y2, E.npu_rms_norm(3 * x, w)[0], atol=1e-5)
-    qr, cos, sin = rnd(1, 2, 3, 8, dtype=torch.float32), rnd(1, 2, 1, 8, dtype=torch.float32), rnd(1, 2, 1, 8, dtype=torch.float32)
+    qr = rnd(1, 2, 3, 8, dtype=torch.float32)
+    cos, sin = rnd(1, 2, 1, 8, dtype=torch.float32), rnd(1, 2, 1, 8, dtype=torch.float32)
     half = torch.cat((-qr[..., 4:], qr[..., :4]), -1)
     assert torch.allclose(E.npu_rotary_mul(qr, cos, sin), qr * cos + half * sin)
     with pytest.raises(EmulatedOpError, match="r1 dtype"):

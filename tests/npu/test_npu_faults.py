@@ -81,13 +81,17 @@ def test_wrong_mask_is_caught(emulated, monkeypatch, op, bug):
     assert _caught(op, *_pair(op))
 
 
+def _per_sequence(ends: list[int]) -> list[int]:
+    return [b - a for a, b in zip([0] + ends[:-1], ends)]
+
+
 KWARG_BUGS = {
     "scale-forgotten (op default 1.0)": lambda kw: {k: v for k, v in kw.items() if k != "scale"},
     "scale-squared": lambda kw: dict(kw, scale=kw["scale"] ** 2),
     "top-left causal (sparse_mode=2)": lambda kw: dict(kw, sparse_mode=2),
     "no causal (sparse_mode=0, no mask)": lambda kw: dict(kw, sparse_mode=0, atten_mask=None),
-    "q lengths per sequence, not cumulative": lambda kw: dict(
-        kw, actual_seq_lengths=[b - a for a, b in zip([0] + kw["actual_seq_lengths"][:-1], kw["actual_seq_lengths"])]),
+    "q lengths per sequence, not cumulative": lambda kw: dict(kw, actual_seq_lengths=_per_sequence(
+        kw["actual_seq_lengths"])),
     "kv heads = q heads": lambda kw: dict(kw, num_key_value_heads=kw["num_heads"]),
 }
 

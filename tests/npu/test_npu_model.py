@@ -59,7 +59,8 @@ def test_decode_path_with_left_padding_matches_reference(emulated, d64_checkpoin
     assert npu.device == torch.device("cpu") and npu.bound_ops["attention_decode"] == "npu.torch_npu"
     ids, starts = PROMPTS.clone(), torch.tensor([0, 5])
     cfg = npu.config
-    cache = KVCache(cfg.num_hidden_layers, 2, 24, cfg.num_key_value_heads, cfg.head_dim, npu.dtype, npu.device)
+    cache = KVCache(cfg.num_hidden_layers, 2, 24, cfg.num_key_value_heads, cfg.head_dim, npu.dtype,
+                    npu.device)
     got = [npu.forward(ids[:, :12], cache=cache, kv_start=starts).logits[:, -1]]
     for t in range(12, 16):
         got.append(npu.forward(ids[:, t:t + 1], cache=cache, kv_start=starts).logits[:, -1])

@@ -38,7 +38,8 @@ def _cases(op: str, dt: torch.dtype) -> list[tuple[str, tuple]]:
     if op == "embedding":
         return [("B2-T7", (torch.randint(0, 50, (2, 7), generator=g), rnd(50, e)))]
     if op == "rms_norm":
-        return [("B2-T7-E60", (rnd(2, 7, e, scale=3.0), (1 + 0.1 * torch.randn(e, generator=g)).to(dt), 1e-5))]
+        weight = (1 + 0.1 * torch.randn(e, generator=g)).to(dt)
+        return [("B2-T7-E60", (rnd(2, 7, e, scale=3.0), weight, 1e-5))]
     if op == "add_rms_norm":
         w = (1 + 0.1 * torch.randn(e, generator=g)).to(dt)
         return [("B2-T7-E60-s0.35", (rnd(2, 7, e), rnd(2, 7, e, scale=4.0), w, 1e-5, 0.35)),

@@ -51,7 +51,8 @@ def _fake_torch_npu(monkeypatch, npu_namespace) -> None:
 def test_no_visible_device_and_driver_error(no_npu_env, monkeypatch):
     monkeypatch.setenv("ASCEND_RT_VISIBLE_DEVICES", "")
     _fake_torch_npu(monkeypatch, types.SimpleNamespace(device_count=lambda: 0))
-    assert probe_npu().reason == "0 NPUs visible (ASCEND_RT_VISIBLE_DEVICES=''): check the driver with npu-smi info"
+    want = "0 NPUs visible (ASCEND_RT_VISIBLE_DEVICES=''): check the driver with npu-smi info"
+    assert probe_npu().reason == want
 
     def broken() -> int:
         raise RuntimeError("drvGetDevNum failed, error code 87\n  (more lines)")
@@ -76,7 +77,8 @@ def broken_torch_npu(tmp_path_factory) -> Path:
 
 
 def _run(code: str, site: Path) -> subprocess.CompletedProcess:
-    env = {k: v for k, v in os.environ.items() if k not in ("HAL_NPU_EMULATE", "TORCH_DEVICE_BACKEND_AUTOLOAD")}
+    drop = ("HAL_NPU_EMULATE", "TORCH_DEVICE_BACKEND_AUTOLOAD")
+    env = {k: v for k, v in os.environ.items() if k not in drop}
     env["PYTHONPATH"] = os.pathsep.join([str(site), str(REPO)])
     return subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
 

@@ -10,8 +10,8 @@ from validation import npu_smoke
 def test_runbook_without_npu_exits_2_with_the_reason(no_npu_env, capsys):
     assert npu_smoke.main(["--skip", "conformance", "compare", "speed"]) == 2
     err = capsys.readouterr().err.strip()
-    assert err == "error: device 'npu' is not available: torch_npu not installed (pip install 'minicpm-hal[npu]' " \
-                  "on an Ascend host)"
+    assert err == ("error: device 'npu' is not available: torch_npu not installed "
+                   "(pip install 'minicpm-hal[npu]' on an Ascend host)")
 
 
 def test_runbook_on_the_emulator(emulated, tmp_path, capsys):

@@ -37,7 +37,8 @@ def _to_heads(t: torch.Tensor, layout: str, heads: int, name: str) -> torch.Tens
         return t[None]
     require(t.dim() == (3 if layout == "BSH" else 4), OP, f"{name} rank does not match input_layout {layout}")
     if layout == "BSH":
-        require(t.shape[-1] % heads == 0, OP, f"{name} hidden {t.shape[-1]} is not divisible by {heads} heads")
+        require(t.shape[-1] % heads == 0, OP,
+                f"{name} hidden {t.shape[-1]} is not divisible by {heads} heads")
         return t.unflatten(-1, (heads, t.shape[-1] // heads))
     return t.transpose(1, 2) if layout == "BNSD" else t
 
@@ -54,7 +55,8 @@ def _cumulative(values, total: int, name: str) -> list[tuple[int, int]]:
     require(values is not None, OP, f"input_layout TND needs {name} (cumulative end offsets)")
     ends = [int(v) for v in values]
     require(len(ends) >= 1, OP, f"{name} must not be empty")
-    require(all(b >= a for a, b in zip([0] + ends, ends)), OP, f"{name} must be non-decreasing cumulative ends, got {ends}")
+    require(all(b >= a for a, b in zip([0] + ends, ends)), OP,
+            f"{name} must be non-decreasing cumulative ends, got {ends}")
     require(ends[-1] <= total, OP, f"{name} last value {ends[-1]} exceeds the {total} tokens passed")
     return list(zip([0] + ends[:-1], ends))
 
@@ -64,15 +66,18 @@ def _paged_kv(cache: torch.Tensor, block_table: torch.Tensor, block_size: int, k
     """Gather sequence ``row``'s first ``length`` tokens from paged ``cache`` -> `[length, Hk, D]`."""
     if cache.dim() == 3:  # BnBsH
         require(cache.shape[1] == block_size and cache.shape[2] == kv_heads * dim, OP,
-                f"paged {name} must be (num_blocks, {block_size}, {kv_heads * dim}), got {tuple(cache.shape)}")
+                f"paged {name} must be (num_blocks, {block_size}, {kv_heads * dim}), "
+                f"got {tuple(cache.shape)}")
         blocks = cache.unflatten(-1, (kv_heads, dim))
     else:  # BnNBsD
         require(tuple(cache.shape[1:]) == (kv_heads, block_size, dim), OP,
-                f"paged {name} must be (num_blocks, {kv_heads}, {block_size}, {dim}), got {tuple(cache.shape)}")
+                f"paged {name} must be (num_blocks, {kv_heads}, {block_size}, {dim}), "
+                f"got {tuple(cache.shape)}")
         blocks = cache.transpose(1, 2)
     needed = math.ceil(length / block_size)
     require(needed <= block_table.shape[1], OP,
-            f"sequence {row} needs {needed} blocks for {length} kv tokens, block_table has {block_table.shape[1]}")
+            f"sequence {row} needs {needed} blocks for {length} kv tokens, "
+            f"block_table has {block_table.shape[1]}")
     ids = block_table[row, :needed].long()
     require(bool(((ids >= 0) & (ids < cache.shape[0])).all()), OP,
             f"block_table row {row} holds block ids outside [0, {cache.shape[0]})")
@@ -118,10 +123,12 @@ def npu_fused_infer_attention_score(
             raise not_emulated(OP, name)
     if antiquant_mode or key_antiquant_mode or value_antiquant_mode:
         raise not_emulated(OP, "KV anti-quantisation")
-    require(input_layout in _LAYOUTS, OP, f"input_layout must be one of {_LAYOUTS} here, got {input_layout!r}")
+    require(input_layout in _LAYOUTS, OP,
+            f"input_layout must be one of {_LAYOUTS} here, got {input_layout!r}")
     require_dtype(OP, "query", query, (torch.float16, torch.bfloat16))
     for name, t in (("key", key), ("value", value)):
-        require(t.dtype == query.dtype, OP, f"{name} dtype must equal query dtype {query.dtype}, got {t.dtype}")
+        require(t.dtype == query.dtype, OP,
+                f"{name} dtype must equal query dtype {query.dtype}, got {t.dtype}")
     for name, t in (("query", query), ("key", key), ("value", value)):
         require_contiguous(OP, name, t)
     require(sparse_mode in (0, 1, 2, 3, 4), OP, f"sparse_mode must be 0-4 for FIA, got {sparse_mode}")
@@ -134,7 +141,8 @@ def npu_fused_infer_attention_score(
     dim = q.shape[-1]
     require(dim <= 512 and dim % 16 == 0, OP, f"head dim must be a multiple of 16 and <= 512, got {dim}")
     if input_layout == "TND":
-        require(dim in (64, 128), OP, f"TND needs head dim 64 or 128 (docs: 128; vLLM-Ascend runs 64), got {dim}")
+        require(dim in (64, 128), OP,
+                f"TND needs head dim 64 or 128 (docs: 128; vLLM-Ascend runs 64), got {dim}")
     compressed = check_compressed(OP, atten_mask, sparse_mode) if sparse_mode in (2, 3, 4) else None
     if sparse_mode == 1:
         require(atten_mask is not None, OP, "sparse_mode=1 needs a full atten_mask")
@@ -152,24 +160,28 @@ def npu_fused_infer_attention_score(
     else:
         batch, seq = q.shape[0], q.shape[1]
         q_lens = _lengths(actual_seq_lengths, batch, "actual_seq_lengths") or [seq] * batch
-        require(all(0 <= n <= seq for n in q_lens), OP, f"actual_seq_lengths must be in [0, {seq}], got {q_lens}")
+        require(all(0 <= n <= seq for n in q_lens), OP,
+                f"actual_seq_lengths must be in [0, {seq}], got {q_lens}")
         q_rows = [(b, 0, q_lens[b]) for b in range(batch)]
 
     if paged:
         require_dtype(OP, "block_table", block_table, (torch.int32,))
         require(block_table.dim() == 2 and block_table.shape[0] == batch, OP,
                 f"block_table must be (batch={batch}, max_blocks), got {tuple(block_table.shape)}")
-        require(key.dim() in (3, 4) and key.shape == value.shape, OP, "paged key/value must be 3-D or 4-D, one shape")
+        require(key.dim() in (3, 4) and key.shape == value.shape, OP,
+                "paged key/value must be 3-D or 4-D, one shape")
         any_prefill = any(b - a > 1 for _, a, b in q_rows)
         if any_prefill:
             require(block_size % 128 == 0 and 128 <= block_size <= 512, OP,
-                    f"paged attention with query length > 1 needs block_size a multiple of 128 in [128, 512], "
-                    f"got {block_size}")
+                    "paged attention with query length > 1 needs block_size a multiple of 128 in "
+                    f"[128, 512], got {block_size}")
         else:
             require(0 < block_size <= 512, OP, f"paged decode needs 0 < block_size <= 512, got {block_size}")
-        require(actual_seq_lengths_kv is not None, OP, "paged attention needs actual_seq_lengths_kv (per request)")
+        require(actual_seq_lengths_kv is not None, OP,
+                "paged attention needs actual_seq_lengths_kv (per request)")
         kv_lens = [int(n) for n in actual_seq_lengths_kv]
-        require(len(kv_lens) == batch, OP, f"actual_seq_lengths_kv must hold {batch} per-request lengths, got {kv_lens}")
+        require(len(kv_lens) == batch, OP,
+                f"actual_seq_lengths_kv must hold {batch} per-request lengths, got {kv_lens}")
         kv_of = [(_paged_kv(key, block_table, block_size, kv_heads, dim, b, kv_lens[b], "key"),
                   _paged_kv(value, block_table, block_size, kv_heads, dim, b, kv_lens[b], "value"))
                  for b in range(batch)]
@@ -177,10 +189,12 @@ def npu_fused_infer_attention_score(
         k = _to_heads(key, input_layout, kv_heads, "key")
         v = _to_heads(value, input_layout, kv_heads, "value")
         require(k.shape == v.shape and k.shape[2] == kv_heads and k.shape[3] == dim, OP,
-                f"key/value must have {kv_heads} heads of dim {dim}, got {tuple(key.shape)} / {tuple(value.shape)}")
+                f"key/value must have {kv_heads} heads of dim {dim}, "
+                f"got {tuple(key.shape)} / {tuple(value.shape)}")
         if input_layout == "TND":
             spans = _cumulative(actual_seq_lengths_kv, k.shape[1], "actual_seq_lengths_kv")
-            require(len(spans) == batch, OP, f"actual_seq_lengths_kv must hold {batch} values, got {len(spans)}")
+            require(len(spans) == batch, OP,
+                    f"actual_seq_lengths_kv must hold {batch} values, got {len(spans)}")
             kv_of = [(k[0, a:b], v[0, a:b]) for a, b in spans]
         else:
             require(k.shape[0] == batch, OP, f"key batch {k.shape[0]} != query batch {batch}")
@@ -192,7 +206,8 @@ def npu_fused_infer_attention_score(
         full4 = atten_mask.bool()  # (Sq, Skv) shared, (B|1, Sq, Skv) or (B|1, 1, Sq, Skv)
         require(full4.dim() in (2, 3, 4), OP, f"full atten_mask must be 2-D to 4-D, got {full4.dim()}-D")
         full4 = full4.reshape((-1, 1) + tuple(full4.shape[-2:]))
-        require(full4.shape[0] in (1, batch), OP, f"atten_mask batch must be 1 or {batch}, got {full4.shape[0]}")
+        require(full4.shape[0] in (1, batch), OP,
+                f"atten_mask batch must be 1 or {batch}, got {full4.shape[0]}")
     out = torch.zeros(q.shape, dtype=torch.float32, device=q.device)
     lse = torch.full(q.shape[:-1], float("-inf"), dtype=torch.float32, device=q.device)
     for index, (b, start, end) in enumerate(q_rows):

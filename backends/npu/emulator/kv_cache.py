@@ -32,7 +32,8 @@ def npu_scatter_pa_kv_cache(key: torch.Tensor, value: torch.Tensor, key_cache: t
             f"caches must be (num_blocks, block_size, Hk, D) of one shape, got {tuple(key_cache.shape)}")
     require(tuple(key_cache.shape[2:]) == tuple(key.shape[1:]), OP,
             f"cache (Hk, D) {tuple(key_cache.shape[2:])} != key (Hk, D) {tuple(key.shape[1:])}")
-    require(key.dtype == value.dtype == key_cache.dtype == value_cache.dtype, OP, "key, value and caches must share one dtype")
+    require(key.dtype == value.dtype == key_cache.dtype == value_cache.dtype, OP,
+            "key, value and caches must share one dtype")
     require(slot_mapping.shape == (key.shape[0],), OP,
             f"slot_mapping must be ({key.shape[0]},), got {tuple(slot_mapping.shape)}")
     slots = slot_mapping.long()

@@ -21,7 +21,8 @@ MASK_DTYPES = (torch.bool, torch.int8, torch.uint8)
 
 
 def check_compressed(op: str, mask: torch.Tensor | None, sparse_mode: int) -> torch.Tensor:
-    require(mask is not None, op, f"sparse_mode={sparse_mode} needs the 2048x2048 compressed atten_mask, got None")
+    require(mask is not None, op,
+            f"sparse_mode={sparse_mode} needs the 2048x2048 compressed atten_mask, got None")
     require_dtype(op, "atten_mask", mask, MASK_DTYPES)
     require(tuple(mask.shape) == (COMPRESSED, COMPRESSED), op,
             f"sparse_mode={sparse_mode} needs atten_mask of shape (2048, 2048), got {tuple(mask.shape)}")

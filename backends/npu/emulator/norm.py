@@ -25,7 +25,8 @@ def npu_rms_norm(input: torch.Tensor, gamma: torch.Tensor, epsilon: float = 1e-6
     op = "npu_rms_norm"
     require(2 <= input.dim() <= 8, op, f"input must have 2 to 8 dims, got {input.dim()}")
     require(tuple(gamma.shape) == tuple(input.shape[input.dim() - gamma.dim():]), op,
-            f"gamma shape must equal the trailing dims of input {tuple(input.shape)}, got {tuple(gamma.shape)}")
+            f"gamma shape must equal the trailing dims of input {tuple(input.shape)}, "
+            f"got {tuple(gamma.shape)}")
     pair = (input.dtype, gamma.dtype)
     require(pair in _RMS_NORM_PAIRS, op, f"(input, gamma) dtypes must be one of A2/A3 pairs, got {pair}")
     y, rstd = _normalise(input.float(), gamma, epsilon)
@@ -40,7 +41,8 @@ def npu_add_rms_norm(x1: torch.Tensor, x2: torch.Tensor, gamma: torch.Tensor, ep
     The sum is kept in float32 for the norm and rounded once for ``x_sum``."""
     op = "npu_add_rms_norm"
     require_dtype(op, "x1", x1, (_F32, _F16, _BF16))
-    require(x1.shape == x2.shape, op, f"x1 and x2 must have one shape, got {tuple(x1.shape)} and {tuple(x2.shape)}")
+    require(x1.shape == x2.shape, op,
+            f"x1 and x2 must have one shape, got {tuple(x1.shape)} and {tuple(x2.shape)}")
     require(x1.dtype == x2.dtype == gamma.dtype, op,
             f"x1, x2 and gamma must share one dtype, got {x1.dtype}, {x2.dtype}, {gamma.dtype}")
     require(1 <= x1.dim() <= 8, op, f"x1 must have 1 to 8 dims, got {x1.dim()}")

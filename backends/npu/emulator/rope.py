@@ -17,16 +17,20 @@ def npu_rotary_mul(input: torch.Tensor, r1: torch.Tensor, r2: torch.Tensor, rota
     op = "npu_rotary_mul"
     if rotate is not None:
         raise not_emulated(op, "the rotate matrix")
-    require(rotary_mode in ("half", "interleave"), op, f"rotary_mode must be 'half' or 'interleave', got {rotary_mode!r}")
+    require(rotary_mode in ("half", "interleave"), op,
+            f"rotary_mode must be 'half' or 'interleave', got {rotary_mode!r}")
     require(input.dim() in (3, 4), op, f"input must be 3-D or 4-D, got {input.dim()}-D")
     require_dtype(op, "input", input, (torch.float32, torch.float16, torch.bfloat16))
     dim = input.shape[-1]
     require(dim % 2 == 0 and dim < 896, op, f"head dim must be even and < 896, got {dim}")
     for name, r in (("r1", r1), ("r2", r2)):
-        require(r.dtype == input.dtype, op, f"{name} dtype must equal input dtype {input.dtype}, got {r.dtype}")
+        require(r.dtype == input.dtype, op,
+                f"{name} dtype must equal input dtype {input.dtype}, got {r.dtype}")
         require(r.dim() == input.dim(), op, f"{name} must have input's rank {input.dim()}, got {r.dim()}")
         ok = r.shape[-1] == dim and all(a in (1, b) for a, b in zip(r.shape, input.shape))
-        require(ok, op, f"{name} shape must broadcast to {tuple(input.shape)} with last dim {dim}, got {tuple(r.shape)}")
+        require(ok, op,
+                f"{name} shape must broadcast to {tuple(input.shape)} with last dim {dim}, "
+                f"got {tuple(r.shape)}")
     x = input.float()
     if rotary_mode == "half":
         x1, x2 = x.chunk(2, dim=-1)
