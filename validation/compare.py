@@ -45,6 +45,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="the judge: our float32 CPU reference (default) or transformers with remote code")
     p.add_argument("--trust-remote-code", action="store_true",
                    help="allow --reference hf to run the checkpoint's own Python code")
+    p.add_argument("--threads", type=int, default=None, metavar="N",
+                   help="CPU threads for torch (default: 1 for models with hidden_size <= 512, whose tiny "
+                        "matmuls lose more to thread synchronisation than they gain; else torch's default)")
     p.add_argument("--emulate", action="store_true",
                    help="use the torch_npu emulator for --device npu (reports say EMULATED)")
     return p
@@ -77,6 +80,24 @@ def write_report(report: dict[str, Any], folder: Path) -> list[str]:
     return ["report.md", "report.json", "top10.png", "drift.png"]
 
 
+SMALL_HIDDEN = 512
+
+
+def _set_threads(requested: int | None, model: Path) -> None:
+    """Apply ``--threads``; by default one thread for small models (see the option's help)."""
+    import torch
+
+    if requested is not None:
+        if requested < 1:
+            raise InputError(f"--threads must be >= 1, got {requested}")
+        torch.set_num_threads(requested)
+        return
+    from model.config import load_config
+
+    if load_config(model).hidden_size <= SMALL_HIDDEN:
+        torch.set_num_threads(1)
+
+
 def _run(args: argparse.Namespace) -> int:
     hal_devices = importlib.import_module("hal.devices")  # hal.devices is also a function
     from hal.api import dtype_name, parse_dtype
@@ -97,6 +118,7 @@ def _run(args: argparse.Namespace) -> int:
         model = args.model
         if not model.is_dir():
             raise InputError(f"--model {model}: checkpoint folder not found")
+    _set_threads(args.threads, model)
     settings = harness.Settings(model=model, device=kind, dtype=dtype, prompts=prompt_list,
                                 prompts_file=args.prompts, top_k=args.top_k, positions=args.positions,
                                 thresholds=thresholds, allow_fallback=args.allow_fallback,
@@ -123,12 +145,17 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     if args.emulate:
         os.environ["HAL_NPU_EMULATE"] = "1"  # before any device probing
+    import torch
+
+    threads = torch.get_num_threads()
     try:
         return _run(args)
     except (HalError, OSError) as exc:
         text = str(exc).strip().splitlines()
         print(f"error: {text[0] if text else type(exc).__name__}", file=sys.stderr)
         return EXIT_USAGE
+    finally:
+        torch.set_num_threads(threads)  # in-process callers (tests) keep their setting
 
 
 if __name__ == "__main__":

@@ -75,6 +75,7 @@ def collect(device_description: str = "") -> dict[str, Any]:
         "memory_gib": _memory_gib(),
         "python": sys.version.split()[0],
         "torch": torch.__version__,
+        "torch_threads": torch.get_num_threads(),
         "torch_npu": package_version("torch_npu"),
         "triton": package_version("triton"),
         "transformers": package_version("transformers"),

@@ -39,7 +39,7 @@ def plot_topk(report: dict[str, Any], out: Path) -> Path:
         ax.axis("off")
     axes.flat[0].legend(fontsize=7)
     fig.suptitle(report["title"], fontsize=10)
-    fig.tight_layout()
+    fig.subplots_adjust(left=0.06, right=0.99, bottom=0.12, top=0.90, hspace=0.75, wspace=0.25)
     path = out / "top10.png"
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # missing glyphs for exotic tokens
@@ -67,7 +67,7 @@ def plot_drift(report: dict[str, Any], out: Path) -> Path:
         title += f" (first over threshold: {drift['first_layer_over']})"
     ax.set_title(f"{title}\n{report['title']}", fontsize=9)
     ax.legend(fontsize=7)
-    fig.tight_layout()
+    fig.subplots_adjust(left=0.12, right=0.98, bottom=0.22, top=0.86)
     path = out / "drift.png"
     fig.savefig(path, dpi=90)
     plt.close(fig)

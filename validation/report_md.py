@@ -32,7 +32,7 @@ def _environment(r: dict[str, Any]) -> list[str]:
             ["Reference", "transformers (remote code), CPU float32" if r["reference"] == "hf"
              else "minicpm-hal reference ops, CPU float32"]]
     names = {"os": "OS", "machine": "CPU architecture", "cpu_count": "CPU cores", "memory_gib": "System memory (GiB)",
-             "python": "Python", "torch": "PyTorch", "torch_npu": "torch_npu", "triton": "Triton",
+             "python": "Python", "torch": "PyTorch", "torch_threads": "PyTorch CPU threads", "torch_npu": "torch_npu", "triton": "Triton",
              "transformers": "transformers", "cuda_runtime": "CUDA runtime", "cann": "CANN", "driver": "Driver"}
     rows += [[label, env.get(key) if env.get(key) is not None else "-"] for key, label in names.items()]
     return _table(["Item", "Value"], rows)
