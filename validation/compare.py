@@ -28,7 +28,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", default="auto", help="device under test: auto, cpu, cuda, npu (default: auto)")
     p.add_argument("--dtype", default="bfloat16", help="float32, bfloat16 or float16 (default: bfloat16)")
     p.add_argument("--model", type=Path, default=None,
-                   help="checkpoint folder (Hugging Face layout); default: the built-in synthetic tiny checkpoint")
+                   help="checkpoint folder (Hugging Face layout); "
+                        "default: the built-in synthetic tiny checkpoint")
     p.add_argument("--prompts", default=None, metavar="FILE",
                    help="prompts: one per line, or a .json list; default: the seven prompts of seed 004")
     p.add_argument("--top-k", type=int, default=10, help="size of the compared top-k sets (default: 10)")

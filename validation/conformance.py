@@ -26,7 +26,8 @@ from validation import grid, opcheck
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m validation.conformance", description=__doc__.split("\n\n")[0])
-    p.add_argument("--device", default="cpu", help="backend under test: cpu, cuda, npu or auto (default: cpu)")
+    p.add_argument("--device", default="cpu",
+                   help="backend under test: cpu, cuda, npu or auto (default: cpu)")
     p.add_argument("--mode", choices=("test", "support"), default="test")
     p.add_argument("--op", action="append", default=[], help="only this op (repeatable)")
     p.add_argument("-p", "--pattern", default=None, metavar="REGEX", help="only cases whose label matches")
@@ -61,8 +62,8 @@ def run_tests(device: str, ops: Iterable[str], dtypes: list[str], pattern: str |
     print(f"\n{len(results) - len(failed) - skipped}/{len(results) - skipped} passed"
           + (f" ({skipped} not supported)" if skipped else ""))
     for r in failed:
-        print(f"  FAILED: {r.case.label} [{r.impl}] {r.status}" + (f" NMSE {r.error:.2e}" if r.status == "FAIL"
-                                                                   else f" {r.reason}"))
+        detail = f" NMSE {r.error:.2e}" if r.status == "FAIL" else f" {r.reason}"
+        print(f"  FAILED: {r.case.label} [{r.impl}] {r.status}{detail}")
     return 1 if failed else 0
 
 
@@ -90,7 +91,10 @@ def coverage() -> int:
             grid.grid(op)
         except KeyError:
             missing.append(op)
-    print("every catalogue op has conformance cases" if not missing else "ops without cases: " + ", ".join(missing))
+    if missing:
+        print("ops without cases: " + ", ".join(missing))
+    else:
+        print("every catalogue op has conformance cases")
     return 1 if missing else 0
 
 
@@ -104,7 +108,8 @@ def main(argv: list[str] | None = None) -> int:
             raise InputError(f"unknown op(s) {', '.join(unknown)}; the catalogue has: {', '.join(CATALOGUE)}")
         bad = [d for d in args.dtype if d not in opcheck.TORCH_DTYPE]
         if bad:
-            raise InputError(f"unknown dtype(s) {', '.join(bad)}; choose from {', '.join(opcheck.TORCH_DTYPE)}")
+            choices = ", ".join(opcheck.TORCH_DTYPE)
+            raise InputError(f"unknown dtype(s) {', '.join(bad)}; choose from {choices}")
         if args.pattern:
             try:
                 re.compile(args.pattern)

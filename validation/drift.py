@@ -29,7 +29,8 @@ def layer_drift(ref_states: Sequence[torch.Tensor], dev_states: Sequence[torch.T
     """Relative L2 per hidden state; both lists hold L+1 tensors ``[B, T, E]`` (embedding first).
     A ``None`` reference entry (not comparable) gives NaN."""
     if len(ref_states) != len(dev_states):
-        raise ValueError(f"expected as many reference as device states, got {len(ref_states)} vs {len(dev_states)}")
+        raise ValueError(f"expected as many reference as device states, "
+                         f"got {len(ref_states)} vs {len(dev_states)}")
     return [float("nan") if r is None else relative_l2(r, d) for r, d in zip(ref_states, dev_states)]
 
 

@@ -25,10 +25,12 @@ def _grid_dims(op: str) -> list[tuple[dict[str, int], tuple[str, ...]]]:
     if op == "swiglu":
         return [({"B": 1, "T": t, "F": f}, ()) for t, f in ((1, 256), (63, 60))]
     if op == "linear":
-        return [({"B": 1, "T": t, "K": k, "O": o}, ()) for t, k, o in ((1, 128, 256), (63, 60, 44), (5, 512, 1024))]
+        sizes = ((1, 128, 256), (63, 60, 44), (5, 512, 1024))
+        return [({"B": 1, "T": t, "K": k, "O": o}, ()) for t, k, o in sizes]
     if op == "attention_prefill":
         cases = [({"B": 1, "T": t, "H": h, "Hk": hk, "D": d}, ())
-                 for t, (h, hk), d in ((1, GQA[0], 64), (63, GQA[1], 64), (17, GQA[2], 128), (65, GQA[3], 64))]
+                 for t, (h, hk), d in ((1, GQA[0], 64), (63, GQA[1], 64), (17, GQA[2], 128),
+                                       (65, GQA[3], 64))]
         cases.append(({"B": 2, "T": 13, "H": 4, "Hk": 2, "D": 64}, ("padded",)))
         return cases
     if op == "attention_decode":

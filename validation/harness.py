@@ -89,10 +89,13 @@ def is_emulated(kind: str) -> bool:
     return kind == "npu" and "emulat" in hal_devices.probe("npu").description.lower()
 
 
-def _top_table(p_ref: torch.Tensor, p_dev: torch.Tensor, k: int, tok: Callable[[int], str]) -> list[dict[str, Any]]:
+def _top_table(p_ref: torch.Tensor, p_dev: torch.Tensor, k: int,
+               tok: Callable[[int], str]) -> list[dict[str, Any]]:
+    """The reference's and the device's own top-k, rank by rank (p_ref/p_dev: `[V]`)."""
     ref_vals, ref_ids = torch.topk(p_ref, k)
     dev_vals, dev_ids = torch.topk(p_dev, k)
-    return [{"rank": r + 1, "ref_id": int(ref_ids[r]), "ref_token": tok(int(ref_ids[r])), "ref_prob": float(ref_vals[r]),
+    return [{"rank": r + 1,
+             "ref_id": int(ref_ids[r]), "ref_token": tok(int(ref_ids[r])), "ref_prob": float(ref_vals[r]),
              "dev_id": int(dev_ids[r]), "dev_token": tok(int(dev_ids[r])), "dev_prob": float(dev_vals[r]),
              "dev_prob_of_ref_token": float(p_dev[ref_ids[r]])} for r in range(k)]
 
@@ -188,9 +191,11 @@ def run(settings: Settings, progress: Progress = _silent) -> dict[str, Any]:
                 "top10": _top_table(p_ref, p_dev, k, tok),
             })
         first = positions[0]
-        progress(f"prompt {index + 1}/{len(settings.prompts)} {prompt!r}: reference {first['ref_top1']['token']!r} "
-                 f"{first['ref_top1']['prob']:.4f}, device {first['dev_top1']['token']!r} {first['dev_top1']['prob']:.4f}"
-                 f", rel err {first['top1_prob_rel_err']:.2%}, max layer drift {max(d for d in drift if d == d):.2e}")
+        ref1, dev1 = first["ref_top1"], first["dev_top1"]
+        progress(f"prompt {index + 1}/{len(settings.prompts)} {prompt!r}: "
+                 f"reference {ref1['token']!r} {ref1['prob']:.4f}, "
+                 f"device {dev1['token']!r} {dev1['prob']:.4f}, rel err {first['top1_prob_rel_err']:.2%}, "
+                 f"max layer drift {max(d for d in drift if d == d):.2e}")
         prompts_out.append({"index": index + 1, "prompt": prompt, "tokens": length,
                             "continuation": tokenizer.decode(ids[0, length:].tolist()),
                             "positions": positions, "layer_drift": drift})
@@ -239,6 +244,7 @@ def run(settings: Settings, progress: Progress = _silent) -> dict[str, Any]:
                   "parameters": _parameter_count(model), "weights_dtype": model.config.torch_dtype,
                   "config": model.config.raw},
         "environment": environment.collect(description),
-        "timing_s": {"load": round(t_load, 3), "prompts": round(t_prompts, 3), "conformance": round(t_conf, 3)},
+        "timing_s": {"load": round(t_load, 3), "prompts": round(t_prompts, 3),
+                     "conformance": round(t_conf, 3)},
     }
     return report

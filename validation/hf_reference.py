@@ -32,7 +32,8 @@ def check_remote_code(folder: Path, trust_remote_code: bool) -> None:
     """Raise :class:`InputError` (one line) unless the HF reference may and can run."""
     if not trust_remote_code:
         raise InputError("--reference hf runs the checkpoint's own Python code (auto_map modeling files) "
-                         "with transformers; pass --trust-remote-code to allow it, or use --reference cpu-fp32")
+                         "with transformers; pass --trust-remote-code to allow it, "
+                         "or use --reference cpu-fp32")
     names = remote_code_files(folder)
     missing = [n for n in names if not (folder / n).is_file()]
     if not names or missing:

@@ -68,7 +68,8 @@ def _randn(g: torch.Generator, *shape: int, scale: float = 1.0) -> torch.Tensor:
     return torch.randn(*shape, generator=g) * scale
 
 
-def _rope(g: torch.Generator, batch: int, new: int, start: int, dim: int) -> tuple[torch.Tensor, torch.Tensor]:
+def _rope(g: torch.Generator, batch: int, new: int, start: int,
+          dim: int) -> tuple[torch.Tensor, torch.Tensor]:
     """cos/sin ``[B, T, D]`` float32 for positions start..start+T-1 with a LongRoPE-like mscale."""
     inv_freq = 1.0 / (10000.0 ** (torch.arange(0, dim, 2).float() / dim))
     inv_freq = inv_freq / (1.0 + torch.rand(dim // 2, generator=g))
@@ -95,13 +96,15 @@ def make_inputs(c: Case, seed: int = 0) -> dict[str, Any]:
     if c.op == "embedding":
         args = {"ids": torch.randint(0, d["V"], (b, t), generator=g), "weight": _randn(g, d["V"], d["E"])}
     elif c.op == "rms_norm":
-        args = {"x": _randn(g, b, t, d["E"], scale=3.0), "weight": 1 + _randn(g, d["E"], scale=0.1), "eps": 1e-5}
+        args = {"x": _randn(g, b, t, d["E"], scale=3.0), "weight": 1 + _randn(g, d["E"], scale=0.1),
+                "eps": 1e-5}
     elif c.op == "add_rms_norm":
         args = {"x": _randn(g, b, t, d["E"]), "residual": _randn(g, b, t, d["E"], scale=2.0),
                 "weight": 1 + _randn(g, d["E"], scale=0.1), "eps": 1e-5, "scale": 0.35}
     elif c.op == "rotary":
         cos, sin = _rope(g, b, t, d.get("P", 5), d["D"])
-        args = {"q": _randn(g, b, t, d["H"], d["D"]), "k": _randn(g, b, t, d["Hk"], d["D"]), "cos": cos, "sin": sin}
+        args = {"q": _randn(g, b, t, d["H"], d["D"]), "k": _randn(g, b, t, d["Hk"], d["D"]),
+                "cos": cos, "sin": sin}
     elif c.op == "swiglu":
         args = {"gate": _randn(g, b, t, d["F"], scale=2.0), "up": _randn(g, b, t, d["F"])}
     elif c.op == "linear":
@@ -112,7 +115,8 @@ def make_inputs(c: Case, seed: int = 0) -> dict[str, Any]:
     elif c.op == "attention_decode":
         s = d["S"]
         args = {"q": _randn(g, b, t, d["H"], d["D"]), "k_cache": _randn(g, b, s, d["Hk"], d["D"]),
-                "v_cache": _randn(g, b, s, d["Hk"], d["D"]), "kv_start": _kv_start(c, s), "scale": d["D"] ** -0.5}
+                "v_cache": _randn(g, b, s, d["Hk"], d["D"]), "kv_start": _kv_start(c, s),
+                "scale": d["D"] ** -0.5}
     elif c.op == "sample":
         logits = _randn(g, b, d["V"], scale=3.0)
         if "ties" in c.flags:
@@ -124,8 +128,12 @@ def make_inputs(c: Case, seed: int = 0) -> dict[str, Any]:
         raise KeyError(f"no input recipe for op {c.op!r}")
     dtype = TORCH_DTYPE[c.dtype]
     fixed_f32 = {"cos", "sin", "logits"}  # float32 by contract
-    return {k: v.to(dtype).float() if isinstance(v, torch.Tensor) and v.is_floating_point() and k not in fixed_f32
-            else v for k, v in args.items()}
+    def rounded(k: str, v: Any) -> Any:
+        if isinstance(v, torch.Tensor) and v.is_floating_point() and k not in fixed_f32:
+            return v.to(dtype).float()
+        return v
+
+    return {k: rounded(k, v) for k, v in args.items()}
 
 
 def _place(args: dict[str, Any], dtype: torch.dtype | None, device: torch.device) -> dict[str, Any]:
@@ -201,8 +209,8 @@ class CaseResult:
 
     def as_dict(self) -> dict[str, Any]:
         return {"op": self.case.op, "case": self.case.label, "impl": self.impl, "dtype": self.case.dtype,
-                "status": self.status, "nmse": self.error, "tolerance": self.tolerance, "max_abs": self.max_abs,
-                "output": self.output, "reason": self.reason}
+                "status": self.status, "nmse": self.error, "tolerance": self.tolerance,
+                "max_abs": self.max_abs, "output": self.output, "reason": self.reason}
 
 
 def reference_fn(op: str) -> Callable[..., Any]:

@@ -31,9 +31,11 @@ def _environment(r: dict[str, Any]) -> list[str]:
     rows = [["Device under test", f"{r['device']}: {r['device_description']}"],
             ["Reference", "transformers (remote code), CPU float32" if r["reference"] == "hf"
              else "minicpm-hal reference ops, CPU float32"]]
-    names = {"os": "OS", "machine": "CPU architecture", "cpu_count": "CPU cores", "memory_gib": "System memory (GiB)",
-             "python": "Python", "torch": "PyTorch", "torch_threads": "PyTorch CPU threads", "torch_npu": "torch_npu", "triton": "Triton",
-             "transformers": "transformers", "cuda_runtime": "CUDA runtime", "cann": "CANN", "driver": "Driver"}
+    names = {"os": "OS", "machine": "CPU architecture", "cpu_count": "CPU cores",
+             "memory_gib": "System memory (GiB)", "python": "Python", "torch": "PyTorch",
+             "torch_threads": "PyTorch CPU threads", "torch_npu": "torch_npu", "triton": "Triton",
+             "transformers": "transformers", "cuda_runtime": "CUDA runtime", "cann": "CANN",
+             "driver": "Driver"}
     rows += [[label, env.get(key) if env.get(key) is not None else "-"] for key, label in names.items()]
     return _table(["Item", "Value"], rows)
 
@@ -81,14 +83,16 @@ def _positions(r: dict[str, Any]) -> list[str]:
         matches = sum(x["top1_match"] for x in forced)
         ties = sum(x["near_tie"] and not x["top1_match"] for x in forced)
         rel = [x["top1_prob_rel_err"] for x in forced]
-        rows.append([p["prompt"], repr(p["continuation"]), f"{matches}/{len(forced)}" + (f" ({ties} near-tie)" if ties
-                     else ""), _pct(sum(rel) / len(rel)), _pct(max(rel)), f"{max(x['kl'] for x in forced):.2e}"])
+        matched = f"{matches}/{len(forced)}" + (f" ({ties} near-tie)" if ties else "")
+        rows.append([p["prompt"], repr(p["continuation"]), matched, _pct(sum(rel) / len(rel)), _pct(max(rel)),
+                     f"{max(x['kl'] for x in forced):.2e}"])
     if not rows:
         return []
     return ["## Teacher-forced positions", "",
             f"After each prompt, the reference's {r['settings']['positions']} greedy tokens are appended and "
             "every position's next-token distribution is compared.", ""] + _table(
-        ["Prompt", "Reference continuation", "Top-1 match", "Mean rel err", "Max rel err", "Max KL"], rows) + [""]
+        ["Prompt", "Reference continuation", "Top-1 match", "Mean rel err", "Max rel err", "Max KL"],
+        rows) + [""]
 
 
 def _summary(r: dict[str, Any]) -> list[str]:
@@ -107,7 +111,8 @@ def _summary(r: dict[str, Any]) -> list[str]:
         ["Top-5 inclusion rate (reference top-1 in device top-5)", *both("top5_inclusion_rate", rate)],
         [f"Top-{k} overlap (mean of {k})", *both("top10_overlap_mean", lambda v: f"{v:.2f}/{k}")],
         [f"Top-1 prob mean relative error (pass: < {limit:.0%})", *both("top1_prob_rel_err_mean", _pct)],
-        ["Top-1 prob max relative error", f"{_pct(r['top1_prob_rel_err_max'])} ({r['top1_prob_rel_err_max_prompt']!r})",
+        ["Top-1 prob max relative error",
+         f"{_pct(r['top1_prob_rel_err_max'])} ({r['top1_prob_rel_err_max_prompt']!r})",
          f"{_pct(end['top1_prob_rel_err_max'])} ({end['top1_prob_rel_err_max_prompt']!r})"],
         [f"Top-{k} prob MAE", *both("top10_prob_mae", lambda v: f"{v:.5f}")],
         [f"Top-{k} prob max abs error", *both("top10_prob_max_abs_err", lambda v: f"{v:.5f}")],
@@ -122,14 +127,17 @@ def _summary(r: dict[str, Any]) -> list[str]:
 
 def _drift(r: dict[str, Any]) -> list[str]:
     d = r["drift"]
-    rows = [[layer["name"], "n/a" if layer["rel_l2_max"] != layer["rel_l2_max"] else f"{layer['rel_l2_mean']:.2e}",
-             "n/a" if layer["rel_l2_max"] != layer["rel_l2_max"] else f"{layer['rel_l2_max']:.2e}",
+    def num(value: float) -> str:
+        return "n/a" if value != value else f"{value:.2e}"
+
+    rows = [[layer["name"], num(layer["rel_l2_mean"]), num(layer["rel_l2_max"]),
              BAD if layer["name"] == d["first_layer_over"] else ""] for layer in d["layers"]]
     first = d["first_layer_over"]
     line = (f"First layer past {d['threshold']:.0e}: **{first}**." if first
             else f"No layer passes the drift threshold {d['threshold']:.0e}.")
     return ["## Per-layer hidden-state drift", "",
-            "Relative L2 of the residual stream after the embedding and after each layer, device vs reference.",
+            "Relative L2 of the residual stream after the embedding and after each layer, "
+            "device vs reference.",
             "", *_table(["Hidden state", "Mean rel L2", "Max rel L2", ""], rows), "", line, ""]
 
 
@@ -140,8 +148,8 @@ def _conformance(r: dict[str, Any]) -> list[str]:
     bad = [x for x in c["cases"] if x["status"] not in ("ok", "not supported")]
     if bad:
         lines += ["", *_table(["Case", "Implementation", "Status", "NMSE", "Tolerance", "Output / reason"],
-                              [[x["case"], x["impl"], x["status"], f"{x['nmse']:.2e}", f"{x['tolerance']:.0e}",
-                                x["output"] or x["reason"]] for x in bad])]
+                              [[x["case"], x["impl"], x["status"], f"{x['nmse']:.2e}",
+                                f"{x['tolerance']:.0e}", x["output"] or x["reason"]] for x in bad])]
     return lines + [""]
 
 
@@ -154,7 +162,8 @@ def _distributions(r: dict[str, Any]) -> list[str]:
     lines = [f"## Top-{r['settings']['top_k']} distribution per prompt (reference vs device)", ""]
     for p in r["prompts"]:
         lines += [f"Prompt: {p['prompt']!r}", "```",
-                  f"{'Rank':<4} | {'Ref token':<14} | {'Ref prob':>8} | {'Dev token':<14} | {'Dev prob':>8} | Match",
+                  f"{'Rank':<4} | {'Ref token':<14} | {'Ref prob':>8} | {'Dev token':<14} | "
+                  f"{'Dev prob':>8} | Match",
                   "-----|----------------|----------|----------------|----------|------"]
         for row in p["positions"][0]["top10"]:
             same = OK if row["ref_id"] == row["dev_id"] else ""
@@ -167,11 +176,13 @@ def _distributions(r: dict[str, Any]) -> list[str]:
 def _verdict(r: dict[str, Any]) -> list[str]:
     v = r["verdict"]
     s = r["settings"]["thresholds"]
-    rule = (f"Pass rule: top-1 match at every compared position except near-ties (reference top-1 − top-2 < "
-            f"{s['near_tie_margin']:g}), and mean top-1 probability relative error < {s['top1_prob_rel_err_mean']:.2%}.")
-    head = f"**{'PASS' if v['passed'] else 'FAIL'}**: {r['device']}{' (EMULATED)' if r['emulated'] else ''} " \
-           f"{r['dtype']} vs the float32 reference, mean top-1 prob rel error {_pct(r['top1_prob_rel_err_mean'])}, " \
-           f"top-1 match {r['top1_match_rate']:.0%} over {r['positions']} positions."
+    rule = ("Pass rule: top-1 match at every compared position except near-ties (reference top-1 − top-2 < "
+            f"{s['near_tie_margin']:g}), and mean top-1 probability relative error < "
+            f"{s['top1_prob_rel_err_mean']:.2%}.")
+    device = f"{r['device']}{' (EMULATED)' if r['emulated'] else ''}"
+    head = (f"**{'PASS' if v['passed'] else 'FAIL'}**: {device} {r['dtype']} vs the float32 reference, "
+            f"mean top-1 prob rel error {_pct(r['top1_prob_rel_err_mean'])}, "
+            f"top-1 match {r['top1_match_rate']:.0%} over {r['positions']} positions.")
     lines = [head, "", rule]
     lines += [f"- {BAD} {line}" for line in v["failures"]]
     lines += [f"- {line}" for line in v["notes"]]

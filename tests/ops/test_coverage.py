@@ -20,7 +20,8 @@ def _greedy_highest_index_on_ties(logits, temperature, top_k, top_p, generator):
 
 
 def test_tie_breaking_error_is_caught_only_by_the_ties_case():
-    assert check(case("sample", "float32", ("ties",), B=2, V=1000), _greedy_highest_index_on_ties).status == "FAIL"
+    ties = case("sample", "float32", ("ties",), B=2, V=1000)
+    assert check(ties, _greedy_highest_index_on_ties).status == "FAIL"
     assert check(case("sample", "float32", B=2, V=1000), _greedy_highest_index_on_ties).status == "ok"
 
 

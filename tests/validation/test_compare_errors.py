@@ -40,8 +40,8 @@ def assert_usage_error(run, *needles: str) -> None:
 def test_npu_without_torch_npu_exits_2_with_the_reason(tmp_path):
     """In a fresh process (this one may hold the emulator's stand-in torch_npu module)."""
     env = {k: v for k, v in os.environ.items() if k != "HAL_NPU_EMULATE"}
-    probe = subprocess.run([sys.executable, "-c", "import hal; print(hal.devices()[2].reason)"], cwd=ROOT, env=env,
-                           capture_output=True, text=True, timeout=120)
+    probe = subprocess.run([sys.executable, "-c", "import hal; print(hal.devices()[2].reason)"], cwd=ROOT,
+                           env=env, capture_output=True, text=True, timeout=120)
     reason = probe.stdout.strip()
     if probe.returncode != 0 or not reason:
         pytest.skip("an NPU is available here")
@@ -62,7 +62,8 @@ def test_cuda_unavailable_exits_2(tmp_path):
 
 
 def test_missing_model(tmp_path):
-    assert_usage_error(run_cli(["--device", "cpu", "--model", str(tmp_path / "nope")], tmp_path / "r"), "nope")
+    run = run_cli(["--device", "cpu", "--model", str(tmp_path / "nope")], tmp_path / "r")
+    assert_usage_error(run, "nope")
 
 
 def test_broken_model_config(tmp_path):
@@ -85,7 +86,8 @@ def test_bad_prompts_file(tmp_path, tiny_checkpoint, name, content, needle):
         path.write_bytes(content)
     elif content is not None:
         path.write_text(content)
-    run = run_cli(["--device", "cpu", "--model", str(tiny_checkpoint), "--prompts", str(path)], tmp_path / "r")
+    run = run_cli(["--device", "cpu", "--model", str(tiny_checkpoint), "--prompts", str(path)],
+                  tmp_path / "r")
     assert_usage_error(run, name, needle)
 
 
@@ -126,8 +128,8 @@ def test_hf_reference_needs_trust_remote_code(tmp_path, tiny_checkpoint):
 
 
 def test_hf_reference_on_a_checkpoint_without_remote_code(tmp_path, tiny_checkpoint):
-    run = run_cli(["--device", "cpu", "--model", str(tiny_checkpoint), "--reference", "hf", "--trust-remote-code"],
-                  tmp_path / "r")
+    run = run_cli(["--device", "cpu", "--model", str(tiny_checkpoint), "--reference", "hf",
+                   "--trust-remote-code"], tmp_path / "r")
     assert_usage_error(run, "no remote code files", "modeling_minicpm.py")
 
 
