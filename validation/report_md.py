@@ -9,6 +9,9 @@ OK, BAD, TIE = "✅", "❌", "≈"
 
 
 def _pct(value: float) -> str:
+    """A fraction as a percentage; values too small for two decimals keep their magnitude."""
+    if 0 < value < 5e-5:
+        return f"{value * 100:.1e}%"
     return f"{value:.2%}"
 
 
