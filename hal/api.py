@@ -7,8 +7,8 @@ from typing import Any, Callable
 
 import torch
 
-from hal import env
 from hal.devices import resolve as resolve_device
+from hal.devices import torch_device
 from hal.errors import CheckpointError, InputError
 from hal.registry import bind
 
@@ -32,14 +32,6 @@ def parse_dtype(dtype: str | torch.dtype) -> torch.dtype:
 
 def dtype_name(dtype: torch.dtype) -> str:
     return str(dtype).removeprefix("torch.")
-
-
-def torch_device(kind: str) -> torch.device:
-    """Where a device kind's tensors live: ``cpu``, ``cuda:0``, ``npu:0``; the emulated NPU
-    (HAL_NPU_EMULATE=1) keeps its tensors on the CPU."""
-    if kind == "cpu" or (kind == "npu" and env.npu_emulate()):
-        return torch.device("cpu")
-    return torch.device(f"{kind}:0")
 
 
 def load_model(path: str | Path, device: str = "auto", dtype: str | torch.dtype | None = None, *,

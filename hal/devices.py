@@ -140,3 +140,13 @@ def resolve(requested: str | None) -> str:
     if not found.available:
         raise DeviceUnavailable(f"device {kind!r} is not available: {found.reason}")
     return kind
+
+
+def torch_device(kind: str) -> "torch.device":
+    """Where a device kind's tensors live: ``cpu``, ``cuda:0``, ``npu:0``; the emulated NPU
+    (HAL_NPU_EMULATE=1) keeps its tensors on the CPU."""
+    import torch
+
+    if kind == "cpu" or (kind == "npu" and env.npu_emulate()):
+        return torch.device("cpu")
+    return torch.device(f"{kind}:0")

@@ -48,9 +48,10 @@ kv_start [B] int64 | None, scale) -> [B, T, H, D]``
 
 ``sample(logits [B, V] float32, temperature, top_k, top_p, generator) -> [B] int64``
     ``temperature == 0`` is greedy (argmax, lowest index on ties). Otherwise divide by the
-    temperature, keep the ``top_k`` highest (0 = all), then the smallest set whose probability
-    reaches ``top_p`` (1.0 = all; the top token is always kept), renormalise and draw one token
-    with ``generator``.
+    temperature, keep the ``top_k`` highest (0 = all) and renormalise, then keep the smallest
+    prefix of that distribution whose probability reaches ``top_p`` (1.0 = all; the top token
+    is always kept), renormalise and draw one token with ``generator``. (top-k before top-p,
+    each on the renormalised survivors: the order of transformers' and vLLM's samplers.)
 """
 from __future__ import annotations
 

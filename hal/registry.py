@@ -17,6 +17,7 @@ from typing import Any, Callable
 import torch
 
 from hal import env
+from hal.devices import torch_device
 from hal.errors import UnsupportedOpError
 from hal.ops import CATALOGUE
 
@@ -210,7 +211,7 @@ def bind(
             continue
         if allow_fallback and device != "cpu":
             ref = next(i for i in implementations(op, "cpu") if i.name == "reference")
-            fns[op] = _on_cpu(ref.load(), torch.device(device))
+            fns[op] = _on_cpu(ref.load(), torch_device(device))
             record[op] = Binding(op, ref.qualname, True, tuple(passed))
             why = "; ".join(r for _, r in passed) or "no implementation registered"
             warnings.warn(f"op {op} runs on the CPU reference: {why}", stacklevel=2)

@@ -25,6 +25,9 @@ def _frequencies(sampler, top_k: int, top_p: float, draws: int = 6000) -> torch.
     (0, 0.75, torch.tensor([0, 0.4, 0.3, 0.15, 0]) / 0.85),  # 0.4+0.3 < 0.75: the third is needed
     (0, 0.7, torch.tensor([0, 0.4, 0.3, 0, 0]) / 0.7),
     (3, 0.5, torch.tensor([0, 0.4, 0.3, 0, 0]) / 0.7),
+    # top-k first, renormalised (0.4, 0.3 -> 0.571, 0.429), then top-p on that: 0.571 < 0.6
+    (2, 0.6, torch.tensor([0, 0.4, 0.3, 0, 0]) / 0.7),
+    (2, 0.55, torch.tensor([0, 1.0, 0, 0, 0])),
 ])
 def test_sampling_distribution(sampler, top_k, top_p, expected):
     freq = _frequencies(sampler, top_k, top_p)

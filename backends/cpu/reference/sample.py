@@ -12,8 +12,9 @@ def sample_ref(logits: torch.Tensor, temperature: float, top_k: int, top_p: floa
     picks = []
     for row in logits:
         order = torch.argsort(row / temperature, descending=True, stable=True)
+        keep = row.numel() if top_k <= 0 else min(top_k, row.numel())
+        order = order[:keep]
         probs = torch.softmax(row[order] / temperature, dim=0)
-        keep = probs.numel() if top_k <= 0 else min(top_k, probs.numel())
         cumulative = 0.0
         for n in range(keep):
             cumulative += float(probs[n])
