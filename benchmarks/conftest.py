@@ -1,0 +1,79 @@
+"""pytest-benchmark plumbing for ``benchmarks/``: shared runners, and a closing table of
+tokens/s ratios ours/transformers (from each benchmark's best round).
+
+Run with ``python -m pytest benchmarks --benchmark-only`` (not part of the default test run)."""
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+
+_RESULTS: dict[tuple[str, str, str], float] = {}
+_RSS: dict[str, dict[str, float]] = {}
+
+
+@pytest.fixture(scope="session")
+def bench_checkpoint():
+    """The 0.5b synthetic checkpoint (written into the cache folder on first use)."""
+    from benchmarks.cpu_speed import checkpoint
+
+    return checkpoint()
+
+
+class _Runners:
+    """Loads runners lazily, keeping one dtype in memory at a time."""
+
+    def __init__(self, path):
+        self.path = path
+        self.dtype: str | None = None
+        self.loaded: dict[str, Any] = {}
+
+    def get(self, impl: str, dtype: str) -> Any:
+        from benchmarks.cpu_speed import RUNNERS
+
+        if dtype != self.dtype:
+            self.loaded.clear()
+            self.dtype = dtype
+        if impl not in self.loaded:
+            self.loaded[impl] = RUNNERS[impl](self.path, dtype)
+        return self.loaded[impl]
+
+
+@pytest.fixture(scope="session")
+def runners(bench_checkpoint) -> _Runners:
+    return _Runners(bench_checkpoint)
+
+
+@pytest.fixture(scope="session")
+def record():
+    """record(dtype, phase, impl, tokens_per_second) for the closing ratio table."""
+
+    def _record(dtype: str, phase: str, impl: str, tok_s: float) -> None:
+        _RESULTS[(dtype, phase, impl)] = tok_s
+
+    return _record
+
+
+@pytest.fixture(scope="session")
+def record_rss():
+    def _record(dtype: str, data: dict[str, float]) -> None:
+        _RSS[dtype] = data
+
+    return _record
+
+
+def pytest_terminal_summary(terminalreporter, exitstatus, config) -> None:
+    if not _RESULTS and not _RSS:
+        return
+    write = terminalreporter.write_line
+    terminalreporter.section("ours / transformers (tokens/s, best round)")
+    for dtype in ("float32", "bfloat16"):
+        for phase in ("prefill", "decode"):
+            ours = _RESULTS.get((dtype, phase, "ours"))
+            theirs = _RESULTS.get((dtype, phase, "transformers"))
+            if ours and theirs:
+                write(f"{dtype:9s} {phase:8s} ours {ours:8.1f} tok/s  transformers {theirs:8.1f} tok/s  "
+                      f"ratio {ours / theirs:.2f}x")
+    for dtype, data in _RSS.items():
+        write(f"{dtype:9s} peak RSS at load - baseline = {data['load_ratio']:.2f}x weight bytes "
+              f"({data['weight_bytes'] / 2**20:.0f} MiB); after a first forward {data['forward_ratio']:.2f}x")
