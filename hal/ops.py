@@ -34,6 +34,11 @@ Semantics (what every implementation must compute; the float32 reference in
 ``linear(x [..., K], weight [O, K]) -> [..., O]``
     ``x @ weight.T``, no bias.
 
+``logits(x [..., E], weight [V, E]) -> [..., V] float32``
+    ``x @ weight.T`` accumulated in float32 and returned in float32, never rounded to the model
+    dtype: bf16-rounded logits alone move top-1 probabilities by ~0.5% on average (several %
+    at worst), which would hide the accuracy of everything before them.
+
 ``attention_prefill(q [B, T, H, D], k [B, T, Hk, D], v [B, T, Hk, D], kv_start [B] int64 | None,
 scale) -> [B, T, H, D]``
     Causal grouped-query attention: query head h reads KV head ``h // (H // Hk)``. Query t sees
@@ -123,6 +128,13 @@ LINEAR = OpSpec(
     outputs={"y": "[..., O]"},
     nmse=_REDUCTION,
 )
+LOGITS = OpSpec(
+    "logits",
+    inputs={"x": "[..., E]", "weight": "[V, E]"},
+    outputs={"y": "[..., V] float32"},
+    # bf16 x bf16 and fp16 x fp16 products are exact in float32: only the summation order differs
+    nmse={"float32": 1e-10, "bfloat16": 1e-10, "float16": 1e-10},
+)
 ATTENTION_PREFILL = OpSpec(
     "attention_prefill",
     inputs={"q": "[B, T, H, D]", "k": "[B, T, Hk, D]", "v": "[B, T, Hk, D]", "kv_start": "[B] int64 | None"},
@@ -160,6 +172,7 @@ CATALOGUE: dict[str, OpSpec] = {
         ROTARY,
         SWIGLU,
         LINEAR,
+        LOGITS,
         ATTENTION_PREFILL,
         ATTENTION_DECODE,
         SAMPLE,

@@ -168,7 +168,7 @@ class MiniCPMForCausalLM:
             cache.advance(new)
         if logits_last_only:
             x = x[:, -1:]
-        logits = ops.linear(x / cfg.logit_scale, self.lm_head).float()
+        logits = ops.logits(x / cfg.logit_scale, self.lm_head)
         return ForwardOutput(logits=logits, hidden_states=hidden)
 
     def _attention(self, index: int, layer: LayerWeights, x: torch.Tensor, cos: torch.Tensor,

@@ -27,6 +27,8 @@ def _grid_dims(op: str) -> list[tuple[dict[str, int], tuple[str, ...]]]:
     if op == "linear":
         sizes = ((1, 128, 256), (63, 60, 44), (5, 512, 1024))
         return [({"B": 1, "T": t, "K": k, "O": o}, ()) for t, k, o in sizes]
+    if op == "logits":
+        return [({"B": 1, "T": t, "E": e, "V": v}, ()) for t, e, v in ((1, 64, 3000), (7, 60, 1000))]
     if op == "attention_prefill":
         cases = [({"B": 1, "T": t, "H": h, "Hk": hk, "D": d}, ())
                  for t, (h, hk), d in ((1, GQA[0], 64), (63, GQA[1], 64), (17, GQA[2], 128),
@@ -71,9 +73,9 @@ def model_cases(shapes: dict[str, int], dtype: str, lengths: Iterable[int], deco
         out.append(case("add_rms_norm", dt, B=1, T=t, E=e))
         out.append(case("rotary", dt, B=1, T=t, H=h, Hk=hk, D=d, P=0))
         out.append(case("swiglu", dt, B=1, T=t, F=f))
-        for k_in, o_out in ((e, h * d), (e, hk * d), (h * d, e), (e, f), (f, e), (e, v)):
-            o_out = min(o_out, max(1, MAX_LINEAR_ELEMENTS // k_in))
+        for k_in, o_out in ((e, h * d), (e, hk * d), (h * d, e), (e, f), (f, e)):
             out.append(case("linear", dt, B=1, T=t, K=k_in, O=o_out))
+        out.append(case("logits", dt, B=1, T=t, E=e, V=min(v, max(1, MAX_LINEAR_ELEMENTS // e))))
         out.append(case("attention_prefill", dt, B=1, T=t, H=h, Hk=hk, D=d))
     out.append(case("attention_decode", dt, B=1, T=1, S=max(1, decode_len), H=h, Hk=hk, D=d))
     out.append(case("sample", "float32", B=1, V=v))

@@ -109,6 +109,8 @@ def make_inputs(c: Case, seed: int = 0) -> dict[str, Any]:
         args = {"gate": _randn(g, b, t, d["F"], scale=2.0), "up": _randn(g, b, t, d["F"])}
     elif c.op == "linear":
         args = {"x": _randn(g, b, t, d["K"]), "weight": _randn(g, d["O"], d["K"], scale=d["K"] ** -0.5)}
+    elif c.op == "logits":
+        args = {"x": _randn(g, b, t, d["E"], scale=4.0), "weight": _randn(g, d["V"], d["E"], scale=0.02)}
     elif c.op == "attention_prefill":
         args = {"q": _randn(g, b, t, d["H"], d["D"]), "k": _randn(g, b, t, d["Hk"], d["D"]),
                 "v": _randn(g, b, t, d["Hk"], d["D"]), "kv_start": _kv_start(c, t), "scale": d["D"] ** -0.5}

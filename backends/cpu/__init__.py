@@ -4,9 +4,10 @@ from __future__ import annotations
 
 from hal.registry import Impl, register
 
-_OPS = ("embedding", "rms_norm", "add_rms_norm", "rotary", "swiglu", "linear",
+_OPS = ("embedding", "rms_norm", "add_rms_norm", "rotary", "swiglu", "linear", "logits",
         "attention_prefill", "attention_decode", "sample")
 _REFERENCE_MODULE = {
+    "logits": "linear",
     "add_rms_norm": "rms_norm",
     "attention_prefill": "attention",
     "attention_decode": "attention",

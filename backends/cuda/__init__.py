@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from hal.registry import Impl, register
 
-_OPS = ("embedding", "rms_norm", "add_rms_norm", "rotary", "swiglu", "linear",
+_OPS = ("embedding", "rms_norm", "add_rms_norm", "rotary", "swiglu", "linear", "logits",
         "attention_prefill", "attention_decode", "sample")
 
 for _op in _OPS:

@@ -8,6 +8,7 @@ add_rms_norm       npu.torch_npu       npu_add_rms_norm (branch scaled first)
 rotary             npu.torch_npu       npu_rotary_mul ('half', float32)
 swiglu             npu.torch_npu       npu_swiglu ([gate, up])
 linear             npu.torch           (F.linear on the NPU)
+logits             npu.torch           (float32 GEMM over upcast vocabulary chunks, portable torch)
 attention_prefill  npu.torch_npu       npu_fused_infer_attention_score (TND, sparse_mode=3)
                    npu.torch           float32 / other head dims
 attention_decode   npu.torch_npu       npu_scatter_pa_kv_cache + FIA with block_table
@@ -29,6 +30,7 @@ register(Impl("add_rms_norm", "npu", "torch_npu", f"{_M}.norm:add_rms_norm_npu")
 register(Impl("rotary", "npu", "torch_npu", f"{_M}.rotary:rotary_npu", supports=supports.rotary))
 register(Impl("swiglu", "npu", "torch_npu", f"{_M}.swiglu:swiglu_npu"))
 register(Impl("linear", "npu", "torch", f"{_M}.dense:linear_npu"))
+register(Impl("logits", "npu", "torch", "backends.cpu.ops:logits_cpu"))
 for _op in ("attention_prefill", "attention_decode"):
     register(Impl(_op, "npu", "torch_npu", f"{_M}.attention:{_op}_npu",
                   supports=supports.fused_attention(_op), priority=0))

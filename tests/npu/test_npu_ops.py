@@ -51,6 +51,8 @@ def _cases(op: str, dt: torch.dtype) -> list[tuple[str, tuple]]:
         return [("B2-T7-F96", (rnd(2, 7, f, scale=2.0), rnd(2, 7, f)))]
     if op == "linear":
         return [("B2-T7-K60-O36", (rnd(2, 7, e), rnd(36, e, scale=e ** -0.5)))]
+    if op == "logits":
+        return [("B2-T7-E60-V1500", (rnd(2, 7, e, scale=4.0), rnd(1500, e, scale=0.02)))]
     scale = 1 / math.sqrt(d)
     if op == "attention_prefill":
         return [(f"B2-T9-H4-Hk2-D64-start{s}", (rnd(2, 9, h, d), rnd(2, 9, hk, d), rnd(2, 9, hk, d),

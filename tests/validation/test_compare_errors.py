@@ -8,7 +8,7 @@ import sys
 from pathlib import Path
 
 import pytest
-from conftest import run_cli
+from compare_runner import run_cli
 
 from hal.errors import DeviceUnavailable
 from validation import compare

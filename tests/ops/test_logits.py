@@ -1,0 +1,10 @@
+"""logits: every CPU implementation against the float32 reference (catalogue tolerance)."""
+from __future__ import annotations
+
+import pytest
+from cpu_conformance import assert_conforms, params
+
+
+@pytest.mark.parametrize(("impl", "case"), params("logits"))
+def test_logits_matches_reference(impl, case):
+    assert_conforms(impl, case)
