@@ -37,6 +37,8 @@ SPACE = "\u2581"
 N_BYTES = 256
 MIN_VOCAB_SIZE = 512
 
+# The seven completion prompts of seed 004 (the accuracy protocol); validation.prompts uses them as
+# its defaults and the tokenizer is trained to split them into whole words.
 DEMO_PROMPTS: tuple[str, ...] = (
     "The capital of France is",
     "Einstein is known for",

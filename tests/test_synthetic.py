@@ -13,10 +13,8 @@ from model.checkpoint import expected_shapes
 from model.config import load_config
 from model.safetensors_mmap import SafetensorsFile
 from model.synthetic import write_checkpoint
+from validation.prompts import DEFAULT_PROMPTS
 
-SEED_PROMPTS = ["The capital of France is", "Einstein is known for", "Quantum computing is",
-                "The meaning of life is", "Machine learning is a", "Python is a programming",
-                "Natural language processing"]
 MINICPM_FIELDS = ("architectures", "model_type", "vocab_size", "hidden_size", "intermediate_size",
                   "num_hidden_layers", "num_attention_heads", "num_key_value_heads", "hidden_act",
                   "max_position_embeddings", "rms_norm_eps", "rope_theta", "rope_scaling", "scale_emb",
@@ -49,7 +47,7 @@ def test_deterministic_per_seed(tmp_path, tiny_checkpoint):
 def test_next_token_distributions_are_peaked(tiny_model):
     tok = tiny_model.tokenizer
     top1 = []
-    for prompt in SEED_PROMPTS:
+    for prompt in DEFAULT_PROMPTS:
         ids = torch.tensor([tok(prompt)["input_ids"]])
         top1.append(tiny_model.logits(ids)[0, -1].softmax(-1).max().item())
     assert sum(top1) / len(top1) >= 0.2, top1

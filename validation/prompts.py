@@ -5,16 +5,9 @@ import json
 from pathlib import Path
 
 from hal.errors import InputError
+from model.synthetic_tokenizer import DEMO_PROMPTS
 
-DEFAULT_PROMPTS: tuple[str, ...] = (
-    "The capital of France is",
-    "Einstein is known for",
-    "Quantum computing is",
-    "The meaning of life is",
-    "Machine learning is a",
-    "Python is a programming",
-    "Natural language processing",
-)
+DEFAULT_PROMPTS: tuple[str, ...] = DEMO_PROMPTS
 """Seed 004's seven completion prompts, in its order."""
 
 
