@@ -124,7 +124,8 @@ def _run(args: argparse.Namespace) -> int:
                                 prompts_file=args.prompts, top_k=args.top_k, positions=args.positions,
                                 thresholds=thresholds, allow_fallback=args.allow_fallback,
                                 reference=args.reference, trust_remote_code=args.trust_remote_code)
-    stage = report_dir.StagedDir(args.report_dir or report_dir.default_dir(kind, dtype))
+    label = f"{kind}-emulated" if "emulated" in hal_devices.probe(kind).description else kind
+    stage = report_dir.StagedDir(args.report_dir or report_dir.default_dir(label, dtype))
     try:
         report = harness.run(settings, progress)
         progress("writing the report")
