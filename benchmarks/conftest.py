@@ -66,7 +66,7 @@ def pytest_terminal_summary(terminalreporter, exitstatus, config) -> None:
     if not _RESULTS and not _RSS:
         return
     write = terminalreporter.write_line
-    terminalreporter.section("ours / transformers (tokens/s, best round)")
+    terminalreporter.section("minicpm-hal vs transformers: tokens/s ratios (best round) and load memory")
     for dtype in ("float32", "bfloat16"):
         for phase in ("prefill", "decode"):
             ours = _RESULTS.get((dtype, phase, "ours"))
