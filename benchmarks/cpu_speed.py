@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import resource
 import statistics
 import subprocess
@@ -212,8 +211,8 @@ def measure_rss(path: Path, dtype: str) -> dict[str, float]:
     Linux carries a parent's RSS high-water mark into ``ru_maxrss`` of a forked-and-exec'd child,
     so call this while the calling process is still small (before loading models), as the CLI
     and the pytest suite do."""
-    result = subprocess.run([sys.executable, "-m", "benchmarks.cpu_speed", "--rss-child", str(path), dtype],
-                            capture_output=True, text=True, check=True,
+    command = [sys.executable, "-m", "benchmarks.cpu_speed", "--rss-child", str(path), dtype]
+    result = subprocess.run(command, capture_output=True, text=True, check=True,
                             cwd=Path(__file__).resolve().parent.parent)
     data = json.loads(result.stdout.strip().splitlines()[-1])
     data["load_ratio"] = (data["peak_at_load"] - data["baseline"]) / data["weight_bytes"]
@@ -231,13 +230,15 @@ def rss_table(path: Path, dtypes: list[str]) -> list[str]:
              "| peak after a first 8-token forward − baseline | ratio |", "|---|---|---|---|---|---|---|"]
     for dtype in dtypes:
         r = measure_rss(path, dtype)
-        lines.append(f"| {dtype} | {r['weight_bytes'] / mb:.0f} MiB | {(r['peak_at_load'] - r['baseline']) / mb:.0f} MiB"
-                     f" | {r['load_ratio']:.2f}x | {r['load_ratio_hwm']:.2f}x"
-                     f" | {(r['peak_after_forward'] - r['baseline']) / mb:.0f} MiB | {r['forward_ratio']:.2f}x |")
+        at_load = (r["peak_at_load"] - r["baseline"]) / mb
+        after_forward = (r["peak_after_forward"] - r["baseline"]) / mb
+        lines.append(f"| {dtype} | {r['weight_bytes'] / mb:.0f} MiB | {at_load:.0f} MiB "
+                     f"| {r['load_ratio']:.2f}x | {r['load_ratio_hwm']:.2f}x | {after_forward:.0f} MiB | {r['forward_ratio']:.2f}x |")
     return lines
 
 
-def speed_table(path: Path, dtypes: list[str], prompt_tokens: int, new_tokens: int, rounds: int) -> list[str]:
+def speed_table(path: Path, dtypes: list[str], prompt_tokens: int, new_tokens: int,
+                rounds: int) -> list[str]:
     """Markdown rows: tokens/s of ours and transformers per dtype and phase, best and median round."""
     lines = ["| dtype | phase | ours tok/s | transformers tok/s | ours/transformers (best) "
              "| ours/transformers (median) | same greedy tokens |", "|---|---|---|---|---|---|---|"]
@@ -251,13 +252,14 @@ def speed_table(path: Path, dtypes: list[str], prompt_tokens: int, new_tokens: i
         for phase in ("prefill", "decode"):
             best = ours.tok_s(phase) / theirs.tok_s(phase)
             median = ours.tok_s(phase, statistics.median) / theirs.tok_s(phase, statistics.median)
-            lines.append(f"| {dtype} | {phase} | {ours.tok_s(phase):.1f} | {theirs.tok_s(phase):.1f} | {best:.2f}x "
-                         f"| {median:.2f}x | {same}/{len(ours.tokens)} |")
+            lines.append(f"| {dtype} | {phase} | {ours.tok_s(phase):.1f} | {theirs.tok_s(phase):.1f} "
+                         f"| {best:.2f}x | {median:.2f}x | {same}/{len(ours.tokens)} |")
     return lines
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m benchmarks.cpu_speed", description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(prog="python -m benchmarks.cpu_speed",
+                                     description=__doc__.split("\n\n")[0])
     parser.add_argument("--dtypes", nargs="+", choices=sorted(DTYPES), default=["float32", "bfloat16"])
     parser.add_argument("--prompt-tokens", type=int, default=128)
     parser.add_argument("--new-tokens", type=int, default=32)
@@ -275,8 +277,9 @@ def main(argv: list[str] | None = None) -> int:
     import transformers
 
     print(f"checkpoint: {path} (synthetic {PRESET})")
-    print(f"torch {torch.__version__}, transformers {transformers.__version__}, threads {torch.get_num_threads()}, "
-          f"prompt {args.prompt_tokens} tokens, {args.new_tokens} new tokens, {args.rounds} timed rounds "
+    print(f"torch {torch.__version__}, transformers {transformers.__version__}, "
+          f"threads {torch.get_num_threads()}, prompt {args.prompt_tokens} tokens, "
+          f"{args.new_tokens} new tokens, {args.rounds} timed rounds "
           f"(+1 warm-up), ours and transformers interleaved; load average before: {load_average()}")
     if not args.no_rss:  # first, while this process is small (see measure_rss)
         rss = rss_table(path, args.dtypes)
