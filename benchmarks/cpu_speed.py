@@ -233,7 +233,8 @@ def rss_table(path: Path, dtypes: list[str]) -> list[str]:
         at_load = (r["peak_at_load"] - r["baseline"]) / mb
         after_forward = (r["peak_after_forward"] - r["baseline"]) / mb
         lines.append(f"| {dtype} | {r['weight_bytes'] / mb:.0f} MiB | {at_load:.0f} MiB "
-                     f"| {r['load_ratio']:.2f}x | {r['load_ratio_hwm']:.2f}x | {after_forward:.0f} MiB | {r['forward_ratio']:.2f}x |")
+                     f"| {r['load_ratio']:.2f}x | {r['load_ratio_hwm']:.2f}x | {after_forward:.0f} MiB "
+                     f"| {r['forward_ratio']:.2f}x |")
     return lines
 
 
