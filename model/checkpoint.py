@@ -122,6 +122,10 @@ class CheckpointReader:
                 raise CheckpointError(f"{self.location[name].path}: tensor '{name}' has dtype {entry.dtype}, "
                                       "expected a floating-point dtype")
 
+    def release(self, name: str) -> None:
+        """Drop the mapped pages of a tensor that is no longer referenced."""
+        self.location[name].release(name)
+
     def tensors(self, dtype: torch.dtype, device: torch.device) -> Iterator[tuple[str, torch.Tensor]]:
         """Yields (name, tensor in dtype on device). Tensors already in the right dtype on CPU are
         zero-copy views of the mapping; converted ones have their source pages released."""
@@ -137,7 +141,26 @@ class CheckpointReader:
             yield name, converted
 
 
+FUSED = {
+    "self_attn.qkv_proj.weight": ("self_attn.q_proj.weight", "self_attn.k_proj.weight", "self_attn.v_proj.weight"),
+    "mlp.gate_up_proj.weight": ("mlp.gate_proj.weight", "mlp.up_proj.weight"),
+}
+"""Per layer: fused name -> the checkpoint tensors concatenated (along the output dim) into it.
+One GEMM instead of three (q/k/v) or two (gate/up) per layer, as vLLM and CPM.cu load them."""
+
+
 def load_weights(checkpoint: Path, config: MiniCPMConfig, dtype: torch.dtype,
                  device: torch.device) -> dict[str, torch.Tensor]:
+    """Every tensor of the checkpoint in ``dtype`` on ``device``, with each layer's projections
+    fused as :data:`FUSED` says (the parts are not kept; their mapped pages are released)."""
     reader = CheckpointReader(checkpoint, config)
-    return dict(reader.tensors(dtype, device))
+    weights: dict[str, torch.Tensor] = {}
+    for name, tensor in reader.tensors(dtype, device):
+        weights[name] = tensor
+        for fused, parts in FUSED.items():
+            prefix = name[: -len(parts[-1])]
+            if name.endswith(parts[-1]) and all(prefix + p in weights for p in parts):
+                weights[prefix + fused] = torch.cat([weights.pop(prefix + p) for p in parts])
+                for p in parts:
+                    reader.release(prefix + p)
+    return weights

@@ -22,14 +22,13 @@ from model.rope import RopeTable
 
 @dataclass
 class LayerWeights:
+    """One decoder layer. qkv: `[(H + 2*Hk)*D, E]` (q, k, v rows stacked); gate_up: `[2F, E]`."""
+
     input_norm: torch.Tensor
-    q: torch.Tensor
-    k: torch.Tensor
-    v: torch.Tensor
+    qkv: torch.Tensor
     o: torch.Tensor
     post_norm: torch.Tensor
-    gate: torch.Tensor
-    up: torch.Tensor
+    gate_up: torch.Tensor
     down: torch.Tensor
 
 
@@ -39,13 +38,10 @@ def _layers(weights: dict[str, torch.Tensor], count: int) -> list[LayerWeights]:
         p = f"model.layers.{i}."
         layers.append(LayerWeights(
             input_norm=weights[p + "input_layernorm.weight"],
-            q=weights[p + "self_attn.q_proj.weight"],
-            k=weights[p + "self_attn.k_proj.weight"],
-            v=weights[p + "self_attn.v_proj.weight"],
+            qkv=weights[p + "self_attn.qkv_proj.weight"],
             o=weights[p + "self_attn.o_proj.weight"],
             post_norm=weights[p + "post_attention_layernorm.weight"],
-            gate=weights[p + "mlp.gate_proj.weight"],
-            up=weights[p + "mlp.up_proj.weight"],
+            gate_up=weights[p + "mlp.gate_up_proj.weight"],
             down=weights[p + "mlp.down_proj.weight"],
         ))
     return layers
@@ -78,6 +74,8 @@ class MiniCPMForCausalLM:
         self.layers = _layers(weights, config.num_hidden_layers)
         self.rope = RopeTable(config, device)
         self.attn_scale = config.head_dim ** -0.5
+        kv_width = config.num_key_value_heads * config.head_dim
+        self.qkv_sizes = (config.num_attention_heads * config.head_dim, kv_width, kv_width)
         self._tokenizer = None
 
     # -- public API ---------------------------------------------------------------------------
@@ -157,7 +155,8 @@ class MiniCPMForCausalLM:
         for index, layer in enumerate(self.layers):
             attn = self._attention(index, layer, x, cos, sin, cache, kv_start, past)
             x, residual = ops.add_rms_norm(attn, residual, layer.post_norm, cfg.rms_norm_eps, alpha)
-            mlp = ops.linear(ops.swiglu(ops.linear(x, layer.gate), ops.linear(x, layer.up)), layer.down)
+            gate, up = ops.linear(x, layer.gate_up).chunk(2, dim=-1)
+            mlp = ops.linear(ops.swiglu(gate, up), layer.down)
             next_norm = self.layers[index + 1].input_norm if index + 1 < len(self.layers) else self.final_norm
             x, residual = ops.add_rms_norm(mlp, residual, next_norm, cfg.rms_norm_eps, alpha)
             if hidden is not None:
@@ -177,9 +176,10 @@ class MiniCPMForCausalLM:
         ops, cfg = self.ops, self.config
         batch, new, _ = x.shape
         d = cfg.head_dim
-        q = ops.linear(x, layer.q).view(batch, new, cfg.num_attention_heads, d)
-        k = ops.linear(x, layer.k).view(batch, new, cfg.num_key_value_heads, d)
-        v = ops.linear(x, layer.v).view(batch, new, cfg.num_key_value_heads, d)
+        q, k, v = ops.linear(x, layer.qkv).split(self.qkv_sizes, dim=-1)
+        q = q.view(batch, new, cfg.num_attention_heads, d)
+        k = k.view(batch, new, cfg.num_key_value_heads, d)
+        v = v.view(batch, new, cfg.num_key_value_heads, d)
         q, k = ops.rotary(q, k, cos, sin)
         if cache is not None:
             k_all, v_all = cache.write(index, k, v)

@@ -98,8 +98,12 @@ def test_missing_folder_device_and_prompt_errors(tmp_path, tiny_checkpoint, tiny
         tiny_model.logits(torch.ones(1, 3))
 
 
-def test_bf16_load_keeps_checkpoint_values(tiny_checkpoint):
+def test_bf16_load_keeps_checkpoint_values_and_fuses_projections(tiny_checkpoint):
     model = hal.load_model(tiny_checkpoint, "cpu", "bfloat16")
-    stored = SafetensorsFile(tiny_checkpoint / SINGLE).tensor("model.layers.0.self_attn.q_proj.weight")
-    assert model.layers[0].q.dtype == torch.bfloat16
-    assert torch.equal(model.layers[0].q, stored)
+    stored = SafetensorsFile(tiny_checkpoint / SINGLE)
+    parts = [stored.tensor(f"model.layers.1.self_attn.{p}_proj.weight") for p in "qkv"]
+    assert model.layers[1].qkv.dtype == torch.bfloat16
+    assert torch.equal(model.layers[1].qkv, torch.cat(parts))
+    gate, up = (stored.tensor(f"model.layers.3.mlp.{p}_proj.weight") for p in ("gate", "up"))
+    assert torch.equal(model.layers[3].gate_up, torch.cat([gate, up]))
+    assert torch.equal(model.layers[3].down, stored.tensor("model.layers.3.mlp.down_proj.weight"))

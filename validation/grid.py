@@ -73,7 +73,7 @@ def model_cases(shapes: dict[str, int], dtype: str, lengths: Iterable[int], deco
         out.append(case("add_rms_norm", dt, B=1, T=t, E=e))
         out.append(case("rotary", dt, B=1, T=t, H=h, Hk=hk, D=d, P=0))
         out.append(case("swiglu", dt, B=1, T=t, F=f))
-        for k_in, o_out in ((e, h * d), (e, hk * d), (h * d, e), (e, f), (f, e)):
+        for k_in, o_out in ((e, (h + 2 * hk) * d), (h * d, e), (e, 2 * f), (f, e)):  # fused qkv, gate_up
             out.append(case("linear", dt, B=1, T=t, K=k_in, O=o_out))
         out.append(case("logits", dt, B=1, T=t, E=e, V=min(v, max(1, MAX_LINEAR_ELEMENTS // e))))
         out.append(case("attention_prefill", dt, B=1, T=t, H=h, Hk=hk, D=d))
