@@ -16,7 +16,7 @@ if "torch" not in sys.modules:
     os.environ.setdefault("TORCH_DEVICE_BACKEND_AUTOLOAD", "0")
 
 from hal.api import load_model, parse_dtype  # noqa: E402
-from hal.devices import Device, devices  # noqa: E402
+from hal.probing import Device, devices  # noqa: E402
 from hal.errors import (  # noqa: E402
     CheckpointError,
     ConfigError,

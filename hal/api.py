@@ -7,8 +7,8 @@ from typing import Any, Callable
 
 import torch
 
-from hal.devices import resolve as resolve_device
-from hal.devices import torch_device
+from hal.probing import resolve as resolve_device
+from hal.probing import torch_device
 from hal.errors import CheckpointError, InputError
 from hal.registry import bind
 

@@ -17,7 +17,7 @@ from typing import Any, Callable
 import torch
 
 from hal import env
-from hal.devices import torch_device
+from hal.probing import torch_device
 from hal.errors import UnsupportedOpError
 from hal.ops import CATALOGUE
 

@@ -9,7 +9,6 @@ Markdown report, writes report.md / report.json / top10.png / drift.png, and exi
 from __future__ import annotations
 
 import argparse
-import importlib
 import json
 import math
 import os
@@ -100,7 +99,7 @@ def _set_threads(requested: int | None, model: Path) -> None:
 
 
 def _run(args: argparse.Namespace) -> int:
-    hal_devices = importlib.import_module("hal.devices")  # hal.devices is also a function
+    from hal import probing as hal_devices
     from hal.api import dtype_name, parse_dtype
     from validation import harness, passrule, prompts, report_dir
 

@@ -12,7 +12,7 @@ usage error or an unavailable device.
 from __future__ import annotations
 
 import argparse
-import importlib
+from hal import probing
 import os
 import re
 import sys
@@ -120,7 +120,7 @@ def main(argv: list[str] | None = None) -> int:
             return coverage()
         if args.mode == "support":
             return run_support(ops, args.dtype)
-        device = importlib.import_module("hal.devices").resolve(args.device)
+        device = probing.resolve(args.device)
         return run_tests(device, ops, args.dtype, args.pattern)
     except HalError as exc:
         print(f"error: {exc}", file=sys.stderr)

@@ -6,7 +6,6 @@ plots are rendered from it, so every number a user reads is one a machine can re
 from __future__ import annotations
 
 import datetime as _dt
-import importlib
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -21,7 +20,7 @@ from validation import environment, grid, metrics, opcheck
 from validation.drift import layer_drift, summarize_drift
 from validation.passrule import Check, Thresholds, verdict
 
-hal_devices = importlib.import_module("hal.devices")  # the module; ``hal.devices`` is also a function
+from hal import probing as hal_devices
 
 SCHEMA = "minicpm-hal/validation-report"
 SCHEMA_VERSION = 1

@@ -17,7 +17,7 @@ from typing import Any, Callable
 
 import torch
 
-from hal.devices import torch_device
+from hal.probing import torch_device
 from hal.ops import get_spec
 from hal.registry import BindContext, Impl, implementations
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 import pytest
 
 from backends.npu import emulator
-from hal.devices import reset as reset_probes
+from hal.probing import reset as reset_probes
 
 
 @pytest.fixture

@@ -15,7 +15,7 @@ import pytest
 import torch
 
 import hal
-from hal.devices import probe_npu, resolve
+from hal.probing import probe_npu, resolve
 from hal.errors import DeviceUnavailable
 
 REPO = Path(__file__).resolve().parents[2]

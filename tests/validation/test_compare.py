@@ -1,7 +1,6 @@
 """python -m validation.compare end to end on the tiny synthetic checkpoint."""
 from __future__ import annotations
 
-import importlib
 import json
 
 import pytest
@@ -80,7 +79,7 @@ def test_cpu_bfloat16_passes(tiny_checkpoint, tmp_path):
 
 
 def test_npu_emulated_report_says_emulated(tiny_checkpoint, tmp_path, monkeypatch):
-    devices = importlib.import_module("hal.devices")  # the module (hal.devices is also a function)
+    from hal import probing as devices
     monkeypatch.delenv("HAL_NPU_EMULATE", raising=False)  # main() sets it; undone at teardown
     devices.reset()
     prompts = tmp_path / "p.txt"

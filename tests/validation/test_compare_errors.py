@@ -1,7 +1,6 @@
 """User errors exit 2 with one line and leave no report behind; devices that are not here say why."""
 from __future__ import annotations
 
-import importlib
 import os
 import subprocess
 import sys
@@ -14,7 +13,7 @@ from hal.errors import DeviceUnavailable
 from validation import compare
 
 ROOT = Path(__file__).resolve().parents[2]
-devices = importlib.import_module("hal.devices")
+from hal import probing as devices
 
 
 @pytest.fixture(autouse=True)
