@@ -12,12 +12,12 @@ usage error or an unavailable device.
 from __future__ import annotations
 
 import argparse
-from hal import probing
 import os
 import re
 import sys
 from typing import Iterable
 
+from hal import probing
 from hal.errors import HalError, InputError
 from hal.ops import CATALOGUE
 from hal.registry import BACKEND_PACKAGES, Impl, implementations
