@@ -1,7 +1,8 @@
 """The op catalogue: every op the model core calls, declared once, as data.
 
 Shape letters (fixed project-wide):
-    B batch, T new tokens, S cached/key length, H query heads, Hk KV heads, D head dim,
+    B batch, T new tokens, S cached/key length, C cache capacity (positions per row, a multiple of
+    128 in the model's cache), H query heads, Hk KV heads, D head dim,
     E hidden size, F FFN size, V vocab, N sequences, K (in) / O (out) features of a linear.
 Layouts are written ``[B, T, H, D]`` and are contiguous in the last dim unless stated.
 
@@ -45,11 +46,21 @@ scale) -> [B, T, H, D]``
     key j iff ``kv_start[b] <= j <= t`` (kv_start marks left padding; None means 0). Softmax in
     float32 with ``scale`` (normally ``1/sqrt(D)``). A query that sees no key returns zeros.
 
-``attention_decode(q [B, T, H, D], k_cache [B, S, Hk, D], v_cache [B, S, Hk, D],
-kv_start [B] int64 | None, scale) -> [B, T, H, D]``
-    The T new queries are the last T positions of the S cached ones (their keys are already
-    written into the cache): query t sees key j iff ``kv_start[b] <= j <= S - T + t``.
-    T is usually 1 (decode) but any T <= S is valid (chunked prefill against a cache).
+``attention_decode(q [B, T, H, D], k_cache [B, C, Hk, D], v_cache [B, C, Hk, D], kv_lens [B] int64,
+scale) -> [B, T, H, D]``
+    Row b's cached keys/values are positions ``0 .. kv_lens[b]-1`` of its cache row (right-ragged:
+    positions ``>= kv_lens[b]`` are unused, may hold anything and must not be read). The T new
+    queries are the last T of those positions (their keys are already written, see ``kv_write``):
+    query t sees key j iff ``j <= kv_lens[b] - T + t``. A query that sees no key (``kv_lens[b] <
+    T``: left padding inside a chunk) returns zeros. T is usually 1 (decode) but any T is valid
+    (chunked prefill against a cache). GQA, float32 softmax and ``scale`` as in attention_prefill.
+    kv_lens may live on the CPU or on the device.
+
+``kv_write(k_cache [B, C, Hk, D], v_cache [B, C, Hk, D], k [B, T, Hk, D], v [B, T, Hk, D],
+slots [B, T] int64) -> None``
+    In place: ``k_cache[b, slots[b, t]] = k[b, t]`` and the same for v; ``slots[b, t] == -1``
+    skips the token (left padding of a prompt). Written slots of a row are distinct and in
+    ``[0, C)``; everything else in the caches is left untouched. Exact: a copy, no arithmetic.
 
 ``sample(logits [B, V] float32, temperature, top_k, top_p, generator) -> [B] int64``
     ``temperature == 0`` is greedy (argmax, lowest index on ties). Otherwise divide by the
@@ -69,7 +80,8 @@ FLOAT_DTYPES = ("float32", "bfloat16", "float16")
 class OpSpec:
     """One op's contract. ``nmse`` maps a dtype name to the largest NMSE
     ``sum((ref - out)^2) / sum(ref^2)`` an implementation may show against the float32
-    reference on that dtype's inputs (0.0 = must match exactly)."""
+    reference on that dtype's inputs (0.0 = must match exactly). ``inplace``: the op returns
+    None and its ``outputs`` are the inputs of the same names as the op left them."""
 
     name: str
     inputs: dict[str, str]
@@ -77,6 +89,7 @@ class OpSpec:
     attrs: dict[str, str] = field(default_factory=dict)
     dtypes: tuple[str, ...] = FLOAT_DTYPES
     nmse: dict[str, float] = field(default_factory=dict)
+    inplace: bool = False
 
     def tolerance(self, dtype: str) -> float:
         if dtype not in self.nmse:
@@ -146,13 +159,26 @@ ATTENTION_DECODE = OpSpec(
     "attention_decode",
     inputs={
         "q": "[B, T, H, D]",
-        "k_cache": "[B, S, Hk, D]",
-        "v_cache": "[B, S, Hk, D]",
-        "kv_start": "[B] int64 | None",
+        "k_cache": "[B, C, Hk, D]",
+        "v_cache": "[B, C, Hk, D]",
+        "kv_lens": "[B] int64",
     },
     outputs={"o": "[B, T, H, D]"},
     attrs={"scale": "float"},
     nmse=_REDUCTION,
+)
+KV_WRITE = OpSpec(
+    "kv_write",
+    inputs={
+        "k_cache": "[B, C, Hk, D]",
+        "v_cache": "[B, C, Hk, D]",
+        "k": "[B, T, Hk, D]",
+        "v": "[B, T, Hk, D]",
+        "slots": "[B, T] int64",
+    },
+    outputs={"k_cache": "[B, C, Hk, D]", "v_cache": "[B, C, Hk, D]"},
+    inplace=True,
+    nmse={"float32": 0.0, "bfloat16": 0.0, "float16": 0.0},
 )
 SAMPLE = OpSpec(
     "sample",
@@ -175,6 +201,7 @@ CATALOGUE: dict[str, OpSpec] = {
         LOGITS,
         ATTENTION_PREFILL,
         ATTENTION_DECODE,
+        KV_WRITE,
         SAMPLE,
     )
 }

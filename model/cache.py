@@ -1,33 +1,60 @@
-"""Explicit cache objects. ``KVCache`` is the dense per-layer key/value cache."""
+"""Explicit cache objects. ``KVCache`` is the per-layer key/value cache, right-ragged per row."""
 from __future__ import annotations
 
 import torch
 
+KV_BLOCK = 128
+"""The cache capacity is a multiple of this: the NPU reads each cache row as 128-token pages
+(FIA ``block_table``, ``npu_scatter_pa_kv_cache``) through a view, without copying."""
+
+
+def round_capacity(tokens: int) -> int:
+    """``tokens`` rounded up to a multiple of :data:`KV_BLOCK` (at least one block)."""
+    return max(1, -(-tokens // KV_BLOCK)) * KV_BLOCK
+
 
 class KVCache:
-    """Per-layer keys and values, preallocated.
+    """Per-layer keys and values, preallocated, vLLM-style: each row's real tokens from slot 0.
 
-    keys[l], values[l]: `[B, capacity, Hk, D]`, contiguous in D. ``length`` positions are filled
-    (the same for every row; left padding is expressed by ``kv_start`` in the attention ops).
+    keys[l], values[l]: `[B, capacity, Hk, D]`, contiguous; capacity is the asked one rounded up
+    to a multiple of :data:`KV_BLOCK`. ``lengths`` (CPU int64 `[B]`): how many positions of each
+    row are filled (left padding of a prompt is never written, so rows differ). ``length``: how
+    many input columns (padding included) have been fed, the same for every row.
+
+    A forward pass asks :meth:`plan` for the slots of its T new tokens, writes every layer with
+    ``ops.kv_write(keys[l], values[l], k, v, slots)``, then calls :meth:`advance`.
     """
 
     def __init__(self, layers: int, batch: int, capacity: int, kv_heads: int, head_dim: int,
                  dtype: torch.dtype, device: torch.device):
-        shape = (batch, capacity, kv_heads, head_dim)
+        self.capacity = round_capacity(capacity)
+        shape = (batch, self.capacity, kv_heads, head_dim)
         self.keys = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(layers)]
         self.values = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(layers)]
-        self.capacity = capacity
+        self.batch = batch
         self.length = 0
+        self.lengths = torch.zeros(batch, dtype=torch.int64)
+        self._pending: torch.Tensor | None = None
 
-    def write(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Store k/v `[B, T, Hk, D]` at positions ``length .. length+T-1`` of ``layer``; returns
-        the filled views `[B, length+T, Hk, D]`. Call :meth:`advance` once all layers are written."""
-        end = self.length + k.shape[1]
-        if end > self.capacity:
-            raise ValueError(f"KVCache: writing {k.shape[1]} tokens at {self.length} exceeds capacity {self.capacity}")
-        self.keys[layer][:, self.length:end] = k
-        self.values[layer][:, self.length:end] = v
-        return self.keys[layer][:, :end], self.values[layer][:, :end]
+    def plan(self, new: int, kv_start: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+        """Slots of the next ``new`` columns: returns (slots `[B, T]` int64 on the CPU, -1 for a
+        left-padding token; kv_lens `[B]` int64 on the CPU, the filled lengths once they are
+        written). kv_start: `[B]` first real column per row (left padding), or None."""
+        columns = torch.arange(self.length, self.length + new, dtype=torch.int64)
+        columns = columns[None].expand(self.batch, new)
+        if kv_start is not None:
+            columns = columns - kv_start.to("cpu", torch.int64)[:, None]
+        slots = torch.where(columns >= 0, columns, torch.full_like(columns, -1))
+        kv_lens = (columns[:, -1] + 1).clamp(min=0)
+        if int(kv_lens.max()) > self.capacity:
+            raise ValueError(f"KVCache: writing {new} tokens after {self.lengths.tolist()} exceeds "
+                             f"capacity {self.capacity}")
+        self._pending = kv_lens
+        return slots, kv_lens
 
     def advance(self, tokens: int) -> None:
+        """Commit the last :meth:`plan` of ``tokens`` columns (all layers written)."""
         self.length += tokens
+        if self._pending is not None:
+            self.lengths = self._pending
+            self._pending = None

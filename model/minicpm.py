@@ -136,8 +136,9 @@ class MiniCPMForCausalLM:
         """One forward pass over T new tokens (on the model device).
 
         input_ids: `[B, T]` int64. cache: filled with these tokens' keys/values when given
-        (positions continue from ``cache.length``). kv_start: `[B]` first real position per row
-        (left padding), or None. logits_last_only: compute logits for the last position only.
+        (columns continue from ``cache.length``; each row's real tokens go to its slots 0, 1, ...).
+        kv_start: `[B]` first real column per row (left padding), or None. logits_last_only:
+        compute logits for the last position only.
         """
         ops, cfg = self.ops, self.config
         batch, new = input_ids.shape
@@ -146,6 +147,10 @@ class MiniCPMForCausalLM:
         if kv_start is not None:
             positions = (positions - kv_start[:, None]).clamp(min=0)
         cos, sin = self.rope(positions)
+        slots = kv_lens = None
+        if cache is not None:
+            slots, kv_lens = cache.plan(new, kv_start)
+            slots = slots.to(self.device)
 
         h = ops.embedding(input_ids, self.embed) * cfg.scale_emb
         hidden: list[torch.Tensor] | None = [h] if output_hidden_states else None
@@ -153,7 +158,7 @@ class MiniCPMForCausalLM:
         x = ops.rms_norm(h, self.layers[0].input_norm, cfg.rms_norm_eps)
         alpha = cfg.residual_scale
         for index, layer in enumerate(self.layers):
-            attn = self._attention(index, layer, x, cos, sin, cache, kv_start, past)
+            attn = self._attention(index, layer, x, cos, sin, cache, kv_start, past, slots, kv_lens)
             x, residual = ops.add_rms_norm(attn, residual, layer.post_norm, cfg.rms_norm_eps, alpha)
             gate, up = ops.linear(x, layer.gate_up).chunk(2, dim=-1)
             mlp = ops.linear(ops.swiglu(gate, up), layer.down)
@@ -172,7 +177,10 @@ class MiniCPMForCausalLM:
 
     def _attention(self, index: int, layer: LayerWeights, x: torch.Tensor, cos: torch.Tensor,
                    sin: torch.Tensor, cache: KVCache | None, kv_start: torch.Tensor | None,
-                   past: int) -> torch.Tensor:
+                   past: int, slots: torch.Tensor | None, kv_lens: torch.Tensor | None) -> torch.Tensor:
+        """slots `[B, T]` / kv_lens `[B]`: from ``cache.plan`` when a cache is given. The first chunk
+        into an empty cache attends over its own keys (attention_prefill, left padding by
+        kv_start); later chunks read the whole cache buffers (attention_decode, kv_lens)."""
         ops, cfg = self.ops, self.config
         batch, new, _ = x.shape
         d = cfg.head_dim
@@ -182,9 +190,9 @@ class MiniCPMForCausalLM:
         v = v.view(batch, new, cfg.num_key_value_heads, d)
         q, k = ops.rotary(q, k, cos, sin)
         if cache is not None:
-            k_all, v_all = cache.write(index, k, v)
+            ops.kv_write(cache.keys[index], cache.values[index], k, v, slots)
             if past > 0:
-                o = ops.attention_decode(q, k_all, v_all, kv_start, self.attn_scale)
+                o = ops.attention_decode(q, cache.keys[index], cache.values[index], kv_lens, self.attn_scale)
                 return ops.linear(o.reshape(batch, new, -1), layer.o)
         o = ops.attention_prefill(q, k, v, kv_start, self.attn_scale)
         return ops.linear(o.reshape(batch, new, -1), layer.o)

@@ -8,9 +8,16 @@ from __future__ import annotations
 from typing import Iterable
 
 from hal.ops import CATALOGUE, get_spec
+from model.cache import KV_BLOCK
 from validation.opcheck import Case, case
 
 GQA = ((4, 4), (4, 2), (16, 2), (16, 1))  # (H, Hk): ratios 1, 2, 8, 16
+
+
+def capacity(longest: int) -> int:
+    """A cache capacity C for rows of up to ``longest`` tokens: the next multiple of 128 above it
+    (so every case has unused positions, which hold garbage)."""
+    return (longest // KV_BLOCK + 1) * KV_BLOCK
 
 
 def _grid_dims(op: str) -> list[tuple[dict[str, int], tuple[str, ...]]]:
@@ -36,11 +43,17 @@ def _grid_dims(op: str) -> list[tuple[dict[str, int], tuple[str, ...]]]:
         cases.append(({"B": 2, "T": 13, "H": 4, "Hk": 2, "D": 64}, ("padded",)))
         return cases
     if op == "attention_decode":
-        cases = [({"B": 1, "T": t, "S": s, "H": h, "Hk": hk, "D": d}, ())
+        cases = [({"B": 1, "T": t, "S": s, "C": capacity(s), "H": h, "Hk": hk, "D": d}, ())
                  for t, s, (h, hk), d in ((1, 1, GQA[0], 64), (1, 65, GQA[1], 128), (1, 63, GQA[2], 64),
                                           (3, 40, GQA[3], 128))]
-        cases.append(({"B": 2, "T": 1, "S": 20, "H": 4, "Hk": 2, "D": 64}, ("padded",)))
+        cases.append(({"B": 2, "T": 1, "S": 20, "C": 128, "H": 4, "Hk": 2, "D": 64}, ("ragged",)))
+        cases.append(({"B": 3, "T": 4, "S": 130, "C": 256, "H": 4, "Hk": 2, "D": 64}, ("ragged",)))
         return cases
+    if op == "kv_write":
+        return [({"B": 1, "T": 1, "C": 128, "Hk": 2, "D": 64}, ()),
+                ({"B": 3, "T": 1, "C": 256, "Hk": 2, "D": 128}, ("ragged",)),
+                ({"B": 2, "T": 13, "C": 128, "Hk": 1, "D": 64}, ("padded",)),
+                ({"B": 2, "T": 5, "C": 128, "Hk": 4, "D": 64}, ("ragged",))]
     if op == "sample":
         return [({"B": 3, "V": 1000}, ()), ({"B": 2, "V": 1000}, ("ties",))]
     raise KeyError(f"no conformance grid for op {op!r}")
@@ -62,7 +75,8 @@ MAX_LINEAR_ELEMENTS = 1 << 24  # cap the lm_head weight a model-shape case alloc
 
 def model_cases(shapes: dict[str, int], dtype: str, lengths: Iterable[int], decode_len: int) -> list[Case]:
     """Cases on the shapes a model used: ``shapes`` from ``MiniCPMConfig.shapes()``, prompt
-    ``lengths`` (T of each prefill), ``decode_len`` (S of a one-token decode step)."""
+    ``lengths`` (T of each prefill), ``decode_len`` (S, the cached length, of a one-token
+    decode step; its cache capacity C is the next multiple of 128 above it)."""
     e, f, v, h, hk, d = (shapes[k] for k in ("E", "F", "V", "H", "Hk", "D"))
     ts = sorted(set(lengths))
     dt = dtype if dtype in get_spec("rms_norm").dtypes else "float32"
@@ -77,7 +91,10 @@ def model_cases(shapes: dict[str, int], dtype: str, lengths: Iterable[int], deco
             out.append(case("linear", dt, B=1, T=t, K=k_in, O=o_out))
         out.append(case("logits", dt, B=1, T=t, E=e, V=min(v, max(1, MAX_LINEAR_ELEMENTS // e))))
         out.append(case("attention_prefill", dt, B=1, T=t, H=h, Hk=hk, D=d))
-    out.append(case("attention_decode", dt, B=1, T=1, S=max(1, decode_len), H=h, Hk=hk, D=d))
+        out.append(case("kv_write", dt, B=1, T=t, C=capacity(t), Hk=hk, D=d))
+    s = max(1, decode_len)
+    out.append(case("kv_write", dt, B=1, T=1, C=capacity(s), Hk=hk, D=d))
+    out.append(case("attention_decode", dt, B=1, T=1, S=s, C=capacity(s), H=h, Hk=hk, D=d))
     out.append(case("sample", "float32", B=1, V=v))
     seen: set[str] = set()
     return [c for c in out if not (c.label in seen or seen.add(c.label))]

@@ -28,8 +28,9 @@ TORCH_DTYPE = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": 
 @dataclass(frozen=True)
 class Case:
     """op: catalogue name. dtype: ``float32`` / ``bfloat16`` / ``float16``. dims: sizes by
-    shape letter (B, T, S, H, Hk, D, E, F, K, O, V). flags: ``padded`` (left padding via
-    kv_start), ``ties`` (sample: equal top logits)."""
+    shape letter (B, T, S, C, H, Hk, D, E, F, K, O, V). flags: ``padded`` (left padding via
+    kv_start; kv_write: -1 slots), ``ragged`` (attention_decode / kv_write: rows of different
+    lengths), ``ties`` (sample: equal top logits)."""
 
     op: str
     dtype: str
@@ -88,6 +89,46 @@ def _kv_start(c: Case, keys: int) -> torch.Tensor | None:
     return torch.tensor([min(b * max(1, keys // 3), keys - 1) for b in range(batch)], dtype=torch.int64)
 
 
+def _kv_lens(c: Case) -> torch.Tensor:
+    """attention_decode: every row holds S keys, or (``ragged``) S, S - S//3, ... (at least 1)."""
+    s, batch = c.dim("S"), c.dim("B")
+    step = max(1, s // 3) if "ragged" in c.flags else 0
+    return torch.tensor([max(1, s - b * step) for b in range(batch)], dtype=torch.int64)
+
+
+GARBAGE = 1e3
+"""Scale of the values written past a row's kv_lens (unused positions) in attention_decode cases:
+an implementation that lets them into its softmax fails; beyond the longest row they are NaN."""
+
+
+def _ragged_cache(g: torch.Generator, kv_lens: torch.Tensor, capacity: int, heads: int,
+                  dim: int) -> torch.Tensor:
+    """`[B, C, Hk, D]`: randn up to each row's length, ``GARBAGE * randn`` from there to the longest
+    row, NaN after it."""
+    cache = _randn(g, len(kv_lens), capacity, heads, dim)
+    longest = int(kv_lens.max())
+    for b, n in enumerate(kv_lens.tolist()):
+        cache[b, n:longest] *= GARBAGE
+    cache[:, longest:] = float("nan")
+    return cache
+
+
+def _slots(c: Case) -> torch.Tensor:
+    """kv_write slots `[B, T]`: row b continues at a row-dependent length (``ragged``) or writes
+    from 0 with its first b*T//3 tokens skipped as left padding (``padded``: -1)."""
+    batch, new, capacity = c.dim("B"), c.dim("T"), c.dim("C")
+    rows = []
+    for b in range(batch):
+        if "padded" in c.flags:
+            pad = min(b * max(1, new // 3), new - 1)
+            row = torch.arange(new) - pad
+            rows.append(torch.where(row >= 0, row, torch.full_like(row, -1)))
+        else:
+            start = (b * 37) % (capacity - new + 1) if "ragged" in c.flags else 0
+            rows.append(torch.arange(start, start + new))
+    return torch.stack(rows).to(torch.int64)
+
+
 def make_inputs(c: Case, seed: int = 0) -> dict[str, Any]:
     """The case's keyword arguments, float tensors in float32 already rounded to ``c.dtype``."""
     g = torch.Generator().manual_seed(seed)
@@ -115,10 +156,16 @@ def make_inputs(c: Case, seed: int = 0) -> dict[str, Any]:
         args = {"q": _randn(g, b, t, d["H"], d["D"]), "k": _randn(g, b, t, d["Hk"], d["D"]),
                 "v": _randn(g, b, t, d["Hk"], d["D"]), "kv_start": _kv_start(c, t), "scale": d["D"] ** -0.5}
     elif c.op == "attention_decode":
-        s = d["S"]
-        args = {"q": _randn(g, b, t, d["H"], d["D"]), "k_cache": _randn(g, b, s, d["Hk"], d["D"]),
-                "v_cache": _randn(g, b, s, d["Hk"], d["D"]), "kv_start": _kv_start(c, s),
+        kv_lens = _kv_lens(c)
+        args = {"q": _randn(g, b, t, d["H"], d["D"]),
+                "k_cache": _ragged_cache(g, kv_lens, d["C"], d["Hk"], d["D"]),
+                "v_cache": _ragged_cache(g, kv_lens, d["C"], d["Hk"], d["D"]), "kv_lens": kv_lens,
                 "scale": d["D"] ** -0.5}
+    elif c.op == "kv_write":
+        cache_shape = (b, d["C"], d["Hk"], d["D"])
+        args = {"k_cache": _randn(g, *cache_shape), "v_cache": _randn(g, *cache_shape),
+                "k": _randn(g, b, t, d["Hk"], d["D"]), "v": _randn(g, b, t, d["Hk"], d["D"]),
+                "slots": _slots(c)}
     elif c.op == "sample":
         logits = _randn(g, b, d["V"], scale=3.0)
         if "ties" in c.flags:
@@ -221,8 +268,14 @@ def reference_fn(op: str) -> Callable[..., Any]:
     return ref.load()
 
 
-def _outputs(op: str, value: Any) -> dict[str, torch.Tensor]:
-    names = list(get_spec(op).outputs)
+def _outputs(op: str, value: Any, args: dict[str, Any]) -> dict[str, torch.Tensor]:
+    """The op's named outputs: its return value, or for an in-place op the written arguments."""
+    spec = get_spec(op)
+    names = list(spec.outputs)
+    if spec.inplace:
+        if value is not None:
+            raise ValueError(f"{op} is in place and must return None, got {type(value).__name__}")
+        return {name: args[name] for name in names}
     values = value if isinstance(value, tuple) else (value,)
     if len(values) != len(names):
         raise ValueError(f"{op} returned {len(values)} outputs, the catalogue declares {len(names)}: {names}")
@@ -238,10 +291,16 @@ def check(c: Case, fn: Callable[..., Any], impl: str = "impl", device: str = "cp
     tolerance = spec.tolerance(c.dtype)
     args = make_inputs(c, seed)
     started = time.perf_counter()
-    ref = _outputs(c.op, (ref_fn or reference_fn(c.op))(**_place(args, None, torch.device("cpu"))))
+    ref_args = _place(args, None, torch.device("cpu"))
+    if get_spec(c.op).inplace:
+        ref_args = {k: v.clone() if isinstance(v, torch.Tensor) else v for k, v in ref_args.items()}
+    ref = _outputs(c.op, (ref_fn or reference_fn(c.op))(**ref_args), ref_args)
     dev = torch_device(device)  # the emulated NPU keeps tensors on the CPU
     try:
-        out = _outputs(c.op, fn(**_place(args, TORCH_DTYPE[c.dtype], dev)))
+        placed = _place(args, TORCH_DTYPE[c.dtype], dev)
+        if get_spec(c.op).inplace:
+            placed = {k: v.clone() if isinstance(v, torch.Tensor) else v for k, v in placed.items()}
+        out = _outputs(c.op, fn(**placed), placed)
     except Exception as exc:  # noqa: BLE001 - a broken implementation is a result, not a crash
         first = (str(exc).strip().splitlines() or [""])[0]
         return CaseResult(c, impl, "error", tolerance=tolerance, reason=f"{type(exc).__name__}: {first}")

@@ -5,12 +5,13 @@ from __future__ import annotations
 from hal.registry import Impl, register
 
 _OPS = ("embedding", "rms_norm", "add_rms_norm", "rotary", "swiglu", "linear", "logits",
-        "attention_prefill", "attention_decode", "sample")
+        "attention_prefill", "attention_decode", "kv_write", "sample")
 _REFERENCE_MODULE = {
     "logits": "linear",
     "add_rms_norm": "rms_norm",
     "attention_prefill": "attention",
     "attention_decode": "attention",
+    "kv_write": "kv_cache",
 }
 
 for _op in _OPS:

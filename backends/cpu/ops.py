@@ -98,41 +98,71 @@ def _visibility_mask(new: int, keys: int, kv_start: torch.Tensor | None,
     return causal[None, None] & valid[:, None, None, :]
 
 
-def _sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kv_start: torch.Tensor | None,
-          scale: float) -> torch.Tensor:
-    new, heads = q.shape[1], q.shape[2]
-    keys = k.shape[1]
+def _ragged_mask(new: int, keys: int, kv_lens: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """Boolean `[B, 1, T, S]` (True = may attend): query t of row b sees key j iff
+    ``j <= kv_lens[b] - T + t``."""
+    cols = torch.arange(keys, device=device)
+    last = kv_lens.to(device)[:, None] - new + torch.arange(new, device=device)[None, :]  # [B, T]
+    return (cols[None, None, :] <= last[:, :, None])[:, None]
+
+
+def _sdpa_masked(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None,
+                 causal: bool, scale: float) -> torch.Tensor:
+    """SDPA over q `[B, T, H, D]`, k/v `[B, S, Hk, D]` with a boolean `[B, 1, T, S]` mask (rows that
+    see no key give zeros), or top-left ``causal``, or full attention. bf16/fp16: softmax and
+    both products in float32, one rounding at the end (what flash attention kernels keep in
+    registers); the bf16 SDPA CPU path rounds in between."""
     out_dtype = q.dtype
     if out_dtype != torch.float32:
-        # bf16/fp16: softmax and both products in float32, one rounding at the end (what flash
-        # attention kernels keep in registers); the bf16 SDPA CPU path rounds in between.
         q, k, v = q.float(), k.float(), v.float()
     qh, kh, vh = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
-    mask = _visibility_mask(new, keys, kv_start, q.device)
-    gqa = heads != k.shape[2]
+    gqa = q.shape[2] != k.shape[2]
     if mask is not None:
         out = F.scaled_dot_product_attention(qh, kh, vh, attn_mask=mask, scale=scale, enable_gqa=gqa)
-        # rows that see no key (left padding) come out as NaN from SDPA; the contract says zeros
+        # rows that see no key come out as NaN from SDPA; the contract says zeros
         out = out.masked_fill(~mask.any(-1, keepdim=True), 0.0)
-    elif new == 1:
-        out = F.scaled_dot_product_attention(qh, kh, vh, scale=scale, enable_gqa=gqa)
-    elif new == keys:
-        out = F.scaled_dot_product_attention(qh, kh, vh, is_causal=True, scale=scale, enable_gqa=gqa)
     else:
-        cols = torch.arange(keys, device=q.device)
-        causal = cols[None, :] <= (keys - new + torch.arange(new, device=q.device))[:, None]
-        out = F.scaled_dot_product_attention(qh, kh, vh, attn_mask=causal, scale=scale, enable_gqa=gqa)
+        out = F.scaled_dot_product_attention(qh, kh, vh, is_causal=causal, scale=scale, enable_gqa=gqa)
     return out.transpose(1, 2).to(out_dtype)
 
 
 def attention_prefill_cpu(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                           kv_start: torch.Tensor | None, scale: float) -> torch.Tensor:
-    return _sdpa(q, k, v, kv_start, scale)
+    new = q.shape[1]
+    mask = _visibility_mask(new, new, kv_start, q.device)
+    return _sdpa_masked(q, k, v, mask, mask is None and new > 1, scale)
 
 
 def attention_decode_cpu(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
-                         kv_start: torch.Tensor | None, scale: float) -> torch.Tensor:
-    return _sdpa(q, k_cache, v_cache, kv_start, scale)
+                         kv_lens: torch.Tensor, scale: float) -> torch.Tensor:
+    """SDPA on ``k_cache[:, :max(kv_lens)]``: no mask when every row has the same length and T is 1,
+    else the per-row visibility mask (positions past a row's length are masked, never used)."""
+    new = q.shape[1]
+    lengths = kv_lens.tolist()
+    longest = max(lengths)
+    if longest <= 0:
+        return torch.zeros_like(q)
+    k, v = k_cache[:, :longest], v_cache[:, :longest]
+    mask = None
+    if new > 1 or min(lengths) != longest:
+        mask = _ragged_mask(new, longest, kv_lens, q.device)
+    return _sdpa_masked(q, k, v, mask, False, scale)
+
+
+def kv_write_cpu(k_cache: torch.Tensor, v_cache: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                 slots: torch.Tensor) -> None:
+    """In place: token (b, t) of k/v `[B, T, Hk, D]` into position ``slots[b, t]`` of cache row b;
+    -1 skips. One indexed copy per cache (works on any torch device)."""
+    batch, new = slots.shape
+    slots = slots.to(k_cache.device)
+    rows = torch.arange(batch, device=k_cache.device)[:, None].expand(batch, new)
+    keep = slots >= 0
+    if bool(keep.all()):
+        k_cache[rows, slots] = k
+        v_cache[rows, slots] = v
+        return
+    k_cache[rows[keep], slots[keep]] = k[keep]
+    v_cache[rows[keep], slots[keep]] = v[keep]
 
 
 def sample_cpu(logits: torch.Tensor, temperature: float, top_k: int, top_p: float,

@@ -5,7 +5,7 @@ from __future__ import annotations
 from hal.registry import Impl, register
 
 _OPS = ("embedding", "rms_norm", "add_rms_norm", "rotary", "swiglu", "linear", "logits",
-        "attention_prefill", "attention_decode", "sample")
+        "attention_prefill", "attention_decode", "kv_write", "sample")
 
 for _op in _OPS:
     register(Impl(op=_op, backend="cuda", name="torch", fn=f"backends.cpu.ops:{_op}_cpu", priority=50))

@@ -11,8 +11,10 @@ linear             npu.torch           (F.linear on the NPU)
 logits             npu.torch           (float32 GEMM over upcast vocabulary chunks, portable torch)
 attention_prefill  npu.torch_npu       npu_fused_infer_attention_score (TND, sparse_mode=3)
                    npu.torch           float32 / other head dims
-attention_decode   npu.torch_npu       npu_scatter_pa_kv_cache + FIA with block_table
+attention_decode   npu.torch_npu       FIA with block_table over the cache's 128-token page view
                    npu.torch           float32 / other head dims
+kv_write           npu.torch_npu       npu_scatter_pa_kv_cache on the same page view
+                   npu.torch           float32 (indexed copy, portable torch)
 sample             npu.torch_npu       npu_top_k_top_p + exponential race
 
 With ``HAL_NPU_EMULATE=1`` the same code runs against ``backends/npu/emulator`` on CPU tensors.
@@ -35,4 +37,7 @@ for _op in ("attention_prefill", "attention_decode"):
     register(Impl(_op, "npu", "torch_npu", f"{_M}.attention:{_op}_npu",
                   supports=supports.fused_attention(_op), priority=0))
     register(Impl(_op, "npu", "torch", f"{_M}.attention_torch:{_op}_npu_torch", priority=10))
+register(Impl("kv_write", "npu", "torch_npu", f"{_M}.attention:kv_write_npu", supports=supports.kv_write,
+              priority=0))
+register(Impl("kv_write", "npu", "torch", "backends.cpu.ops:kv_write_cpu", priority=10))
 register(Impl("sample", "npu", "torch_npu", f"{_M}.sample:sample_npu"))

@@ -31,6 +31,22 @@ def attention_prefill_npu_torch(q: torch.Tensor, k: torch.Tensor, v: torch.Tenso
 
 
 def attention_decode_npu_torch(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
-                               kv_start: torch.Tensor | None, scale: float) -> torch.Tensor:
-    """Catalogue ``attention_decode``: q `[B, T, H, D]`, caches `[B, S, Hk, D]` -> `[B, T, H, D]`."""
-    return _attend(q, k_cache, v_cache, kv_start, scale)
+                               kv_lens: torch.Tensor, scale: float) -> torch.Tensor:
+    """Catalogue ``attention_decode``: q `[B, T, H, D]`, caches `[B, C, Hk, D]`, kv_lens `[B]` ->
+    `[B, T, H, D]`; reads ``[:max(kv_lens)]`` and masks each row's positions past its length."""
+    batch, new, heads, _ = q.shape
+    lengths = kv_lens.to(q.device)
+    longest = int(lengths.max())
+    if longest <= 0:
+        return torch.zeros_like(q)
+    k, v = k_cache[:, :longest], v_cache[:, :longest]
+    group = heads // k.shape[2]
+    kf = k.float().repeat_interleave(group, dim=2)
+    vf = v.float().repeat_interleave(group, dim=2)
+    scores = torch.einsum("bthd,bshd->bhts", q.float(), kf) * scale
+    cols = torch.arange(longest, device=q.device)
+    last = lengths[:, None] - new + torch.arange(new, device=q.device)[None, :]  # [B, T]
+    keep = cols[None, None, :] <= last[:, :, None]
+    scores = scores.masked_fill(~keep[:, None], float("-inf"))
+    probs = torch.softmax(scores, dim=-1).masked_fill(~keep.any(-1)[:, None, :, None], 0.0)
+    return torch.einsum("bhts,bshd->bthd", probs, vf).to(q.dtype)

@@ -30,3 +30,10 @@ def rotary(ctx: BindContext) -> str | None:
     if dim is not None and (dim % 2 or dim >= 896):
         return f"npu.rotary: head_dim must be even and < 896 (npu_rotary_mul), got {dim}"
     return None
+
+
+def kv_write(ctx: BindContext) -> str | None:
+    if ctx.dtype_name not in FIA_DTYPES:
+        return (f"npu.kv_write: dtype must be bfloat16 or float16 (npu_scatter_pa_kv_cache), "
+                f"got {ctx.dtype_name}")
+    return None

@@ -27,11 +27,16 @@ def _prefill_inputs():
 
 
 def _decode_inputs():
+    """B=2, T=4 against a C=256 cache holding 140 / 129 keys; huge values past each row's length."""
     g = torch.Generator().manual_seed(8)
+    lens = [140, 129]
     q = torch.randn(2, 4, 4, D, generator=g).bfloat16()
-    k = torch.randn(2, 140, 2, D, generator=g).bfloat16()
-    v = torch.randn(2, 140, 2, D, generator=g).bfloat16()
-    return q, k, v, torch.tensor([0, 11]), SCALE
+    k = torch.randn(2, 256, 2, D, generator=g)
+    v = torch.randn(2, 256, 2, D, generator=g)
+    for b, n in enumerate(lens):
+        k[b, n:] *= 1e3
+        v[b, n:] *= 1e3
+    return q, k.bfloat16(), v.bfloat16(), torch.tensor(lens), SCALE
 
 
 def _caught(op: str, fn, ref, args) -> bool:
@@ -114,6 +119,56 @@ def test_cumulative_kv_lengths_with_a_paged_cache_are_caught(emulated, monkeypat
 
     _with_fia(monkeypatch, emulated, cumulative)
     assert _caught("attention_decode", *_pair("attention_decode"))
+
+
+def test_reading_past_kv_lens_is_caught(emulated, monkeypatch):
+    """FIA told every row is as long as the longest (or as the whole capacity) reads unused slots."""
+    def longest(kw):
+        lens = kw["actual_seq_lengths_kv"]
+        return dict(kw, actual_seq_lengths_kv=[max(lens)] * len(lens))
+
+    _with_fia(monkeypatch, emulated, longest)
+    assert _caught("attention_decode", *_pair("attention_decode"))
+    _with_fia(monkeypatch, emulated, lambda kw: dict(kw, actual_seq_lengths_kv=[256, 256]))
+    assert _caught("attention_decode", *_pair("attention_decode"))
+
+
+def _kv_write_inputs():
+    """Row 1 starts with one left-padding token (slot -1)."""
+    g = torch.Generator().manual_seed(11)
+    caches = [torch.randn(2, 128, 2, D, generator=g).bfloat16() for _ in range(2)]
+    k, v = (torch.randn(2, 3, 2, D, generator=g).bfloat16() for _ in range(2))
+    return caches[0], caches[1], k, v, torch.tensor([[0, 1, 2], [-1, 0, 1]])
+
+
+def _kv_write_caught(fn) -> bool:
+    from backends.cpu.reference.kv_cache import kv_write_ref
+
+    args = _kv_write_inputs()
+    expected = tuple(a.clone() for a in args)
+    kv_write_ref(*expected)
+    got = tuple(a.clone() for a in args)
+    try:
+        fn(*got)
+    except EmulatedOpError:
+        return True
+    return any(mismatch("kv_write", name, r, o, "bfloat16") is not None
+               for name, r, o in zip(("k_cache", "v_cache"), expected[:2], got[:2]))
+
+
+def test_ignoring_skipped_slots_is_caught(emulated):
+    """A kv_write wrapper that forgets to drop -1 slots writes row 1's padding token into flat slot
+    1*C - 1, the last position of row 0: the exact comparison sees it."""
+
+    def keeps_minus_one(k_cache, v_cache, k, v, slots):
+        batch, new, kv_heads, dim = k.shape
+        flat = (slots + k_cache.shape[1] * torch.arange(batch)[:, None]).reshape(-1)
+        emulated.npu_scatter_pa_kv_cache(k.reshape(-1, kv_heads, dim), v.reshape(-1, kv_heads, dim),
+                                         npu_attention._pages(k_cache), npu_attention._pages(v_cache), flat,
+                                         cache_mode="Norm")
+
+    assert not _kv_write_caught(npu_attention.kv_write_npu)
+    assert _kv_write_caught(keeps_minus_one)
 
 
 def test_swapped_swiglu_halves_are_caught(emulated, monkeypatch):

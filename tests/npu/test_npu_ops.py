@@ -60,12 +60,37 @@ def _cases(op: str, dt: torch.dtype) -> list[tuple[str, tuple]]:
                 for s in (None, [0, 3], [9, 2])]
     if op == "attention_decode":
         cases = []
-        for new, starts in ((1, None), (1, [0, 20]), (5, [0, 147]), (3, None)):
-            name = f"B2-T{new}-S150-start{starts}"
-            cases.append((name, (rnd(2, new, h, d), rnd(2, 150, hk, d), rnd(2, 150, hk, d),
-                                 None if starts is None else torch.tensor(starts), scale)))
+        for new, lens in ((1, [150, 150]), (1, [150, 20]), (5, [2, 147]), (3, [256, 9]), (4, [1, 1])):
+            name = f"B2-T{new}-C256-kv_lens{lens}"
+            cases.append((name, (rnd(2, new, h, d), _ragged(rnd(2, 256, hk, d), lens),
+                                 _ragged(rnd(2, 256, hk, d), lens), torch.tensor(lens), scale)))
+        return cases
+    if op == "kv_write":
+        cases = []
+        for name, slots in (("decode", [[150], [7]]), ("chunk", [[130, 131, 132], [253, 254, 255]]),
+                            ("prefill-padded", [[-1, -1, 0, 1, 2], [0, 1, 2, 3, 4]])):
+            new = len(slots[0])
+            cases.append((name, (rnd(2, 256, hk, d), rnd(2, 256, hk, d), rnd(2, new, hk, d),
+                                 rnd(2, new, hk, d), torch.tensor(slots))))
         return cases
     raise KeyError(op)
+
+
+def _ragged(cache: torch.Tensor, lens: list[int]) -> torch.Tensor:
+    """Huge values past each row's length: reading an unused position fails the comparison."""
+    for b, n in enumerate(lens):
+        cache[b, n:] = 1e3 * torch.randn(cache[b, n:].shape, generator=torch.Generator().manual_seed(b))
+    return cache
+
+
+def _run(op: str, fn, args: tuple):
+    """The op's outputs as a tuple: its return value, or for an in-place op the written arguments
+    (on a fresh copy of them, so that each call starts from the same caches)."""
+    if not CATALOGUE[op].inplace:
+        return fn(*args)
+    copies = tuple(a.clone() if isinstance(a, torch.Tensor) else a for a in args)
+    assert fn(*copies) is None, f"{op} is in place and returns None"
+    return copies[:len(CATALOGUE[op].outputs)]
 
 
 DENSE_OPS = [op for op in CATALOGUE if op != "sample"]
@@ -82,7 +107,7 @@ def test_op_matches_reference(emulated, op, impl, dtype):
         pytest.skip(reason)
     fn, ref = impl.load(), _reference(op)
     for case, args in _cases(op, DTYPES[dtype]):
-        expected, got = ref(*args), fn(*args)
+        expected, got = _run(op, ref, args), _run(op, fn, args)
         outputs = zip(expected, got) if isinstance(expected, tuple) else [(expected, got)]
         for index, (r, o) in enumerate(outputs):
             assert o.dtype == r.dtype, f"{op} {case}: dtype {o.dtype} != {r.dtype}"

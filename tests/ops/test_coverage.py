@@ -3,6 +3,7 @@ the check catches a subtly wrong implementation (so the op tests can fail)."""
 from __future__ import annotations
 
 import pytest
+import torch
 from cpu_conformance import params
 
 from hal.ops import CATALOGUE
@@ -34,3 +35,27 @@ def test_padding_error_is_caught_by_the_padded_case():
     padded = case("attention_prefill", "float32", ("padded",), B=2, T=13, H=4, Hk=2, D=64)
     assert check(padded, ignores_padding).status == "FAIL"
     assert check(padded, attention_prefill_cpu).status == "ok"
+
+
+def test_reading_past_kv_lens_is_caught_by_the_ragged_case():
+    from backends.cpu.ops import attention_decode_cpu
+
+    def reads_to_the_longest_row(q, k_cache, v_cache, kv_lens, scale):
+        return attention_decode_cpu(q, k_cache, v_cache, kv_lens.max().expand_as(kv_lens), scale)
+
+    ragged = case("attention_decode", "float32", ("ragged",), B=2, T=1, S=20, C=128, H=4, Hk=2, D=64)
+    assert check(ragged, reads_to_the_longest_row).status == "FAIL"
+    assert check(ragged, attention_decode_cpu).status == "ok"
+
+
+def test_writing_skipped_slots_is_caught_by_the_padded_case():
+    from backends.cpu.ops import kv_write_cpu
+
+    def writes_minus_one_as_last(k_cache, v_cache, k, v, slots):
+        rows = torch.arange(slots.shape[0])[:, None].expand_as(slots)
+        k_cache[rows, slots] = k  # python indexing: -1 is the last position
+        v_cache[rows, slots] = v
+
+    padded = case("kv_write", "float32", ("padded",), B=2, T=13, C=128, Hk=1, D=64)
+    assert check(padded, writes_minus_one_as_last).status == "FAIL"
+    assert check(padded, kv_write_cpu).status == "ok"
