@@ -51,6 +51,7 @@ def _grid_dims(op: str) -> list[tuple[dict[str, int], tuple[str, ...]]]:
         return cases
     if op == "kv_write":
         return [({"B": 1, "T": 1, "C": 128, "Hk": 2, "D": 64}, ()),
+                ({"B": 2, "T": 7, "C": 128, "Hk": 2, "D": 64}, ()),
                 ({"B": 3, "T": 1, "C": 256, "Hk": 2, "D": 128}, ("ragged",)),
                 ({"B": 2, "T": 13, "C": 128, "Hk": 1, "D": 64}, ("padded",)),
                 ({"B": 2, "T": 5, "C": 128, "Hk": 4, "D": 64}, ("ragged",))]

@@ -154,6 +154,12 @@ def kv_write_cpu(k_cache: torch.Tensor, v_cache: torch.Tensor, k: torch.Tensor, 
     """In place: token (b, t) of k/v `[B, T, Hk, D]` into position ``slots[b, t]`` of cache row b;
     -1 skips. One indexed copy per cache (works on any torch device)."""
     batch, new = slots.shape
+    table = slots.tolist()
+    start = table[0][0]
+    if start >= 0 and all(row == list(range(start, start + new)) for row in table):
+        k_cache[:, start:start + new] = k  # the usual case: every row appends at the same place
+        v_cache[:, start:start + new] = v
+        return
     slots = slots.to(k_cache.device)
     rows = torch.arange(batch, device=k_cache.device)[:, None].expand(batch, new)
     keep = slots >= 0
