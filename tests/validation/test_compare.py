@@ -76,6 +76,10 @@ def test_numbers_match_an_independent_reference_run(fp32_run, tiny_checkpoint):
 def test_cpu_bfloat16_passes(tiny_checkpoint, tmp_path):
     run = run_cli(["--device", "cpu", "--dtype", "bfloat16", "--model", str(tiny_checkpoint)], tmp_path / "r")
     assert run.code == 0, run.report["verdict"]
+    # every bound op also conforms on this model's shapes, outside the model's inference_mode
+    conformance = run.report["conformance"]
+    assert conformance["failed_ops"] == [], conformance["failed_ops"]
+    assert conformance["passed"] == conformance["total"]
 
 
 def test_npu_emulated_report_says_emulated(tiny_checkpoint, tmp_path, monkeypatch):
