@@ -47,7 +47,8 @@ def probe_cuda() -> Device:
 
         if not torch.cuda.is_available():
             built = torch.version.cuda
-            why = "torch is a CPU-only build" if built is None else "torch sees no CUDA GPU (driver or device missing)"
+            why = ("torch is a CPU-only build" if built is None
+                   else "torch sees no CUDA GPU (driver or device missing)")
             return Device("cuda", False, why)
         count = torch.cuda.device_count()
         return Device("cuda", True, "", f"{count} x {torch.cuda.get_device_name(0)}")
@@ -77,7 +78,8 @@ def probe_npu() -> Device:
         install()
         return Device("npu", True, "", DESCRIPTION)
     if importlib.util.find_spec("torch_npu") is None:
-        return Device("npu", False, "torch_npu not installed (pip install 'minicpm-hal[npu]' on an Ascend host)")
+        return Device("npu", False,
+                      "torch_npu not installed (pip install 'minicpm-hal[npu]' on an Ascend host)")
     try:
         importlib.import_module("torch_npu")
     except Exception as exc:  # noqa: BLE001
@@ -87,7 +89,8 @@ def probe_npu() -> Device:
 
         npu = getattr(torch, "npu", None)
         if npu is None:
-            return Device("npu", False, "torch_npu imported but torch.npu is missing (torch/torch_npu mismatch)")
+            return Device("npu", False,
+                          "torch_npu imported but torch.npu is missing (torch/torch_npu mismatch)")
         count = npu.device_count()
         if count == 0:
             visible = os.environ.get("ASCEND_RT_VISIBLE_DEVICES")

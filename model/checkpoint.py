@@ -57,7 +57,8 @@ def _shard_files(checkpoint: Path) -> dict[str, Path]:
             raise CheckpointError(f"{index}: 'weight_map' must be an object")
         files = {}
         for name, shard in weight_map.items():
-            if not isinstance(shard, str) or "/" in shard or "\\" in shard or not shard.endswith(".safetensors"):
+            if (not isinstance(shard, str) or "/" in shard or "\\" in shard
+                    or not shard.endswith(".safetensors")):
                 raise CheckpointError(f"{index}: tensor '{name}' maps to a bad shard name {shard!r}")
             files[name] = checkpoint / shard
         return files
@@ -105,18 +106,21 @@ class CheckpointReader:
         if missing:
             more = f" (and {len(missing) - 3} more)" if len(missing) > 3 else ""
             raise CheckpointError(f"{where}: missing tensor '{missing[0]}'"
-                                  + (f", {', '.join(repr(m) for m in missing[1:3])}" if len(missing) > 1 else "")
+                                  + (f", {', '.join(repr(m) for m in missing[1:3])}"
+                                     if len(missing) > 1 else "")
                                   + more + " (expected " + str(list(expected[missing[0]])) + ")")
         if extra:
             more = f" (and {len(extra) - 3} more)" if len(extra) > 3 else ""
-            hint = " (quantized checkpoints are not supported yet)" if any("qweight" in n for n in extra) else ""
+            hint = (" (quantized checkpoints are not supported yet)"
+                    if any("qweight" in n for n in extra) else "")
             raise CheckpointError(f"{where}: unexpected tensor '{extra[0]}'"
                                   + (f", {', '.join(repr(x) for x in extra[1:3])}" if len(extra) > 1 else "")
                                   + more + hint)
         for name, shape in expected.items():
             entry = self.location[name].entries[name]
             if entry.shape != shape:
-                raise CheckpointError(f"{self.location[name].path}: tensor '{name}' has shape {list(entry.shape)}, "
+                raise CheckpointError(f"{self.location[name].path}: tensor '{name}' "
+                                      f"has shape {list(entry.shape)}, "
                                       f"expected {list(shape)} from config.json")
             if not entry.dtype.is_floating_point:
                 raise CheckpointError(f"{self.location[name].path}: tensor '{name}' has dtype {entry.dtype}, "
@@ -142,7 +146,8 @@ class CheckpointReader:
 
 
 FUSED = {
-    "self_attn.qkv_proj.weight": ("self_attn.q_proj.weight", "self_attn.k_proj.weight", "self_attn.v_proj.weight"),
+    "self_attn.qkv_proj.weight": ("self_attn.q_proj.weight", "self_attn.k_proj.weight",
+                                  "self_attn.v_proj.weight"),
     "mlp.gate_up_proj.weight": ("mlp.gate_proj.weight", "mlp.up_proj.weight"),
 }
 """Per layer: fused name -> the checkpoint tensors concatenated (along the output dim) into it.

@@ -126,7 +126,8 @@ class _Fields:
 def _factor_list(fields: _Fields, scaling: dict[str, Any], key: str, length: int) -> tuple[float, ...]:
     value = scaling.get(key)
     name = f"rope_scaling.{key}"
-    if not isinstance(value, list) or any(isinstance(v, bool) or not isinstance(v, (int, float)) for v in value):
+    if not isinstance(value, list) or any(isinstance(v, bool) or not isinstance(v, (int, float))
+                                          for v in value):
         raise fields.fail(name, f"must be a list of {length} numbers, got {value!r}"[:200])
     if len(value) != length:
         raise fields.fail(name, f"must have head_dim/2 = {length} entries, got {len(value)}")
@@ -143,10 +144,12 @@ def _rope_scaling(fields: _Fields, head_dim: int) -> RopeScaling | None:
         raise fields.fail("rope_scaling", f"must be an object or null, got {scaling!r}")
     kind = scaling.get("rope_type", scaling.get("type"))
     if kind != "longrope":
-        raise fields.fail("rope_scaling.rope_type", f"must be 'longrope' (the only MiniCPM4 scaling), got {kind!r}")
+        raise fields.fail("rope_scaling.rope_type",
+                          f"must be 'longrope' (the only MiniCPM4 scaling), got {kind!r}")
     original = scaling.get("original_max_position_embeddings")
     if isinstance(original, bool) or not isinstance(original, int) or original < 1:
-        raise fields.fail("rope_scaling.original_max_position_embeddings", f"must be a positive integer, got {original!r}")
+        raise fields.fail("rope_scaling.original_max_position_embeddings",
+                          f"must be a positive integer, got {original!r}")
     return RopeScaling(
         long_factor=_factor_list(fields, scaling, "long_factor", head_dim // 2),
         short_factor=_factor_list(fields, scaling, "short_factor", head_dim // 2),
@@ -185,7 +188,8 @@ def parse_config(data: Any, source: str = "config.json") -> MiniCPMConfig:
     if head_dim % 2:
         raise f.fail("hidden_size", f"gives an odd head_dim {head_dim}; rotary needs an even one")
     if "head_dim" in data and data["head_dim"] not in (None, head_dim):
-        raise f.fail("head_dim", f"must equal hidden_size/num_attention_heads = {head_dim}, got {data['head_dim']!r}")
+        raise f.fail("head_dim",
+                     f"must equal hidden_size/num_attention_heads = {head_dim}, got {data['head_dim']!r}")
 
     sparse = data.get("sparse_config")
     if sparse is not None and not isinstance(sparse, dict):
@@ -221,7 +225,8 @@ def parse_config(data: Any, source: str = "config.json") -> MiniCPMConfig:
         if value is not None and value >= config.vocab_size:
             raise f.fail(name, f"must be < vocab_size={config.vocab_size}, got {value}")
     if any(i >= config.vocab_size for i in config.eos_token_ids):
-        raise f.fail("eos_token_id", f"must be < vocab_size={config.vocab_size}, got {list(config.eos_token_ids)}")
+        raise f.fail("eos_token_id",
+                     f"must be < vocab_size={config.vocab_size}, got {list(config.eos_token_ids)}")
     return config
 
 
@@ -234,7 +239,8 @@ def read_json(path: Path, what: str) -> Any:
     except (OSError, UnicodeDecodeError) as exc:
         raise ConfigError(f"{path}: cannot read {what}: {exc}") from None
     except json.JSONDecodeError as exc:
-        raise ConfigError(f"{path}: malformed JSON at line {exc.lineno} column {exc.colno}: {exc.msg}") from None
+        raise ConfigError(f"{path}: malformed JSON at line {exc.lineno} column {exc.colno}: "
+                          f"{exc.msg}") from None
 
 
 def load_config(checkpoint: Path) -> MiniCPMConfig:

@@ -34,21 +34,25 @@ class _TextStream:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m model.generate", description="Generate text with MiniCPM.")
+    parser = argparse.ArgumentParser(prog="python -m model.generate",
+                                     description="Generate text with MiniCPM.")
     parser.add_argument("prompt", help="the prompt (or the user message with --chat)")
     parser.add_argument("--model", type=Path, default=None,
                         help="checkpoint folder (default: the built-in synthetic tiny checkpoint)")
     parser.add_argument("--device", default="auto", help="auto, cpu, cuda or npu (default: auto)")
-    parser.add_argument("--dtype", default=None, help="float32, bfloat16 or float16 "
-                                                      "(default: float32 on cpu, the checkpoint's dtype elsewhere)")
+    parser.add_argument("--dtype", default=None,
+                        help="float32, bfloat16 or float16 "
+                             "(default: float32 on cpu, the checkpoint's dtype elsewhere)")
     parser.add_argument("--max-new-tokens", type=int, default=64)
-    parser.add_argument("--greedy", action="store_true", help="greedy decoding (default: generation_config.json)")
+    parser.add_argument("--greedy", action="store_true",
+                        help="greedy decoding (default: generation_config.json)")
     parser.add_argument("--temperature", type=float, default=None)
     parser.add_argument("--top-k", type=int, default=None)
     parser.add_argument("--top-p", type=float, default=None)
     parser.add_argument("--seed", type=int, default=None)
     parser.add_argument("--chat", action="store_true", help="wrap the prompt in the chat template")
-    parser.add_argument("--no-think", action="store_true", help="with --chat: enable_thinking=False (MiniCPM4.1)")
+    parser.add_argument("--no-think", action="store_true",
+                        help="with --chat: enable_thinking=False (MiniCPM4.1)")
     args = parser.parse_args(argv)
 
     import hal
@@ -65,10 +69,12 @@ def main(argv: list[str] | None = None) -> int:
         text = args.prompt
         if args.chat:
             thinking = False if args.no_think else None
-            text = render_chat(tokenizer, [{"role": "user", "content": args.prompt}], enable_thinking=thinking)
+            text = render_chat(tokenizer, [{"role": "user", "content": args.prompt}],
+                               enable_thinking=thinking)
         # The ChatML template emits no BOS; add_bos_token in tokenizer_config.json adds it here.
         prompt_ids = tokenizer(text)["input_ids"]
-        print(f"[minicpm-hal] {model.device} {hal.api.dtype_name(model.dtype)}, prompt {len(prompt_ids)} tokens",
+        print(f"[minicpm-hal] {model.device} {hal.api.dtype_name(model.dtype)}, "
+              f"prompt {len(prompt_ids)} tokens",
               file=sys.stderr)
         stream = _TextStream(tokenizer, sys.stdout)
         start = time.perf_counter()

@@ -106,12 +106,14 @@ class MiniCPMForCausalLM:
             raise InputError(f"input_ids must not be empty, got shape {list(input_ids.shape)}")
         limit = self.config.max_position_embeddings
         if input_ids.shape[1] + extra > limit:
-            raise InputError(f"prompt of {input_ids.shape[1]} tokens" + (f" + {extra} new tokens" if extra else "")
+            raise InputError(f"prompt of {input_ids.shape[1]} tokens"
+                             + (f" + {extra} new tokens" if extra else "")
                              + f" exceeds max_position_embeddings={limit}")
         low, high = int(input_ids.min()), int(input_ids.max())
         if low < 0 or high >= self.config.vocab_size:
             bad = low if low < 0 else high
-            raise InputError(f"input_ids holds token id {bad}, outside [0, vocab_size={self.config.vocab_size})")
+            raise InputError(f"input_ids holds token id {bad}, "
+                             f"outside [0, vocab_size={self.config.vocab_size})")
 
     @torch.inference_mode()
     def logits(self, input_ids: torch.Tensor) -> torch.Tensor:

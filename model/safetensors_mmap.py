@@ -68,7 +68,8 @@ class SafetensorsFile:
                 shape = tuple(int(d) for d in info["shape"])
                 begin, end = (int(o) for o in info["data_offsets"])
             except (KeyError, TypeError, ValueError):
-                raise CheckpointError(f"{self.path}: tensor '{name}' has a malformed header entry {info!r}"[:300]) from None
+                raise CheckpointError(
+                    f"{self.path}: tensor '{name}' has a malformed header entry {info!r}"[:300]) from None
             numel = 1
             for d in shape:
                 numel *= d
@@ -96,14 +97,16 @@ class SafetensorsFile:
             self._map.madvise(mmap.MADV_DONTNEED, first, last - first)
 
 
-def write_safetensors(path: Path, tensors: dict[str, torch.Tensor], metadata: dict[str, str] | None = None) -> None:
+def write_safetensors(path: Path, tensors: dict[str, torch.Tensor],
+                      metadata: dict[str, str] | None = None) -> None:
     """Write tensors in the safetensors format (used by synthetic checkpoints and tests)."""
     names = {v: k for k, v in DTYPES.items()}
     header: dict = {"__metadata__": dict(metadata or {"format": "pt"})}
     offset = 0
     for name, t in tensors.items():
         nbytes = t.numel() * t.element_size()
-        header[name] = {"dtype": names[t.dtype], "shape": list(t.shape), "data_offsets": [offset, offset + nbytes]}
+        header[name] = {"dtype": names[t.dtype], "shape": list(t.shape),
+                        "data_offsets": [offset, offset + nbytes]}
         offset += nbytes
     raw = json.dumps(header, separators=(",", ":")).encode()
     raw += b" " * (-len(raw) % 8)

@@ -115,7 +115,8 @@ def _weights(config_dict: dict[str, Any], seed: int, dtype: torch.dtype):
         yield name, t.to(dtype)
 
 
-def _write_tensors(out: Path, config_dict: dict[str, Any], seed: int, dtype: torch.dtype, shards: int) -> None:
+def _write_tensors(out: Path, config_dict: dict[str, Any], seed: int, dtype: torch.dtype,
+                   shards: int) -> None:
     if shards <= 1:
         write_safetensors(out / SINGLE, dict(_weights(config_dict, seed, dtype)))
         return
@@ -132,7 +133,8 @@ def _write_tensors(out: Path, config_dict: dict[str, Any], seed: int, dtype: tor
         write_safetensors(out / filename, chunk)
         total += sum(t.numel() * t.element_size() for t in chunk.values())
         weight_map.update({name: filename for name in chunk})
-    (out / INDEX).write_text(json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map}, indent=2))
+    (out / INDEX).write_text(json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map},
+                                        indent=2))
 
 
 def write_checkpoint(out_dir: str | Path, preset: str = "tiny", seed: int = 0, *, shards: int = 1,

@@ -170,7 +170,8 @@ def _read_settings(folder: str) -> dict[str, Any]:
             settings[key] = _token_text(config[key], key, config_file)
     extra = config.get("extra_special_tokens") or config.get("additional_special_tokens")
     if isinstance(extra, list):
-        settings["extra_special_tokens"] = [_token_text(t, "additional_special_tokens", config_file) for t in extra]
+        settings["extra_special_tokens"] = [_token_text(t, "additional_special_tokens", config_file)
+                                            for t in extra]
 
     map_file = os.path.join(folder, "special_tokens_map.json")
     if os.path.isfile(map_file):

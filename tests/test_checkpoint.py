@@ -47,7 +47,8 @@ def test_safetensors_roundtrip_is_zero_copy(tmp_path):
 def test_missing_tensor_is_named(tmp_path, tiny_checkpoint):
     ckpt = _copy(tiny_checkpoint, tmp_path / "c")
     _rewrite(ckpt, lambda t: t.pop("model.layers.2.mlp.up_proj.weight"))
-    with pytest.raises(CheckpointError, match=r"missing tensor 'model.layers.2.mlp.up_proj.weight'.*\[256, 128\]"):
+    with pytest.raises(CheckpointError,
+                       match=r"missing tensor 'model.layers.2.mlp.up_proj.weight'.*\[256, 128\]"):
         hal.load_model(ckpt, "cpu")
 
 
@@ -63,7 +64,8 @@ def test_wrong_shape_names_tensor_and_both_shapes(tmp_path, tiny_checkpoint):
     _rewrite(ckpt, lambda t: t.update({"model.layers.1.self_attn.k_proj.weight": torch.zeros(32, 128)}))
     with pytest.raises(CheckpointError) as err:
         hal.load_model(ckpt, "cpu")
-    assert "'model.layers.1.self_attn.k_proj.weight' has shape [32, 128], expected [64, 128]" in str(err.value)
+    assert ("'model.layers.1.self_attn.k_proj.weight' has shape [32, 128], expected [64, 128]"
+            in str(err.value))
 
 
 def test_pickle_checkpoint_is_refused(tmp_path, tiny_checkpoint):
@@ -80,7 +82,8 @@ def test_corrupt_safetensors_and_bad_index(tmp_path, tiny_checkpoint):
     with pytest.raises(CheckpointError, match="malformed safetensors header"):
         hal.load_model(ckpt, "cpu")
     (ckpt / SINGLE).unlink()
-    (ckpt / "model.safetensors.index.json").write_text(json.dumps({"weight_map": {"x": "../evil.safetensors"}}))
+    (ckpt / "model.safetensors.index.json").write_text(
+        json.dumps({"weight_map": {"x": "../evil.safetensors"}}))
     with pytest.raises(CheckpointError, match="bad shard name"):
         hal.load_model(ckpt, "cpu")
 

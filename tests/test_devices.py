@@ -44,9 +44,11 @@ def test_auto_prefers_available_accelerators(monkeypatch):
 
 def test_unavailable_and_unknown_devices_raise_one_line(monkeypatch):
     monkeypatch.setitem(dev.PROBES, "cuda", lambda: dev.Device("cuda", False, "torch is a CPU-only build"))
-    with pytest.raises(hal.DeviceUnavailable, match=r"^device 'cuda' is not available: torch is a CPU-only build$"):
+    with pytest.raises(hal.DeviceUnavailable,
+                       match=r"^device 'cuda' is not available: torch is a CPU-only build$"):
         dev.resolve("cuda")
-    with pytest.raises(hal.DeviceUnavailable, match="unknown device 'gpu'; choose one of: auto, cpu, cuda, npu"):
+    with pytest.raises(hal.DeviceUnavailable,
+                       match="unknown device 'gpu'; choose one of: auto, cpu, cuda, npu"):
         dev.resolve("gpu")
     with pytest.raises(hal.DeviceUnavailable, match="only index 0"):
         dev.resolve("cpu:1")

@@ -50,7 +50,8 @@ def test_eos_stops_and_streamer_sees_every_token(tiny_model):
     assert len(greedy[0]) == 6
     stop = greedy[0][2]
     seen: list[tuple[int, int]] = []
-    out = tiny_model.generate(prompt, 6, do_sample=False, eos_token_id=stop, streamer=lambda r, t: seen.append((r, t)))
+    out = tiny_model.generate(prompt, 6, do_sample=False, eos_token_id=stop,
+                              streamer=lambda r, t: seen.append((r, t)))
     first_stop = greedy[0].index(stop)
     assert out[0] == greedy[0][:first_stop + 1]
     assert seen == [(0, t) for t in out[0]]

@@ -16,7 +16,8 @@ def test_cpu_binds_torch_ops_and_reference_mode_binds_the_judge():
     ops = bind("cpu", torch.float32, SHAPES)
     assert set(ops.record) == set(CATALOGUE)
     assert {b.impl for b in ops.record.values()} == {"cpu.torch"}
-    assert all(("cpu.reference", "the reference is the judge only") in b.passed_over for b in ops.record.values())
+    assert all(("cpu.reference", "the reference is the judge only") in b.passed_over
+               for b in ops.record.values())
     ref = bind("cpu", torch.float32, SHAPES, reference=True)
     assert {b.impl for b in ref.record.values()} == {"cpu.reference"}
     assert ref.rms_norm.__module__ == "backends.cpu.reference.rms_norm"
@@ -50,7 +51,8 @@ def test_supports_reasons_are_recorded_and_priorities_respected(monkeypatch):
                            supports=only_big_heads, priority=-1))
     ops = bind("cpu", torch.float32, SHAPES)
     assert ops.record["attention_decode"].impl == "cpu.torch"
-    assert ("cpu.fancy", "cpu.fancy: head_dim must be >= 64, got 16") in ops.record["attention_decode"].passed_over
+    assert (("cpu.fancy", "cpu.fancy: head_dim must be >= 64, got 16")
+            in ops.record["attention_decode"].passed_over)
     ops = bind("cpu", torch.float32, {**SHAPES, "D": 128})
     assert ops.record["attention_decode"].impl == "cpu.fancy"
     with pytest.raises(ValueError, match="already registered"):

@@ -16,7 +16,8 @@ def _expected(cfg_dict: dict, position: int, j: int) -> tuple[float, float, floa
     scaling = cfg_dict["rope_scaling"]
     original = scaling["original_max_position_embeddings"]
     scale = cfg_dict["max_position_embeddings"] / original
-    factors = scaling["long_factor"] if cfg_dict["max_position_embeddings"] > original else scaling["short_factor"]
+    factors = (scaling["long_factor"] if cfg_dict["max_position_embeddings"] > original
+               else scaling["short_factor"])
     mscale = math.sqrt(1 + math.log(scale) / math.log(original)) if scale > 1 else 1.0
     angle = position / (factors[j % (dim // 2)] * cfg_dict["rope_theta"] ** (2 * (j % (dim // 2)) / dim))
     # The tables are float32 (as in the remote code): the angle itself carries a rounding
