@@ -19,6 +19,4 @@ def test_npu_impl_conforms_on_the_shared_grid(emulated, impl, case):
     result = check_impl(case, impl, "npu")
     if result.status == "not supported":
         pytest.skip(result.reason)
-    assert result.status == "ok", (
-        f"[{case.op}/{impl.qualname}] {result.output}: {result.status} NMSE {result.error:.2e} > "
-        f"{result.tolerance:.0e} (max_abs {result.max_abs:.2e}) {case.test_id} {result.reason}")
+    assert result.status == "ok", result.line()  # the conformance CLI's line
