@@ -56,7 +56,9 @@ class Impl:
     name: the variant (``reference``, ``torch``, ``triton``, ``torch_npu``, ...).
     fn: ``"module.path:function"``, imported at bind time. supports: returns None when the
     call is supported, else ``"<backend>.<op>: <what> must be <allowed>, got <value>"``.
-    priority: lower wins among supported candidates.
+    priority: lower wins among supported candidates. capturable: safe inside a device graph
+    capture (NPUGraph / CUDAGraph): never reads tensor values on the host and its output shapes
+    depend on input shapes only (checked for every such impl under the emulated NPUGraph).
     """
 
     op: str
@@ -65,6 +67,7 @@ class Impl:
     fn: str
     supports: SupportsFn = always
     priority: int = 0
+    capturable: bool = False
 
     @property
     def qualname(self) -> str:
@@ -164,6 +167,7 @@ def bind(
     reference: bool = False,
     allow_fallback: bool = False,
     overrides: dict[str, Callable[..., Any]] | None = None,
+    capture: frozenset[str] = frozenset(),
 ) -> BoundOps:
     """Resolve every catalogue op once.
 
@@ -176,6 +180,8 @@ def bind(
             reference (warned once per op, marked in the record). Default: raise.
         overrides: op name -> callable, used instead of the registry (tests, fault injection);
             recorded as ``override``.
+        capture: ops that will run inside a graph capture: only ``capturable`` implementations
+            may serve them (the others are passed over with that reason).
 
     Raises:
         UnsupportedOpError: an op has no supporting implementation (all reasons listed).
@@ -201,6 +207,8 @@ def bind(
                 passed.append((impl.qualname, why))
                 continue
             reason = impl.supports(ctx)
+            if reason is None and op in capture and not impl.capturable:
+                reason = "not capturable in a device graph (reads tensor values on the host)"
             if reason is None and chosen is None:
                 chosen = impl
             elif reason is not None:
@@ -209,7 +217,7 @@ def bind(
             fns[op] = chosen.load()
             record[op] = Binding(op, chosen.qualname, False, tuple(passed))
             continue
-        if allow_fallback and device != "cpu":
+        if allow_fallback and device != "cpu" and op not in capture:
             ref = next(i for i in implementations(op, "cpu") if i.name == "reference")
             fns[op] = _on_cpu(ref.load(), torch_device(device))
             record[op] = Binding(op, ref.qualname, True, tuple(passed))

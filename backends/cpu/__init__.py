@@ -1,5 +1,9 @@
 """CPU backend: registers the float32 reference (``name="reference"``, the judge) and the
-everyday torch implementations of every catalogue op. Imports nothing heavy."""
+everyday torch implementations of every catalogue op. Imports nothing heavy.
+
+``CAPTURABLE`` lists the torch implementations that never read tensor values on the host (they
+can run inside a device graph when the CUDA backend borrows them); ``attention_decode`` has a
+second, capturable implementation ``torch_full`` that reads the whole cache capacity."""
 from __future__ import annotations
 
 from hal.registry import Impl, register
@@ -14,8 +18,14 @@ _REFERENCE_MODULE = {
     "kv_write": "kv_cache",
 }
 
+CAPTURABLE = frozenset(("embedding", "rms_norm", "add_rms_norm", "rotary", "swiglu", "linear", "logits",
+                        "kv_write"))
+
 for _op in _OPS:
     _module = _REFERENCE_MODULE.get(_op, _op)
-    register(Impl(op=_op, backend="cpu", name="torch", fn=f"backends.cpu.ops:{_op}_cpu", priority=0))
+    register(Impl(op=_op, backend="cpu", name="torch", fn=f"backends.cpu.ops:{_op}_cpu", priority=0,
+                  capturable=_op in CAPTURABLE))
     register(Impl(op=_op, backend="cpu", name="reference",
                   fn=f"backends.cpu.reference.{_module}:{_op}_ref", priority=100))
+register(Impl(op="attention_decode", backend="cpu", name="torch_full", fn="backends.cpu.ops:attention_decode_full_cpu",
+              priority=5, capturable=True))

@@ -141,26 +141,54 @@ def attention_decode_cpu(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.
     return _sdpa_masked(q, k, v, mask, False, scale)
 
 
+def attention_decode_full_cpu(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
+                              kv_lens: torch.Tensor, scale: float) -> torch.Tensor:
+    """attention_decode over the whole cache capacity C with the per-row mask: no host read of
+    kv_lens, so a device graph can capture it (the cost is C keys per row, not kv_lens[b]).
+    Keys and values past a row's length are zeroed first: a stale NaN there would survive the
+    mask (NaN + -inf is NaN, and a zero weight times NaN is NaN)."""
+    capacity = k_cache.shape[1]
+    mask = _ragged_mask(q.shape[1], capacity, kv_lens, q.device)
+    unused = torch.arange(capacity, device=q.device)[None, :] >= kv_lens.to(q.device)[:, None]  # [B, C]
+    unused = unused[:, :, None, None]
+    return _sdpa_masked(q, k_cache.masked_fill(unused, 0), v_cache.masked_fill(unused, 0), mask, False, scale)
+
+
 def kv_write_cpu(k_cache: torch.Tensor, v_cache: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                  slots: torch.Tensor) -> None:
     """In place: token (b, t) of k/v `[B, T, Hk, D]` into position ``slots[b, t]`` of cache row b;
-    -1 skips. One indexed copy per cache (works on any torch device)."""
+    -1 skips. One ``index_put_`` per cache, without reading ``slots`` on the host (so it can be
+    captured in a device graph): see :func:`write_targets`."""
+    rows, index, keys, values = write_targets(k_cache, v_cache, k, v, slots.to(k_cache.device))
+    k_cache.index_put_((rows, index), keys)
+    v_cache.index_put_((rows, index), values)
+
+
+def write_targets(k_cache: torch.Tensor, v_cache: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                  slots: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    """Where and what a kv_write stores, with the skipped tokens made harmless instead of removed
+    (removing them would need their count on the host): a token with slot -1 is written to the
+    slot of its row's last kept token with that token's values, so the duplicate writes all carry
+    the same data; in a row with no kept token they rewrite slot 0 with what it holds.
+    Returns (rows `[B, T]`, slots `[B, T]`, keys `[B, T, Hk, D]`, values `[B, T, Hk, D]`)."""
     batch, new = slots.shape
-    table = slots.tolist()
-    start = table[0][0]
-    if start >= 0 and all(row == list(range(start, start + new)) for row in table):
-        k_cache[:, start:start + new] = k  # the usual case: every row appends at the same place
-        v_cache[:, start:start + new] = v
-        return
-    slots = slots.to(k_cache.device)
-    rows = torch.arange(batch, device=k_cache.device)[:, None].expand(batch, new)
     keep = slots >= 0
-    if bool(keep.all()):
-        k_cache[rows, slots] = k
-        v_cache[rows, slots] = v
-        return
-    k_cache[rows[keep], slots[keep]] = k[keep]
-    v_cache[rows[keep], slots[keep]] = v[keep]
+    rows = torch.arange(batch, device=slots.device)[:, None].expand(batch, new)
+    order = torch.arange(1, new + 1, device=slots.device)
+    anchor = (keep * order).argmax(dim=1, keepdim=True)  # [B, 1]: last kept token (0 if none)
+    kept_any = keep.any(dim=1, keepdim=True)
+    anchor_slot = slots.gather(1, anchor).clamp(min=0)  # [B, 1]
+
+    def anchor_rows(new_rows: torch.Tensor, cache: torch.Tensor) -> torch.Tensor:
+        pick = anchor[:, :, None, None].expand(batch, 1, *new_rows.shape[2:])
+        old = cache[rows[:, :1], anchor_slot]  # [B, 1, Hk, D]
+        return torch.where(kept_any[:, :, None, None], new_rows.gather(1, pick), old.to(new_rows.dtype))
+
+    index = torch.where(keep, slots, anchor_slot)
+    mask = keep[:, :, None, None]
+    keys = torch.where(mask, k, anchor_rows(k, k_cache))
+    values = torch.where(mask, v, anchor_rows(v, v_cache))
+    return rows, index, keys, values
 
 
 def sample_cpu(logits: torch.Tensor, temperature: float, top_k: int, top_p: float,

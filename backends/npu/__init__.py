@@ -13,11 +13,14 @@ attention_prefill  npu.torch_npu       npu_fused_infer_attention_score (TND, spa
                    npu.torch           float32 / other head dims
 attention_decode   npu.torch_npu       FIA with block_table over the cache's 128-token page view
                    npu.torch           float32 / other head dims
+                   npu.torch_full      inside a decode graph (whole capacity, no host lengths)
 kv_write           npu.torch_npu       npu_scatter_pa_kv_cache on the same page view
-                   npu.torch           float32 (indexed copy, portable torch)
+                   npu.torch           float32 and decode graphs (index_put_, portable torch)
 sample             npu.torch_npu       npu_top_k_top_p + exponential race
 
-With ``HAL_NPU_EMULATE=1`` the same code runs against ``backends/npu/emulator`` on CPU tensors.
+Every implementation but FIA attention, npu_scatter_pa_kv_cache (both take host lengths or
+filter slots on the host) and sampling is ``capturable`` inside an NPUGraph (decode graphs,
+``model/decode_graph.py``). With ``HAL_NPU_EMULATE=1`` the same code runs against ``backends/npu/emulator`` on CPU tensors.
 """
 from __future__ import annotations
 
@@ -26,18 +29,23 @@ from hal.registry import Impl, register
 
 _M = "backends.npu"
 
-register(Impl("embedding", "npu", "torch", f"{_M}.dense:embedding_npu"))
-register(Impl("rms_norm", "npu", "torch_npu", f"{_M}.norm:rms_norm_npu"))
-register(Impl("add_rms_norm", "npu", "torch_npu", f"{_M}.norm:add_rms_norm_npu"))
-register(Impl("rotary", "npu", "torch_npu", f"{_M}.rotary:rotary_npu", supports=supports.rotary))
-register(Impl("swiglu", "npu", "torch_npu", f"{_M}.swiglu:swiglu_npu"))
-register(Impl("linear", "npu", "torch", f"{_M}.dense:linear_npu"))
-register(Impl("logits", "npu", "torch", "backends.cpu.ops:logits_cpu"))
+_CAPTURABLE = dict(capturable=True)
+
+register(Impl("embedding", "npu", "torch", f"{_M}.dense:embedding_npu", **_CAPTURABLE))
+register(Impl("rms_norm", "npu", "torch_npu", f"{_M}.norm:rms_norm_npu", **_CAPTURABLE))
+register(Impl("add_rms_norm", "npu", "torch_npu", f"{_M}.norm:add_rms_norm_npu", **_CAPTURABLE))
+register(Impl("rotary", "npu", "torch_npu", f"{_M}.rotary:rotary_npu", supports=supports.rotary,
+              **_CAPTURABLE))
+register(Impl("swiglu", "npu", "torch_npu", f"{_M}.swiglu:swiglu_npu", **_CAPTURABLE))
+register(Impl("linear", "npu", "torch", f"{_M}.dense:linear_npu", **_CAPTURABLE))
+register(Impl("logits", "npu", "torch", "backends.cpu.ops:logits_cpu", **_CAPTURABLE))
 for _op in ("attention_prefill", "attention_decode"):
     register(Impl(_op, "npu", "torch_npu", f"{_M}.attention:{_op}_npu",
                   supports=supports.fused_attention(_op), priority=0))
     register(Impl(_op, "npu", "torch", f"{_M}.attention_torch:{_op}_npu_torch", priority=10))
+register(Impl("attention_decode", "npu", "torch_full", f"{_M}.attention_torch:attention_decode_full_npu_torch",
+              priority=20, **_CAPTURABLE))
 register(Impl("kv_write", "npu", "torch_npu", f"{_M}.attention:kv_write_npu", supports=supports.kv_write,
               priority=0))
-register(Impl("kv_write", "npu", "torch", "backends.cpu.ops:kv_write_cpu", priority=10))
+register(Impl("kv_write", "npu", "torch", "backends.cpu.ops:kv_write_cpu", priority=10, **_CAPTURABLE))
 register(Impl("sample", "npu", "torch_npu", f"{_M}.sample:sample_npu"))

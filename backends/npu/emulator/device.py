@@ -1,5 +1,8 @@
-"""The emulated ``torch_npu.npu`` device namespace: one CPU-backed device that says so."""
+"""The emulated ``torch_npu.npu`` device namespace: one CPU-backed device that says so, its
+graphs (``NPUGraph``, ``graph``) and a single synchronous stream."""
 from __future__ import annotations
+
+from backends.npu.emulator.graphs import NPUGraph, graph  # noqa: F401  (torch_npu.npu names)
 
 NAME = "Ascend910B2 (emulated on CPU)"
 
@@ -26,3 +29,35 @@ def synchronize(device: object = None) -> None:
 
 def set_device(device: object = None) -> None:
     """One device; nothing to select."""
+
+
+# -- graphs and streams (one synchronous CPU "stream") ---------------------------------------
+
+class Stream:
+    """``torch_npu.npu.Stream``: CPU work is synchronous, so ordering is already total."""
+
+    def wait_stream(self, other: "Stream") -> None:
+        """Nothing to wait for."""
+
+    def synchronize(self) -> None:
+        """Nothing to wait for."""
+
+
+_CURRENT = Stream()
+
+
+def current_stream(device: object = None) -> Stream:
+    return _CURRENT
+
+
+class stream:  # noqa: N801 - the torch_npu name
+    """``with torch_npu.npu.stream(s):`` (no effect on the CPU)."""
+
+    def __init__(self, s: Stream | None) -> None:
+        self.s = s
+
+    def __enter__(self) -> Stream | None:
+        return self.s
+
+    def __exit__(self, *exc: object) -> None:
+        return None
