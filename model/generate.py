@@ -2,6 +2,7 @@
 
     python -m model.generate --model PATH --device auto "prompt"
     python -m model.generate --chat "What is a NPU?"          # built-in synthetic checkpoint
+    python -m model.generate --device npu --decode-graph "prompt"  # decode steps from an NPUGraph
 """
 from __future__ import annotations
 
@@ -53,6 +54,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--chat", action="store_true", help="wrap the prompt in the chat template")
     parser.add_argument("--no-think", action="store_true",
                         help="with --chat: enable_thinking=False (MiniCPM4.1)")
+    parser.add_argument("--decode-graph", action="store_true",
+                        help="replay decode steps from a device graph (CUDA graph / NPUGraph); cuda and npu")
     args = parser.parse_args(argv)
 
     import hal
@@ -80,10 +83,11 @@ def main(argv: list[str] | None = None) -> int:
         start = time.perf_counter()
         out = model.generate([prompt_ids], args.max_new_tokens, do_sample=False if args.greedy else None,
                              temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, seed=args.seed,
-                             streamer=stream)
+                             streamer=stream, decode_graph=args.decode_graph)
         elapsed = time.perf_counter() - start
         sys.stdout.write("\n")
-        print(f"[minicpm-hal] {len(out[0])} tokens in {elapsed:.2f} s ({len(out[0]) / elapsed:.1f} tok/s)",
+        mode = " (decode graph)" if args.decode_graph else ""
+        print(f"[minicpm-hal] {len(out[0])} tokens in {elapsed:.2f} s ({len(out[0]) / elapsed:.1f} tok/s){mode}",
               file=sys.stderr)
     except HalError as exc:
         print(f"error: {exc}", file=sys.stderr)

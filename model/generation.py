@@ -43,7 +43,7 @@ def generate(model, input_ids: torch.Tensor | Sequence[Sequence[int]], max_new_t
              do_sample: bool | None = None, temperature: float | None = None, top_k: int | None = None,
              top_p: float | None = None, eos_token_id: int | Sequence[int] | None = None,
              seed: int | None = None, streamer: Streamer | None = None,
-             use_cache: bool = True) -> list[list[int]]:
+             use_cache: bool = True, decode_graph: bool = False) -> list[list[int]]:
     """Generate up to ``max_new_tokens`` per prompt.
 
     Args:
@@ -54,6 +54,8 @@ def generate(model, input_ids: torch.Tensor | Sequence[Sequence[int]], max_new_t
         seed: seeds the sampling generator (deterministic sampling).
         streamer: called as ``streamer(row, token_id)`` for every new token as it is produced.
         use_cache: False recomputes the whole sequence each step (a check of the cache path).
+        decode_graph: replay every decode step from a device graph (CUDA graph / NPUGraph, see
+            ``model/decode_graph.py``); cuda and npu only.
 
     Returns:
         The new token ids of each prompt (EOS included when it stopped on one).
@@ -75,6 +77,8 @@ def generate(model, input_ids: torch.Tensor | Sequence[Sequence[int]], max_new_t
     else:
         eos = {eos_token_id} if isinstance(eos_token_id, int) else set(eos_token_id)
 
+    if decode_graph and not use_cache:
+        raise InputError("decode_graph=True needs use_cache=True (the graph decodes from the KV cache)")
     prompts = _as_prompts(input_ids)
     pad_id = model.config.pad_token_id if model.config.pad_token_id is not None else 0
     ids, kv_start = _left_pad(prompts, pad_id)
@@ -90,17 +94,26 @@ def generate(model, input_ids: torch.Tensor | Sequence[Sequence[int]], max_new_t
     if use_cache:
         cache = KVCache(cfg.num_hidden_layers, ids.shape[0], ids.shape[1] + max_new_tokens,
                         cfg.num_key_value_heads, cfg.head_dim, model.dtype, device)
+    graph = None
+    if decode_graph:
+        from model.decode_graph import DecodeGraph
+
+        graph = DecodeGraph(model, cache, kv_start if starts is not None else None)
     outputs: list[list[int]] = [[] for _ in prompts]
     finished = [False] * len(prompts)
     step_input = ids
     sequence = ids
+    tokens = None
     with torch.inference_mode():
         for _ in range(max_new_tokens):
-            if use_cache:
-                out = model.forward(step_input, cache=cache, kv_start=starts, logits_last_only=True)
+            if graph is not None and tokens is not None:
+                last = graph.step(tokens).float().cpu()
             else:
-                out = model.forward(sequence, kv_start=starts, logits_last_only=True)
-            last = out.logits[:, -1].float().cpu()
+                if use_cache:
+                    out = model.forward(step_input, cache=cache, kv_start=starts, logits_last_only=True)
+                else:
+                    out = model.forward(sequence, kv_start=starts, logits_last_only=True)
+                last = out.logits[:, -1].float().cpu()
             tokens = model.ops.sample(last, temperature, top_k, top_p, generator).cpu()
             for row, token in enumerate(tokens.tolist()):
                 if finished[row]:

@@ -142,25 +142,41 @@ class MiniCPMForCausalLM:
         kv_start: `[B]` first real column per row (left padding), or None. logits_last_only:
         compute logits for the last position only.
         """
-        ops, cfg = self.ops, self.config
         batch, new = input_ids.shape
         past = cache.length if cache is not None else 0
         positions = torch.arange(past, past + new, device=self.device).expand(batch, new)
         if kv_start is not None:
             positions = (positions - kv_start[:, None]).clamp(min=0)
-        cos, sin = self.rope(positions)
         slots = kv_lens = None
         if cache is not None:
             slots, kv_lens = cache.plan(new, kv_start)
             slots = slots.to(self.device)
+        out = self.run(self.ops, input_ids, self.rope(positions), cache, kv_start, past > 0, slots, kv_lens,
+                       output_hidden_states, logits_last_only, hidden_hook)
+        if cache is not None:
+            cache.advance(new)
+        return out
 
+    def run(self, ops: BoundOps, input_ids: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor],
+            cache: KVCache | None, kv_start: torch.Tensor | None, decode: bool,
+            slots: torch.Tensor | None, kv_lens: torch.Tensor | None, output_hidden_states: bool = False,
+            logits_last_only: bool = False,
+            hidden_hook: Callable[[int, torch.Tensor], None] | None = None) -> ForwardOutput:
+        """The layers and logits, given where the tokens go (device work only: :meth:`forward`
+        plans on the host; ``model/decode_graph.py`` captures this for decode steps).
+
+        rope: (cos, sin) `[B, T, D]` of the tokens' positions. slots `[B, T]` / kv_lens `[B]`: the
+        cache plan (see :class:`KVCache`). decode: attend over the cache (attention_decode)
+        instead of the new tokens alone (attention_prefill, left padding by kv_start)."""
+        cfg = self.config
+        cos, sin = rope
         h = ops.embedding(input_ids, self.embed) * cfg.scale_emb
         hidden: list[torch.Tensor] | None = [h] if output_hidden_states else None
         residual = h
         x = ops.rms_norm(h, self.layers[0].input_norm, cfg.rms_norm_eps)
         alpha = cfg.residual_scale
         for index, layer in enumerate(self.layers):
-            attn = self._attention(index, layer, x, cos, sin, cache, kv_start, past, slots, kv_lens)
+            attn = self._attention(ops, index, layer, x, cos, sin, cache, kv_start, decode, slots, kv_lens)
             x, residual = ops.add_rms_norm(attn, residual, layer.post_norm, cfg.rms_norm_eps, alpha)
             gate, up = ops.linear(x, layer.gate_up).chunk(2, dim=-1)
             mlp = ops.linear(ops.swiglu(gate, up), layer.down)
@@ -170,20 +186,18 @@ class MiniCPMForCausalLM:
                 hidden.append(residual)
             if hidden_hook is not None:
                 hidden_hook(index, residual)
-        if cache is not None:
-            cache.advance(new)
         if logits_last_only:
             x = x[:, -1:]
         logits = ops.logits(x / cfg.logit_scale, self.lm_head)
         return ForwardOutput(logits=logits, hidden_states=hidden)
 
-    def _attention(self, index: int, layer: LayerWeights, x: torch.Tensor, cos: torch.Tensor,
-                   sin: torch.Tensor, cache: KVCache | None, kv_start: torch.Tensor | None,
-                   past: int, slots: torch.Tensor | None, kv_lens: torch.Tensor | None) -> torch.Tensor:
-        """slots `[B, T]` / kv_lens `[B]`: from ``cache.plan`` when a cache is given. The first chunk
-        into an empty cache attends over its own keys (attention_prefill, left padding by
-        kv_start); later chunks read the whole cache buffers (attention_decode, kv_lens)."""
-        ops, cfg = self.ops, self.config
+    def _attention(self, ops: BoundOps, index: int, layer: LayerWeights, x: torch.Tensor, cos: torch.Tensor,
+                   sin: torch.Tensor, cache: KVCache | None, kv_start: torch.Tensor | None, decode: bool,
+                   slots: torch.Tensor | None, kv_lens: torch.Tensor | None) -> torch.Tensor:
+        """The first chunk into an empty cache (or no cache) attends over its own keys
+        (attention_prefill, left padding by kv_start); decode chunks read the whole cache
+        buffers (attention_decode, kv_lens)."""
+        cfg = self.config
         batch, new, _ = x.shape
         d = cfg.head_dim
         q, k, v = ops.linear(x, layer.qkv).split(self.qkv_sizes, dim=-1)
@@ -193,7 +207,7 @@ class MiniCPMForCausalLM:
         q, k = ops.rotary(q, k, cos, sin)
         if cache is not None:
             ops.kv_write(cache.keys[index], cache.values[index], k, v, slots)
-            if past > 0:
+            if decode:
                 o = ops.attention_decode(q, cache.keys[index], cache.values[index], kv_lens, self.attn_scale)
                 return ops.linear(o.reshape(batch, new, -1), layer.o)
         o = ops.attention_prefill(q, k, v, kv_start, self.attn_scale)

@@ -53,8 +53,16 @@ class RopeTable:
         self._cos = (emb.cos() * self.mscale).to(self.device)
         self._sin = (emb.sin() * self.mscale).to(self.device)
 
-    def __call__(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        needed = int(positions.max()) + 1 if positions.numel() else 0
-        if needed > self._cos.shape[0]:
-            self._grow(needed)
+    def ensure(self, length: int) -> None:
+        """Make positions ``0 .. length-1`` available to :meth:`lookup`."""
+        if length > self._cos.shape[0]:
+            self._grow(length)
+
+    def lookup(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """cos/sin rows of ``positions`` (already covered by :meth:`ensure`); no host read, so a
+        device graph can capture it."""
         return self._cos[positions], self._sin[positions]
+
+    def __call__(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        self.ensure(int(positions.max()) + 1 if positions.numel() else 0)
+        return self.lookup(positions)

@@ -48,3 +48,12 @@ def test_generate_cli_bad_inputs(tmp_path, tiny_checkpoint):
     bad.mkdir()
     (bad / "config.json").write_text("{ nope")
     assert_one_line_error(run("model.generate", "--model", str(bad), "hi"), "malformed JSON")
+
+
+def test_generate_cli_decode_graph(tiny_checkpoint):
+    assert_one_line_error(run("model.generate", "--model", str(tiny_checkpoint), "--device", "cpu",
+                              "--decode-graph", "hi"), "decode graphs need a cuda or npu device")
+    proc = run("model.generate", "--model", str(tiny_checkpoint), "--device", "npu", "--greedy",
+               "--decode-graph", "--max-new-tokens", "4", "hi", env={"HAL_NPU_EMULATE": "1"})
+    assert proc.returncode == 0, proc.stderr
+    assert "(decode graph)" in proc.stderr

@@ -4,6 +4,7 @@ from __future__ import annotations
 import pytest
 
 from backends.npu import emulator
+from model.synthetic import write_checkpoint
 from hal.probing import reset as reset_probes
 
 
@@ -25,3 +26,13 @@ def no_npu_env(monkeypatch):
     reset_probes()
     yield
     reset_probes()
+
+
+@pytest.fixture(scope="session")
+def d64_checkpoint(tmp_path_factory):
+    """Tiny preset widened to head_dim 64 (hidden 256, 4 heads, 2 KV heads): FIA's head dims."""
+    factors = [1.0 + 0.1 * i for i in range(32)]
+    rope = {"rope_type": "longrope", "original_max_position_embeddings": 2048,
+            "long_factor": factors, "short_factor": factors}
+    return write_checkpoint(tmp_path_factory.mktemp("npu") / "tiny-d64", "tiny", seed=1,
+                            overrides={"hidden_size": 256, "rope_scaling": rope})

@@ -8,21 +8,10 @@ import torch
 
 import hal
 from model.cache import KVCache
-from model.synthetic import write_checkpoint
 from npu_metrics import nmse
 
 PROMPTS = torch.tensor([[5, 17, 300, 42, 7, 99, 1000, 3, 64, 128, 256, 11, 12, 13, 14, 15],
                         [900, 2, 33, 44, 55, 66, 77, 88, 99, 110, 121, 132, 143, 154, 165, 176]])
-
-
-@pytest.fixture(scope="module")
-def d64_checkpoint(tmp_path_factory):
-    """Tiny preset widened to head_dim 64 (hidden 256, 4 heads, 2 KV heads): FIA's head dims."""
-    factors = [1.0 + 0.1 * i for i in range(32)]
-    rope = {"rope_type": "longrope", "original_max_position_embeddings": 2048,
-            "long_factor": factors, "short_factor": factors}
-    return write_checkpoint(tmp_path_factory.mktemp("npu") / "tiny-d64", "tiny", seed=1,
-                            overrides={"hidden_size": 256, "rope_scaling": rope})
 
 
 def _top1(logits: torch.Tensor) -> torch.Tensor:

@@ -46,8 +46,14 @@ def _capture_error(what: str) -> GraphCaptureError:
                              "(it needs the tensor's value on the host)")
 
 
+def _is_tensor_type(t: torch._C.JitType) -> bool:
+    if isinstance(t, (torch._C.ListType, torch._C.OptionalType)):
+        return _is_tensor_type(t.getElementType())
+    return isinstance(t, torch._C.TensorType)
+
+
 def _returns_host_value(func: torch._ops.OpOverload) -> bool:
-    return any(not str(r.type).startswith("Tensor") for r in func._schema.returns)
+    return not all(_is_tensor_type(r.type) for r in func._schema.returns)
 
 
 def _has_bool_index(args: tuple) -> bool:
@@ -55,12 +61,22 @@ def _has_bool_index(args: tuple) -> bool:
     return any(isinstance(t, torch.Tensor) and t.dtype == torch.bool for t in flat[1:])
 
 
+def _is_pure_view(func: torch._ops.OpOverload, args: tuple, out: Any) -> bool:
+    """A view op whose outputs all alias an input (``.to()`` / ``contiguous`` are marked as views
+    but copy when they must): replay can skip it, the captured view sees the captured base."""
+    if not func.is_view:
+        return False
+    inputs = {t.untyped_storage().data_ptr() for t in tree_flatten(args)[0] if isinstance(t, torch.Tensor)}
+    outs = [t for t in tree_flatten(out)[0] if isinstance(t, torch.Tensor)]
+    return all(t.untyped_storage().data_ptr() in inputs for t in outs)
+
+
 class _Recorder(TorchDispatchMode):
     """Runs every op (capture executes eagerly here) and records it with its outputs."""
 
     def __init__(self) -> None:
         super().__init__()
-        self.steps: list[tuple[torch._ops.OpOverload, tuple, dict, Any]] = []
+        self.steps: list[tuple[torch._ops.OpOverload, tuple, dict, Any, bool]] = []
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
@@ -71,7 +87,7 @@ class _Recorder(TorchDispatchMode):
         if _returns_host_value(func):
             raise _capture_error(f"{func} (returns a host value)")
         out = func(*args, **kwargs)
-        self.steps.append((func, args, kwargs, out))
+        self.steps.append((func, args, kwargs, out, _is_pure_view(func, args, out)))
         return out
 
 
@@ -93,20 +109,19 @@ def _no_host_reads() -> Iterator[None]:
             setattr(torch.Tensor, name, method)
 
 
-def _replay_step(func: torch._ops.OpOverload, args: tuple, kwargs: dict, captured: Any) -> None:
-    if func.is_view:
+def _replay_step(func: torch._ops.OpOverload, args: tuple, kwargs: dict, captured: Any, view: bool) -> None:
+    if view:
         return  # the captured view already aliases the captured base
     result = func(*args, **kwargs)
-    if any(r.alias_info is not None for r in func._schema.returns):
-        return  # in-place / out= ops wrote into the captured tensors themselves
     new, _ = tree_flatten(result)
     old, _ = tree_flatten(captured)
     for before, now in zip(old, new):
-        if isinstance(before, torch.Tensor):
-            if before.shape != now.shape:
-                raise GraphCaptureError(f"NPUGraph replay (emulated): {func} produced shape "
-                                        f"{list(now.shape)}, captured {list(before.shape)}")
-            before.copy_(now)
+        if not isinstance(before, torch.Tensor) or now.data_ptr() == before.data_ptr():
+            continue  # in-place / out= ops (and no-op .to()) wrote into the captured tensor itself
+        if before.shape != now.shape:
+            raise GraphCaptureError(f"NPUGraph replay (emulated): {func} produced shape "
+                                    f"{list(now.shape)}, captured {list(before.shape)}")
+        before.copy_(now)
 
 
 class NPUGraph:
@@ -142,8 +157,8 @@ class NPUGraph:
         if self._steps is None:
             raise GraphCaptureError("NPUGraph (emulated): replay before a finished capture")
         with torch.inference_mode():
-            for func, args, kwargs, captured in self._steps:
-                _replay_step(func, args, kwargs, captured)
+            for step in self._steps:
+                _replay_step(*step)
 
     def reset(self) -> None:
         self._abort()

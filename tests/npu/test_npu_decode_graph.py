@@ -1,0 +1,86 @@
+"""Decode graphs (model/decode_graph.py) on the emulated NPU: the replayed steps give the
+reference's logits and the eager path's tokens, the graph is captured once and binds only
+capturable implementations. Hardware runs: tests/test_decode_graph_devices.py."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+import hal
+from backends.npu.emulator import graphs as emulated_graphs
+from model.cache import KVCache
+from model.decode_graph import DecodeGraph
+from npu_metrics import nmse
+
+PROMPTS = [[5, 17, 300, 42, 7, 99, 1000, 3], [900, 2, 33]]  # batch 2, the second left-padded
+
+
+def _cache(model, batch: int, capacity: int) -> KVCache:
+    cfg = model.config
+    return KVCache(cfg.num_hidden_layers, batch, capacity, cfg.num_key_value_heads, cfg.head_dim,
+                   model.dtype, model.device)
+
+
+def _padded() -> tuple[torch.Tensor, torch.Tensor]:
+    longest = max(len(p) for p in PROMPTS)
+    ids = torch.tensor([[0] * (longest - len(p)) + p for p in PROMPTS])
+    return ids, torch.tensor([longest - len(p) for p in PROMPTS])
+
+
+def test_replayed_decode_steps_match_the_reference(emulated, d64_checkpoint):
+    """Prefill eagerly, then 6 steps replayed from the graph; each step's logits against the
+    float32 reference run without a cache over each row's real tokens so far."""
+    reference = hal.load_model(d64_checkpoint, "cpu", "float32", reference=True)
+    npu = hal.load_model(d64_checkpoint, "npu")
+    ids, starts = _padded()
+    cache = _cache(npu, 2, ids.shape[1] + 8)
+    logits = npu.forward(ids, cache=cache, kv_start=starts, logits_last_only=True).logits[:, -1]
+    graph = DecodeGraph(npu, cache, starts)
+    rows = [list(p) for p in PROMPTS]
+    for step in range(6):
+        tokens = logits.float().argmax(-1)
+        for row, token in zip(rows, tokens.tolist()):
+            row.append(token)
+        logits = graph.step(tokens).clone()
+        for b, row in enumerate(rows):
+            ref = reference.logits(torch.tensor([row]))[0, -1]
+            err = nmse(ref, logits[b].float())
+            assert err < 1e-3, f"step {step} row {b}: NMSE {err:.2e}"
+    assert graph.captured and cache.length == ids.shape[1] + 6
+    assert cache.lengths.tolist() == [len(r) for r in rows]  # every fed token is in the cache
+
+
+def test_generate_with_the_graph_equals_eager_and_captures_once(emulated, d64_checkpoint, monkeypatch):
+    npu = hal.load_model(d64_checkpoint, "npu")
+    captures = []
+    begin = emulated_graphs.NPUGraph.capture_begin
+    monkeypatch.setattr(emulated_graphs.NPUGraph, "capture_begin",
+                        lambda self, *a, **k: (captures.append(1), begin(self, *a, **k))[1])
+    for sampling in ({"do_sample": False}, {"do_sample": True, "seed": 7, "temperature": 0.9, "top_k": 40}):
+        eager = npu.generate(PROMPTS, max_new_tokens=8, **sampling)
+        graphed = npu.generate(PROMPTS, max_new_tokens=8, decode_graph=True, **sampling)
+        assert graphed == eager, sampling
+    assert captures == [1, 1]  # one capture per generate call, every later step a replay
+
+
+def test_the_graph_binds_only_capturable_implementations(emulated, d64_checkpoint):
+    npu = hal.load_model(d64_checkpoint, "npu")
+    assert npu.bound_ops["attention_decode"] == "npu.torch_npu"  # eager decode: FIA
+    graph = DecodeGraph(npu, _cache(npu, 1, 16))
+    assert graph.bound_ops["attention_decode"] == "npu.torch_full"
+    assert graph.bound_ops["kv_write"] == "npu.torch"
+    assert graph.bound_ops["rms_norm"] == "npu.torch_npu"
+    passed = dict(graph.ops.record["attention_decode"].passed_over)
+    assert "not capturable" in passed["npu.torch_npu"]
+    assert graph.runtime.emulated and "EMULATED" in graph.runtime.name
+
+
+def test_step_past_the_cache_capacity_is_refused(emulated, d64_checkpoint):
+    npu = hal.load_model(d64_checkpoint, "npu")
+    cache = _cache(npu, 1, 128)
+    npu.forward(torch.arange(1, 128).view(1, -1), cache=cache)
+    graph = DecodeGraph(npu, cache)
+    graph.step(torch.tensor([5]))
+    with pytest.raises(ValueError, match="exceeds capacity 128"):
+        graph.step(torch.tensor([6]))
+    assert cache.length == 128

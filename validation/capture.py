@@ -1,0 +1,68 @@
+"""Is an implementation really capturable? Run it captured in the emulated ``NPUGraph``
+(``backends/npu/emulator/graphs.py``), then replay it on *other* inputs and judge the replay.
+
+A graph replays the kernels launched at capture on the captured buffers, so an implementation
+that read a tensor value on the host while capturing (a length, a slot) would replay with the
+capture's value. Capture here happens on inputs that differ from the judged ones in every
+value, integers included (token ids, kv_lens, slots); the judged inputs are then written into
+the captured tensors with ``copy_`` (what a decode graph does), the graph replays, and
+:func:`validation.opcheck.check` compares the replay's outputs with the float32 reference on the
+judged inputs. A host read during capture fails the case with the emulator's message.
+"""
+from __future__ import annotations
+
+from typing import Any, Callable
+
+import torch
+
+from backends.npu.emulator.graphs import NPUGraph, graph
+from hal.ops import get_spec
+from hal.registry import Impl
+from validation.opcheck import Case, CaseResult, check
+
+
+def _capture_values(name: str, value: torch.Tensor, c: Case) -> torch.Tensor:
+    """Different inputs of the same shape and dtype for the capture run."""
+    if value.is_floating_point():
+        return (value * -0.5 + 0.25).to(value.dtype)
+    if name == "ids":
+        return (value + 1) % c.dim("V")
+    if name == "kv_lens":
+        return (value - 1).clamp(min=1)
+    if name == "slots":
+        return torch.where(value >= 0, (value + 1) % c.dim("C"), value)
+    return value
+
+
+def captured(fn: Callable[..., Any], c: Case) -> Callable[..., Any]:
+    """``fn`` behind an emulated graph: a call captures ``fn`` on other inputs of the same
+    shapes, copies this call's inputs into the captured ones, replays, and returns the
+    captured outputs (an in-place op's outputs are copied back into this call's arguments)."""
+    inplace = get_spec(c.op).inplace
+
+    def run(**args: Any) -> Any:
+        static = {k: _capture_values(k, v, c) if isinstance(v, torch.Tensor) else v for k, v in args.items()}
+        g = NPUGraph()
+        with torch.inference_mode():
+            with graph(g):
+                out = fn(**static)
+            for k, v in args.items():
+                if isinstance(v, torch.Tensor):
+                    static[k].copy_(v)
+            g.replay()
+        if inplace:
+            for name in get_spec(c.op).outputs:
+                args[name].copy_(static[name])
+        return out
+
+    return run
+
+
+def check_captured(c: Case, impl: Impl, device: str | None = None) -> CaseResult:
+    """:func:`check` of ``impl`` run through :func:`captured` (status ``not supported`` as
+    ``check_impl`` when its ``supports()`` refuses the case)."""
+    device = device or impl.backend
+    reason = impl.supports(c.context(device))
+    if reason is not None:
+        return CaseResult(c, impl.qualname, "not supported", reason=reason)
+    return check(c, captured(impl.load(), c), f"{impl.qualname} (captured)", device)
