@@ -43,6 +43,15 @@ class GraphRuntime:
         ns.current_stream().wait_stream(side)
 
 
+def emulated_runtime() -> GraphRuntime:
+    """The emulator's NPUGraph (``backends/npu/emulator/graphs.py``): records aten ops and replays
+    them on CPU tensors; checks capturability anywhere, measures nothing."""
+    from backends.npu.emulator import device
+
+    return GraphRuntime("torch_npu.npu.NPUGraph (EMULATED: aten ops recorded and replayed on the CPU)",
+                        device, "NPUGraph", emulated=True)
+
+
 def graph_runtime(kind: str) -> GraphRuntime:
     """The graph runtime of device kind ``kind``; DeviceUnavailable (one line) for ``cpu``."""
     if kind == "cuda":
@@ -51,8 +60,7 @@ def graph_runtime(kind: str) -> GraphRuntime:
         from backends.npu.runtime import emulated, torch_npu
 
         if emulated():
-            return GraphRuntime("torch_npu.npu.NPUGraph (EMULATED: aten ops recorded and replayed on the CPU)",
-                                torch_npu().npu, "NPUGraph", emulated=True)
+            return emulated_runtime()
         return GraphRuntime("torch_npu.npu.NPUGraph", torch_npu().npu, "NPUGraph")
     raise DeviceUnavailable(f"decode graphs need a cuda or npu device; {kind} has none "
                             "(it launches no kernels, so a graph would save nothing)")

@@ -1,5 +1,6 @@
-"""Is an implementation really capturable? Run it captured in the emulated ``NPUGraph``
-(``backends/npu/emulator/graphs.py``), then replay it on *other* inputs and judge the replay.
+"""Is an implementation really capturable? Run it captured in a device graph (the device's
+real CUDA graph / NPUGraph, or the emulated ``NPUGraph`` of ``backends/npu/emulator/graphs.py``
+on the CPU), then replay it on *other* inputs and judge the replay.
 
 A graph replays the kernels launched at capture on the captured buffers, so an implementation
 that read a tensor value on the host while capturing (a length, a slot) would replay with the
@@ -7,7 +8,7 @@ capture's value. Capture here happens on inputs that differ from the judged ones
 value, integers included (token ids, kv_lens, slots); the judged inputs are then written into
 the captured tensors with ``copy_`` (what a decode graph does), the graph replays, and
 :func:`validation.opcheck.check` compares the replay's outputs with the float32 reference on the
-judged inputs. A host read during capture fails the case with the emulator's message.
+judged inputs. A host read during capture fails the case with the graph's error.
 """
 from __future__ import annotations
 
@@ -15,7 +16,7 @@ from typing import Any, Callable
 
 import torch
 
-from backends.npu.emulator.graphs import NPUGraph, graph
+from hal.graphs import GraphRuntime, emulated_runtime
 from hal.ops import get_spec
 from hal.registry import Impl
 from validation.opcheck import Case, CaseResult, check
@@ -34,17 +35,20 @@ def _capture_values(name: str, value: torch.Tensor, c: Case) -> torch.Tensor:
     return value
 
 
-def captured(fn: Callable[..., Any], c: Case) -> Callable[..., Any]:
-    """``fn`` behind an emulated graph: a call captures ``fn`` on other inputs of the same
-    shapes, copies this call's inputs into the captured ones, replays, and returns the
-    captured outputs (an in-place op's outputs are copied back into this call's arguments)."""
+def captured(fn: Callable[..., Any], c: Case, runtime: GraphRuntime | None = None) -> Callable[..., Any]:
+    """``fn`` behind a graph of ``runtime`` (default: the emulated NPUGraph): a call captures
+    ``fn`` on other inputs of the same shapes, copies this call's inputs into the captured ones,
+    replays, and returns the captured outputs (an in-place op's outputs are copied back into
+    this call's arguments)."""
     inplace = get_spec(c.op).inplace
+    runtime = runtime or emulated_runtime()
 
     def run(**args: Any) -> Any:
         static = {k: _capture_values(k, v, c) if isinstance(v, torch.Tensor) else v for k, v in args.items()}
-        g = NPUGraph()
+        g = runtime.new_graph()
         with torch.inference_mode():
-            with graph(g):
+            runtime.warm_up(lambda: fn(**static))
+            with runtime.capture(g):
                 out = fn(**static)
             for k, v in args.items():
                 if isinstance(v, torch.Tensor):
@@ -58,11 +62,13 @@ def captured(fn: Callable[..., Any], c: Case) -> Callable[..., Any]:
     return run
 
 
-def check_captured(c: Case, impl: Impl, device: str | None = None) -> CaseResult:
+def check_captured(c: Case, impl: Impl, device: str | None = None,
+                   runtime: GraphRuntime | None = None) -> CaseResult:
     """:func:`check` of ``impl`` run through :func:`captured` (status ``not supported`` as
     ``check_impl`` when its ``supports()`` refuses the case)."""
     device = device or impl.backend
     reason = impl.supports(c.context(device))
     if reason is not None:
         return CaseResult(c, impl.qualname, "not supported", reason=reason)
-    return check(c, captured(impl.load(), c), f"{impl.qualname} (captured)", device)
+    label = f"{impl.qualname} (captured{', emulated graph' if runtime is None or runtime.emulated else ''})"
+    return check(c, captured(impl.load(), c, runtime), label, device)

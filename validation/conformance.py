@@ -4,7 +4,12 @@ reference (ggml's test-backend-ops, in Python).
     python -m validation.conformance --device cpu                  # test mode: one line per case
     python -m validation.conformance --device cpu --op rms_norm -p 'T=63'
     python -m validation.conformance --mode support                # op x backend matrix, with reasons
+    python -m validation.conformance --device npu --mode captured  # capturable impls inside a graph
     python -m validation.conformance --coverage                    # catalogue ops without a grid
+
+``--mode captured`` runs each ``capturable`` implementation captured in a device graph and
+replayed on other inputs (validation/capture.py): the device's real CUDA graph / NPUGraph, the
+emulated NPUGraph on cpu and under --emulate.
 
 Exit 0 when every supported case meets its catalogue NMSE tolerance, 1 when one fails, 2 for a
 usage error or an unavailable device.
@@ -19,16 +24,18 @@ from typing import Iterable
 
 from hal import probing
 from hal.errors import HalError, InputError
+from hal.graphs import graph_runtime
 from hal.ops import CATALOGUE
 from hal.registry import BACKEND_PACKAGES, Impl, implementations
 from validation import grid, opcheck
+from validation.capture import check_captured
 
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m validation.conformance", description=__doc__.split("\n\n")[0])
     p.add_argument("--device", default="cpu",
                    help="backend under test: cpu, cuda, npu or auto (default: cpu)")
-    p.add_argument("--mode", choices=("test", "support"), default="test")
+    p.add_argument("--mode", choices=("test", "support", "captured"), default="test")
     p.add_argument("--op", action="append", default=[], help="only this op (repeatable)")
     p.add_argument("-p", "--pattern", default=None, metavar="REGEX", help="only cases whose label matches")
     p.add_argument("--dtype", action="append", default=[], help="only this dtype (repeatable)")
@@ -42,19 +49,24 @@ def _impls(op: str, backend: str) -> list[Impl]:
     return [i for i in implementations(op, backend) if i.name != "reference"]
 
 
-def run_tests(device: str, ops: Iterable[str], dtypes: list[str], pattern: str | None) -> int:
+def run_tests(device: str, ops: Iterable[str], dtypes: list[str], pattern: str | None,
+              captured: bool = False) -> int:
     results: list[opcheck.CaseResult] = []
     regex = re.compile(pattern) if pattern else None
+    runtime = None if device == "cpu" or not captured else graph_runtime(device)
     for op in ops:
-        impls = _impls(op, device)
+        impls = [i for i in _impls(op, device) if i.capturable or not captured]
         if not impls:
-            print(f"{op}: no {device} implementation registered")
+            print(f"{op}: no {'capturable ' if captured else ''}{device} implementation registered")
             continue
         for c in grid.grid(op, dtypes or None):
             if regex and not regex.search(c.label):
                 continue
             for impl in impls:
-                result = opcheck.check_impl(c, impl, device)
+                if captured:
+                    result = check_captured(c, impl, device, runtime)
+                else:
+                    result = opcheck.check_impl(c, impl, device)
                 results.append(result)
                 print(result.line(), flush=True)
     failed = [r for r in results if not r.passed]
@@ -121,7 +133,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.mode == "support":
             return run_support(ops, args.dtype)
         device = probing.resolve(args.device)
-        return run_tests(device, ops, args.dtype, args.pattern)
+        return run_tests(device, ops, args.dtype, args.pattern, captured=args.mode == "captured")
     except HalError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2

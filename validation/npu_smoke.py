@@ -3,11 +3,14 @@ full report to attach to a bug report.
 
 Steps, each recorded with its exit code and log in ``OUT/summary.md``:
   1. environment: torch / torch_npu / CANN versions, SoC, device name, ``npu-smi info``;
-  2. op conformance: ``python -m validation.conformance --device npu``;
+  2. op conformance: ``python -m validation.conformance --device npu``, then ``--mode captured``
+     (the implementations decode graphs use, captured in a real NPUGraph and replayed);
   3. accuracy: ``python -m validation.compare --device npu`` on a synthetic checkpoint of every
      preset asked for (default: tiny and 0.5b; add 8b / 4.1-8b with --presets), and on
      ``--model PATH`` when given;
-  4. speed: prefill and decode tokens/s of the bound model on the NPU (synthetic 0.5b, or --model).
+  4. speed: prefill and decode tokens/s of the bound model on the NPU (synthetic 0.5b, or --model);
+  5. decode graph: the same greedy decode replayed from an NPUGraph (``--decode-graph`` of
+     ``model.generate``): its tokens/s and how many tokens equal the eager run's.
 
 Exit 0 when every step passed, 1 when one failed, 2 when the NPU is unavailable (the reason is
 printed in one line). ``--emulate`` runs everything on the torch_npu emulator (labelled
@@ -39,7 +42,7 @@ def _parser() -> argparse.ArgumentParser:
                    help="synthetic checkpoints to compare on (default: tiny 0.5b; 8b needs ~50 GB RAM)")
     p.add_argument("--dtype", default="bfloat16", help="dtype under test (default: bfloat16)")
     p.add_argument("--new-tokens", type=int, default=32, help="decode steps timed in the speed step")
-    p.add_argument("--skip", nargs="*", default=[], choices=("conformance", "compare", "speed"))
+    p.add_argument("--skip", nargs="*", default=[], choices=("conformance", "compare", "speed", "graph"))
     p.add_argument("--emulate", action="store_true", help="run on the torch_npu emulator (EMULATED)")
     return p
 
@@ -89,8 +92,23 @@ def _step(name: str, args: list[str], out: Path, env: dict[str, str]) -> dict[st
             "seconds": round(time.perf_counter() - start, 1), "log": f"{name}.log"}
 
 
-def speed(path: Path, dtype: str, new_tokens: int) -> dict[str, float]:
-    """Prefill (128 tokens) and greedy decode tokens/s of ``path`` on the NPU, device-synchronised."""
+def _prompt(model) -> list[list[int]]:
+    return [[(17 * i) % (model.config.vocab_size - 10) + 3 for i in range(128)]]
+
+
+def _timed_generate(model, new_tokens: int, sync, decode_graph: bool) -> tuple[list[int], float]:
+    model.generate(_prompt(model), max_new_tokens=3, do_sample=False, decode_graph=decode_graph)  # warm-up
+    sync()
+    start = time.perf_counter()
+    out = model.generate(_prompt(model), max_new_tokens=new_tokens, do_sample=False, eos_token_id=-1,
+                         decode_graph=decode_graph)
+    sync()
+    return out[0], time.perf_counter() - start
+
+
+def speed(path: Path, dtype: str, new_tokens: int, decode_graph: bool = False) -> dict[str, object]:
+    """Prefill (128 tokens) and greedy decode tokens/s of ``path`` on the NPU, device-synchronised;
+    with ``decode_graph`` also the decode replayed from an NPUGraph and its agreement with eager."""
     import torch
 
     import hal
@@ -98,20 +116,23 @@ def speed(path: Path, dtype: str, new_tokens: int) -> dict[str, float]:
 
     model = hal.load_model(path, "npu", dtype)
     sync = torch_npu().npu.synchronize
-    prompt = [[(17 * i) % (model.config.vocab_size - 10) + 3 for i in range(128)]]
-    model.generate(prompt, max_new_tokens=2, do_sample=False)  # warm-up (kernel compilation)
+    model.logits(torch.tensor(_prompt(model)))  # warm-up (kernel compilation)
     sync()
     start = time.perf_counter()
-    model.logits(torch.tensor(prompt))
+    model.logits(torch.tensor(_prompt(model)))
     sync()
     prefill = time.perf_counter() - start
-    start = time.perf_counter()
-    out = model.generate(prompt, max_new_tokens=new_tokens, do_sample=False, eos_token_id=-1)
-    sync()
-    total = time.perf_counter() - start
-    return {"prefill_tokens_per_s": round(128 / prefill, 1),
-            "decode_tokens_per_s": round(max(len(out[0]) - 1, 1) / max(total - prefill, 1e-9), 1),
-            "new_tokens": len(out[0])}
+    eager, total = _timed_generate(model, new_tokens, sync, False)
+    result: dict[str, object] = {
+        "prefill_tokens_per_s": round(128 / prefill, 1),
+        "decode_tokens_per_s": round(max(len(eager) - 1, 1) / max(total - prefill, 1e-9), 1),
+        "new_tokens": len(eager)}
+    if decode_graph:
+        graphed, total = _timed_generate(model, new_tokens, sync, True)
+        same = next((i for i, (a, b) in enumerate(zip(eager, graphed)) if a != b), min(len(eager), len(graphed)))
+        result["graph_decode_tokens_per_s"] = round(max(len(graphed) - 1, 1) / max(total - prefill, 1e-9), 1)
+        result["graph_tokens_equal_to_eager"] = f"{same}/{len(eager)}"
+    return result
 
 
 def _summary(out: Path, env_info: dict[str, object], steps: list[dict[str, object]], emulated: bool) -> str:
@@ -156,6 +177,8 @@ def main(argv: list[str] | None = None) -> int:
     if "conformance" not in args.skip:
         command = ["validation.conformance", "--device", "npu", *emulate]
         steps.append(_step("conformance", command, out, child_env))
+        if "graph" not in args.skip:
+            steps.append(_step("conformance-captured", [*command, "--mode", "captured"], out, child_env))
     if "compare" not in args.skip:
         targets = [(f"synthetic-{p}", default_checkpoint(p)) for p in args.presets]
         targets += [("model", args.model)] if args.model else []
@@ -168,7 +191,7 @@ def main(argv: list[str] | None = None) -> int:
         start = time.perf_counter()
         record: dict[str, object] = {"step": f"speed ({path.name})"}
         try:
-            result = speed(path, args.dtype, args.new_tokens)
+            result = speed(path, args.dtype, args.new_tokens, decode_graph="graph" not in args.skip)
             record.update(exit=0, result=", ".join(f"{k}={v}" for k, v in result.items()))
         except (HalError, RuntimeError) as exc:
             text = str(exc).splitlines()[0] if str(exc) else type(exc).__name__

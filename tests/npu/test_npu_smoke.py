@@ -24,3 +24,6 @@ def test_runbook_on_the_emulator(emulated, tmp_path, capsys):
     assert data["emulated"] and [s["step"] for s in data["steps"]][0] == "compare-synthetic-tiny"
     report = (tmp_path / "compare-synthetic-tiny" / "report.md").read_text()
     assert "EMULATED" in report.splitlines()[0]
+    speed = data["steps"][-1]
+    assert speed["step"].startswith("speed") and speed["exit"] == 0, speed
+    assert "graph_decode_tokens_per_s=" in speed["result"] and "graph_tokens_equal_to_eager=3/3" in speed["result"]
