@@ -46,3 +46,15 @@ def test_graphed_generation_equals_eager_on_hardware(tiny_checkpoint, kind, dtyp
     graphed = model.generate(PROMPTS, max_new_tokens=12, do_sample=False, decode_graph=True)
     assert graphed == eager
     assert torch.isfinite(model.logits(torch.tensor([PROMPTS[0]]))).all()
+
+
+def test_decode_graph_benchmark_without_the_device_exits_2(capsys, monkeypatch):
+    from benchmarks import decode_graph
+
+    monkeypatch.delenv("HAL_NPU_EMULATE", raising=False)
+    reset()
+    if _available("cuda"):
+        pytest.skip("a CUDA device is present")
+    assert decode_graph.main(["--device", "cuda", "--preset", "tiny"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: device 'cuda' is not available: ") and len(err.splitlines()) == 1

@@ -92,47 +92,14 @@ def _step(name: str, args: list[str], out: Path, env: dict[str, str]) -> dict[st
             "seconds": round(time.perf_counter() - start, 1), "log": f"{name}.log"}
 
 
-def _prompt(model) -> list[list[int]]:
-    return [[(17 * i) % (model.config.vocab_size - 10) + 3 for i in range(128)]]
-
-
-def _timed_generate(model, new_tokens: int, sync, decode_graph: bool) -> tuple[list[int], float]:
-    model.generate(_prompt(model), max_new_tokens=3, do_sample=False, decode_graph=decode_graph)  # warm-up
-    sync()
-    start = time.perf_counter()
-    out = model.generate(_prompt(model), max_new_tokens=new_tokens, do_sample=False, eos_token_id=-1,
-                         decode_graph=decode_graph)
-    sync()
-    return out[0], time.perf_counter() - start
-
-
 def speed(path: Path, dtype: str, new_tokens: int, decode_graph: bool = False) -> dict[str, object]:
     """Prefill (128 tokens) and greedy decode tokens/s of ``path`` on the NPU, device-synchronised;
-    with ``decode_graph`` also the decode replayed from an NPUGraph and its agreement with eager."""
-    import torch
-
+    with ``decode_graph`` also the decode replayed from an NPUGraph and its agreement with eager
+    (``benchmarks/decode_graph.py``)."""
     import hal
-    from backends.npu.runtime import torch_npu
+    from benchmarks.decode_graph import measure
 
-    model = hal.load_model(path, "npu", dtype)
-    sync = torch_npu().npu.synchronize
-    model.logits(torch.tensor(_prompt(model)))  # warm-up (kernel compilation)
-    sync()
-    start = time.perf_counter()
-    model.logits(torch.tensor(_prompt(model)))
-    sync()
-    prefill = time.perf_counter() - start
-    eager, total = _timed_generate(model, new_tokens, sync, False)
-    result: dict[str, object] = {
-        "prefill_tokens_per_s": round(128 / prefill, 1),
-        "decode_tokens_per_s": round(max(len(eager) - 1, 1) / max(total - prefill, 1e-9), 1),
-        "new_tokens": len(eager)}
-    if decode_graph:
-        graphed, total = _timed_generate(model, new_tokens, sync, True)
-        same = next((i for i, (a, b) in enumerate(zip(eager, graphed)) if a != b), min(len(eager), len(graphed)))
-        result["graph_decode_tokens_per_s"] = round(max(len(graphed) - 1, 1) / max(total - prefill, 1e-9), 1)
-        result["graph_tokens_equal_to_eager"] = f"{same}/{len(eager)}"
-    return result
+    return measure(hal.load_model(path, "npu", dtype), new_tokens, decode_graph)
 
 
 def _summary(out: Path, env_info: dict[str, object], steps: list[dict[str, object]], emulated: bool) -> str:

@@ -84,3 +84,11 @@ def test_step_past_the_cache_capacity_is_refused(emulated, d64_checkpoint):
     with pytest.raises(ValueError, match="exceeds capacity 128"):
         graph.step(torch.tensor([6]))
     assert cache.length == 128
+
+
+def test_decode_graph_benchmark_script(emulated, capsys):
+    from benchmarks import decode_graph
+
+    assert decode_graph.main(["--device", "npu", "--preset", "tiny", "--new-tokens", "4"]) == 0
+    out = capsys.readouterr().out
+    assert "graph_tokens_equal_to_eager: 4/4" in out and "graph_over_eager: " in out

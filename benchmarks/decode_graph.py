@@ -1,0 +1,112 @@
+"""Decode speed with and without a decode graph, on cuda or npu (batch 1, greedy):
+
+    python -m benchmarks.decode_graph --device cuda --preset 0.5b --dtype bfloat16
+    python -m benchmarks.decode_graph --device npu --model /path/to/MiniCPM4-0.5B
+
+Prints prefill tokens/s, eager decode tokens/s, graph decode tokens/s, their ratio (measured in
+the same run) and how many greedy tokens the graphed run shares with the eager one. ``--emulate``
+runs the NPU path on the emulator: a check of this script, its times mean nothing (EMULATED).
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import time
+from pathlib import Path
+from typing import Callable
+
+PROMPT_TOKENS = 128
+
+
+def _prompt(vocab: int) -> list[list[int]]:
+    return [[(17 * i) % (vocab - 10) + 3 for i in range(PROMPT_TOKENS)]]
+
+
+def synchronizer(kind: str) -> Callable[[], None]:
+    """Waits for the device's queued work (timings end there)."""
+    import torch
+
+    if kind == "cuda":
+        return torch.cuda.synchronize
+    if kind == "npu":
+        from backends.npu.runtime import torch_npu
+
+        return torch_npu().npu.synchronize
+    return lambda: None
+
+
+def _generate(model, new_tokens: int, sync, decode_graph: bool) -> tuple[list[int], float]:
+    prompt = _prompt(model.config.vocab_size)
+    model.generate(prompt, max_new_tokens=3, do_sample=False, decode_graph=decode_graph)  # warm-up
+    sync()
+    start = time.perf_counter()
+    out = model.generate(prompt, max_new_tokens=new_tokens, do_sample=False, eos_token_id=-1,
+                         decode_graph=decode_graph)
+    sync()
+    return out[0], time.perf_counter() - start
+
+
+def measure(model, new_tokens: int, decode_graph: bool = True) -> dict[str, object]:
+    """Prefill and decode tokens/s of a loaded model (decode = generate time minus one prefill,
+    over the new tokens after the first); with ``decode_graph`` the graphed decode as well."""
+    import torch
+
+    kind = model.ops.context.device
+    sync = synchronizer(kind)
+    prompt = torch.tensor(_prompt(model.config.vocab_size))
+    model.logits(prompt)  # warm-up (kernel compilation)
+    sync()
+    start = time.perf_counter()
+    model.logits(prompt)
+    sync()
+    prefill = time.perf_counter() - start
+
+    def rate(tokens: list[int], total: float) -> float:
+        return round(max(len(tokens) - 1, 1) / max(total - prefill, 1e-9), 1)
+
+    eager, total = _generate(model, new_tokens, sync, False)
+    result: dict[str, object] = {"prefill_tokens_per_s": round(PROMPT_TOKENS / prefill, 1),
+                                 "decode_tokens_per_s": rate(eager, total), "new_tokens": len(eager)}
+    if decode_graph:
+        graphed, total = _generate(model, new_tokens, sync, True)
+        same = next((i for i, (a, b) in enumerate(zip(eager, graphed)) if a != b), min(len(eager), len(graphed)))
+        result["graph_decode_tokens_per_s"] = rate(graphed, total)
+        result["graph_over_eager"] = round(result["graph_decode_tokens_per_s"] / result["decode_tokens_per_s"], 2)
+        result["graph_tokens_equal_to_eager"] = f"{same}/{len(eager)}"
+    return result
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m benchmarks.decode_graph", description=__doc__.split("\n\n")[0])
+    p.add_argument("--device", required=True, choices=("cuda", "npu"))
+    p.add_argument("--model", type=Path, default=None, help="checkpoint folder (default: the synthetic --preset)")
+    p.add_argument("--preset", default="0.5b", help="synthetic checkpoint when no --model (default: 0.5b)")
+    p.add_argument("--dtype", default="bfloat16")
+    p.add_argument("--new-tokens", type=int, default=64)
+    p.add_argument("--emulate", action="store_true", help="the NPU path on the emulator (times mean nothing)")
+    args = p.parse_args(argv)
+    if args.emulate:
+        os.environ["HAL_NPU_EMULATE"] = "1"
+    import hal
+    from hal.errors import HalError
+    from hal.probing import resolve
+    from model.synthetic import default_checkpoint
+
+    try:
+        resolve(args.device)  # an unavailable device is reported before any checkpoint is written
+        path = args.model or default_checkpoint(args.preset)
+        model = hal.load_model(path, args.device, args.dtype)
+        result = measure(model, args.new_tokens)
+    except HalError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    label = " (EMULATED: not hardware numbers)" if args.emulate else ""
+    print(f"{path.name} on {args.device} {args.dtype}, batch 1, prompt {PROMPT_TOKENS}{label}")
+    for key, value in result.items():
+        print(f"  {key}: {value}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
