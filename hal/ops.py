@@ -62,6 +62,34 @@ slots [B, T] int64) -> None``
     skips the token (left padding of a prompt). Written slots of a row are distinct and in
     ``[0, C)``; everything else in the caches is left untouched. Exact: a copy, no arithmetic.
 
+``infllm_compress_keys(k_cache [B, C, Hk, D], kv_lens [B] int64, size, stride) -> [B, N, Hk, D]``
+    InfLLM-v2 semantic kernels: kernel j of row b is the mean of keys ``j*stride .. j*stride +
+    size - 1`` (float32, rounded once to the key dtype) when that range lies inside the row's
+    ``kv_lens[b]`` keys, zeros otherwise. N = ``max(0, (C - size) // stride + 1)``, the kernels
+    of a full row (fixed by C, so the shape never depends on data).
+
+``infllm_select_blocks(q [B, T, H, D], kernels [B, N1, Hk, D], coarse [B, N2, Hk, D], kv_lens [B],
+geometry, scale) -> [B, Hk, T, K] int64``
+    InfLLM-v2 block selection (``hal/sparse.py``: geometry; K = geometry.budget). Query t of row b
+    sits at position ``p = kv_lens[b] - T + t``; a fine kernel j is visible to it iff complete
+    and past (``j*stride + size - 1 <= p``), a coarse one likewise with its own size/stride.
+    1. ``lse_h = logsumexp_i(scale * q_h . coarse_i)`` over visible coarse kernels (over the
+       visible fine kernels when no coarse one is visible yet).
+    2. ``s_j = sum over the H/Hk query heads h of the KV group of exp(scale * q_h . kernels_j -
+       lse_h)`` for visible fine kernels j, 0 for the others.
+    3. Block c <= ``qb = p // block_size`` scores +inf if ``c < init_blocks`` or ``c >= qb -
+       local_blocks``, else ``max_j s_j`` over the fine kernels overlapping block c.
+    4. The K highest-scoring blocks among ``0 .. qb`` (all when qb < K; ties: lower index first),
+       ascending, then -1 padding. A query with ``p < 0`` selects nothing.
+    (research/minicpm4_spec.md §4.4; the v2 code's top-k over all blocks followed by dropping
+    future ones selects the same set, future blocks scoring 0 or -inf.)
+
+``block_sparse_attention(q [B, T, H, D], k_cache [B, C, Hk, D], v_cache [B, C, Hk, D],
+blocks [B, Hk, T, K] int64, kv_lens [B] int64, block_size, scale) -> [B, T, H, D]``
+    attention_decode restricted to selected blocks: query t of row b, head h sees key j iff
+    ``j <= kv_lens[b] - T + t`` and ``j // block_size`` is among ``blocks[b, h // (H/Hk), t]``
+    (-1 entries are ignored; entries are distinct). A query that sees no key returns zeros.
+
 ``sample(logits [B, V] float32, temperature, top_k, top_p, generator) -> [B] int64``
     ``temperature == 0`` is greedy (argmax, lowest index on ties). Otherwise divide by the
     temperature, keep the ``top_k`` highest (0 = all) and renormalise, then keep the smallest
@@ -180,6 +208,35 @@ KV_WRITE = OpSpec(
     inplace=True,
     nmse={"float32": 0.0, "bfloat16": 0.0, "float16": 0.0},
 )
+INFLLM_COMPRESS_KEYS = OpSpec(
+    "infllm_compress_keys",
+    inputs={"k_cache": "[B, C, Hk, D]", "kv_lens": "[B] int64"},
+    outputs={"kernels": "[B, N, Hk, D]"},
+    attrs={"size": "int", "stride": "int"},
+    nmse=_ELEMENTWISE,
+)
+INFLLM_SELECT_BLOCKS = OpSpec(
+    "infllm_select_blocks",
+    inputs={"q": "[B, T, H, D]", "kernels": "[B, N1, Hk, D]", "coarse": "[B, N2, Hk, D]", "kv_lens": "[B] int64"},
+    outputs={"blocks": "[B, Hk, T, K] int64"},
+    attrs={"geometry": "hal.sparse.InfLLMGeometry", "scale": "float"},
+    # integer output: the fraction of differing block ids. Scores are float32 sums from the same
+    # inputs in every implementation, so only an exact tie could reorder them.
+    nmse={"float32": 0.0, "bfloat16": 0.0, "float16": 0.0},
+)
+BLOCK_SPARSE_ATTENTION = OpSpec(
+    "block_sparse_attention",
+    inputs={
+        "q": "[B, T, H, D]",
+        "k_cache": "[B, C, Hk, D]",
+        "v_cache": "[B, C, Hk, D]",
+        "blocks": "[B, Hk, T, K] int64",
+        "kv_lens": "[B] int64",
+    },
+    outputs={"o": "[B, T, H, D]"},
+    attrs={"block_size": "int", "scale": "float"},
+    nmse=_REDUCTION,
+)
 SAMPLE = OpSpec(
     "sample",
     inputs={"logits": "[B, V] float32"},
@@ -202,6 +259,9 @@ CATALOGUE: dict[str, OpSpec] = {
         ATTENTION_PREFILL,
         ATTENTION_DECODE,
         KV_WRITE,
+        INFLLM_COMPRESS_KEYS,
+        INFLLM_SELECT_BLOCKS,
+        BLOCK_SPARSE_ATTENTION,
         SAMPLE,
     )
 }

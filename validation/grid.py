@@ -55,6 +55,16 @@ def _grid_dims(op: str) -> list[tuple[dict[str, int], tuple[str, ...]]]:
                 ({"B": 3, "T": 1, "C": 256, "Hk": 2, "D": 128}, ("ragged",)),
                 ({"B": 2, "T": 13, "C": 128, "Hk": 1, "D": 64}, ("padded",)),
                 ({"B": 2, "T": 5, "C": 128, "Hk": 4, "D": 64}, ("ragged",))]
+    if op == "infllm_compress_keys":
+        return [({"B": 1, "S": 100, "C": capacity(100), "Hk": 2, "D": 64, "W": 32, "R": 16}, ()),
+                ({"B": 3, "S": 300, "C": capacity(300), "Hk": 2, "D": 128, "W": 128, "R": 64}, ("ragged",)),
+                ({"B": 2, "S": 20, "C": 128, "Hk": 1, "D": 64, "W": 32, "R": 16}, ("ragged",))]
+    if op in ("infllm_select_blocks", "block_sparse_attention"):
+        # small geometry (16-token blocks, 2 local, budget 6) unless flagged "real" (64, 32, 96)
+        return [({"B": 1, "T": 1, "S": 300, "C": capacity(300), "H": 4, "Hk": 2, "D": 64}, ()),
+                ({"B": 2, "T": 3, "S": 200, "C": capacity(200), "H": 16, "Hk": 1, "D": 64}, ("ragged",)),
+                ({"B": 1, "T": 150, "S": 150, "C": capacity(150), "H": 4, "Hk": 2, "D": 128}, ()),
+                ({"B": 1, "T": 1, "S": 7000, "C": capacity(7000), "H": 32, "Hk": 2, "D": 64}, ("real",))]
     if op == "sample":
         return [({"B": 3, "V": 1000}, ()), ({"B": 2, "V": 1000}, ("ties",))]
     raise KeyError(f"no conformance grid for op {op!r}")

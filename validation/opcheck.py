@@ -20,6 +20,7 @@ import torch
 from hal.probing import torch_device
 from hal.ops import get_spec
 from hal.registry import BindContext, Impl, implementations
+from hal.sparse import InfLLMGeometry
 
 SHORT_DTYPE = {"float32": "f32", "bfloat16": "bf16", "float16": "f16"}
 TORCH_DTYPE = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -129,6 +130,44 @@ def _slots(c: Case) -> torch.Tensor:
     return torch.stack(rows).to(torch.int64)
 
 
+SMALL_GEOMETRY = InfLLMGeometry(kernel_size=8, kernel_stride=4, coarse_size=32, coarse_stride=16, block_size=16,
+                               init_blocks=1, local_blocks=2, budget=6)
+"""InfLLM-v2 cases: a scaled-down geometry (same ratios as MiniCPM4's 32/16, 128/64, 64-token
+blocks) so selection is non-trivial at a few hundred keys; flag ``real`` uses the real one."""
+
+
+def geometry(c: Case) -> InfLLMGeometry:
+    return InfLLMGeometry() if "real" in c.flags else SMALL_GEOMETRY
+
+
+def _kernels(g: torch.Generator, kv_lens: torch.Tensor, capacity: int, heads: int, dim: int, size: int,
+             stride: int) -> torch.Tensor:
+    """Semantic kernels `[B, N, Hk, D]` of random values, NaN where a row has no complete kernel
+    (infllm_select_blocks must not read them)."""
+    count = max(0, (capacity - size) // stride + 1)
+    kernels = _randn(g, len(kv_lens), count, heads, dim, scale=0.5)
+    for b, n in enumerate(kv_lens.tolist()):
+        kernels[b, max(0, (n - size) // stride + 1):] = float("nan")
+    return kernels
+
+
+def _selected_blocks(g: torch.Generator, kv_lens: torch.Tensor, new: int, kv_heads: int, budget: int,
+                     block: int) -> torch.Tensor:
+    """Random valid block_sparse_attention selections `[B, Hk, T, K]`: up to K distinct blocks
+    at or before each query's own, ascending, -1 padded (some queries select none)."""
+    batch = len(kv_lens)
+    out = torch.full((batch, kv_heads, new, budget), -1, dtype=torch.int64)
+    for b in range(batch):
+        for t in range(new):
+            qb = (int(kv_lens[b]) - new + t) // block
+            for h in range(kv_heads):
+                if qb < 0 or (b + h + t) % 7 == 6:
+                    continue  # selects nothing
+                take = torch.randperm(qb + 1, generator=g)[:budget].sort().values
+                out[b, h, t, :len(take)] = take
+    return out
+
+
 def make_inputs(c: Case, seed: int = 0) -> dict[str, Any]:
     """The case's keyword arguments, float tensors in float32 already rounded to ``c.dtype``."""
     g = torch.Generator().manual_seed(seed)
@@ -166,6 +205,23 @@ def make_inputs(c: Case, seed: int = 0) -> dict[str, Any]:
         args = {"k_cache": _randn(g, *cache_shape), "v_cache": _randn(g, *cache_shape),
                 "k": _randn(g, b, t, d["Hk"], d["D"]), "v": _randn(g, b, t, d["Hk"], d["D"]),
                 "slots": _slots(c)}
+    elif c.op == "infllm_compress_keys":
+        kv_lens = _kv_lens(c)
+        args = {"k_cache": _ragged_cache(g, kv_lens, d["C"], d["Hk"], d["D"]), "kv_lens": kv_lens,
+                "size": d["W"], "stride": d["R"]}
+    elif c.op == "infllm_select_blocks":
+        geo, kv_lens = geometry(c), _kv_lens(c)
+        args = {"q": _randn(g, b, t, d["H"], d["D"]),
+                "kernels": _kernels(g, kv_lens, d["C"], d["Hk"], d["D"], geo.kernel_size, geo.kernel_stride),
+                "coarse": _kernels(g, kv_lens, d["C"], d["Hk"], d["D"], geo.coarse_size, geo.coarse_stride),
+                "kv_lens": kv_lens, "geometry": geo, "scale": d["D"] ** -0.5}
+    elif c.op == "block_sparse_attention":
+        geo, kv_lens = geometry(c), _kv_lens(c)
+        args = {"q": _randn(g, b, t, d["H"], d["D"]),
+                "k_cache": _ragged_cache(g, kv_lens, d["C"], d["Hk"], d["D"]),
+                "v_cache": _ragged_cache(g, kv_lens, d["C"], d["Hk"], d["D"]),
+                "blocks": _selected_blocks(g, kv_lens, t, d["Hk"], geo.budget, geo.block_size),
+                "kv_lens": kv_lens, "block_size": geo.block_size, "scale": d["D"] ** -0.5}
     elif c.op == "sample":
         logits = _randn(g, b, d["V"], scale=3.0)
         if "ties" in c.flags:

@@ -8,22 +8,34 @@ from __future__ import annotations
 
 from hal.registry import Impl, register
 
-_OPS = ("embedding", "rms_norm", "add_rms_norm", "rotary", "swiglu", "linear", "logits",
-        "attention_prefill", "attention_decode", "kv_write", "sample")
+OPS = ("embedding", "rms_norm", "add_rms_norm", "rotary", "swiglu", "linear", "logits",
+        "attention_prefill", "attention_decode", "kv_write", "infllm_compress_keys", "infllm_select_blocks",
+        "block_sparse_attention", "sample")
 _REFERENCE_MODULE = {
     "logits": "linear",
     "add_rms_norm": "rms_norm",
     "attention_prefill": "attention",
     "attention_decode": "attention",
     "kv_write": "kv_cache",
+    "infllm_compress_keys": "infllm",
+    "infllm_select_blocks": "infllm",
+    "block_sparse_attention": "infllm",
 }
+TORCH_MODULE = {op: "backends.cpu.infllm" for op in ("infllm_compress_keys", "infllm_select_blocks",
+                                                     "block_sparse_attention")}
+"""Where each op's torch implementation lives (default ``backends.cpu.ops``)."""
+
+
+def torch_fn(op: str) -> str:
+    """``module:function`` of ``op``'s portable torch implementation (cuda and npu borrow it)."""
+    return f"{TORCH_MODULE.get(op, 'backends.cpu.ops')}:{op}_cpu"
 
 CAPTURABLE = frozenset(("embedding", "rms_norm", "add_rms_norm", "rotary", "swiglu", "linear", "logits",
-                        "kv_write"))
+                        "kv_write", "infllm_compress_keys", "infllm_select_blocks", "block_sparse_attention"))
 
-for _op in _OPS:
+for _op in OPS:
     _module = _REFERENCE_MODULE.get(_op, _op)
-    register(Impl(op=_op, backend="cpu", name="torch", fn=f"backends.cpu.ops:{_op}_cpu", priority=0,
+    register(Impl(op=_op, backend="cpu", name="torch", fn=torch_fn(_op), priority=0,
                   capturable=_op in CAPTURABLE))
     register(Impl(op=_op, backend="cpu", name="reference",
                   fn=f"backends.cpu.reference.{_module}:{_op}_ref", priority=100))

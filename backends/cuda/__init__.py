@@ -2,14 +2,10 @@
 portable torch implementations below, which work on any torch device."""
 from __future__ import annotations
 
-from backends.cpu import CAPTURABLE
+from backends.cpu import CAPTURABLE, OPS, torch_fn
 from hal.registry import Impl, register
 
-_OPS = ("embedding", "rms_norm", "add_rms_norm", "rotary", "swiglu", "linear", "logits",
-        "attention_prefill", "attention_decode", "kv_write", "sample")
-
-for _op in _OPS:
-    register(Impl(op=_op, backend="cuda", name="torch", fn=f"backends.cpu.ops:{_op}_cpu", priority=50,
-                  capturable=_op in CAPTURABLE))
+for _op in OPS:
+    register(Impl(op=_op, backend="cuda", name="torch", fn=torch_fn(_op), priority=50, capturable=_op in CAPTURABLE))
 register(Impl(op="attention_decode", backend="cuda", name="torch_full",
               fn="backends.cpu.ops:attention_decode_full_cpu", priority=55, capturable=True))

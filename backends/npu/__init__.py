@@ -17,6 +17,8 @@ attention_decode   npu.torch_npu       FIA with block_table over the cache's 128
 kv_write           npu.torch_npu       npu_scatter_pa_kv_cache on the same page view
                    npu.torch           float32 and decode graphs (index_put_, portable torch)
 sample             npu.torch_npu       npu_top_k_top_p + exponential race
+infllm_*, block_sparse_attention  npu.torch  (portable torch: no torch_npu op fits InfLLM's 64-token
+                                              blocks with causal masking inside them)
 
 Every implementation but FIA attention, npu_scatter_pa_kv_cache (both take host lengths or
 filter slots on the host) and sampling is ``capturable`` inside an NPUGraph (decode graphs,
@@ -24,6 +26,7 @@ filter slots on the host) and sampling is ``capturable`` inside an NPUGraph (dec
 """
 from __future__ import annotations
 
+from backends.cpu import torch_fn
 from backends.npu import supports
 from hal.registry import Impl, register
 
@@ -49,3 +52,7 @@ register(Impl("kv_write", "npu", "torch_npu", f"{_M}.attention:kv_write_npu", su
               priority=0))
 register(Impl("kv_write", "npu", "torch", "backends.cpu.ops:kv_write_cpu", priority=10, **_CAPTURABLE))
 register(Impl("sample", "npu", "torch_npu", f"{_M}.sample:sample_npu"))
+# InfLLM-v2: no torch_npu op fits (npu_block_sparse_attention has no causal mask inside a block and
+# needs 128-token KV blocks; InfLLM uses 64), so the portable torch code runs on the NPU
+for _op in ("infllm_compress_keys", "infllm_select_blocks", "block_sparse_attention"):
+    register(Impl(_op, "npu", "torch", torch_fn(_op), **_CAPTURABLE))

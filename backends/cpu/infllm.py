@@ -1,0 +1,127 @@
+"""InfLLM-v2 ops in portable torch (cpu, and borrowed by cuda and npu): whole-tensor code with
+no host read of tensor values (capturable), queries taken in chunks to bound memory.
+
+block_sparse_attention here is masked dense attention: it computes exactly the op but costs
+what dense attention costs; the speed of sparse attention needs a kernel that skips the
+unselected blocks (none yet).
+"""
+from __future__ import annotations
+
+import torch
+
+from backends.cpu.ops import _sdpa_masked
+from hal.sparse import InfLLMGeometry
+
+QUERY_CHUNK = 256  # queries scored / attended at once (memory: chunk x capacity per head)
+
+
+def infllm_compress_keys_cpu(k_cache: torch.Tensor, kv_lens: torch.Tensor, size: int, stride: int) -> torch.Tensor:
+    """k_cache `[B, C, Hk, D]`, kv_lens `[B]` -> kernels `[B, N, Hk, D]`: means over a strided
+    window view (no copy of the cache), kernels past a row's length zeroed."""
+    batch, capacity, kv_heads, dim = k_cache.shape
+    count = max(0, (capacity - size) // stride + 1)
+    if count == 0:
+        return k_cache.new_zeros(batch, 0, kv_heads, dim)
+    windows = k_cache.unfold(1, size, stride)  # [B, N, Hk, D, size]
+    means = windows.float().mean(dim=-1)
+    ends = torch.arange(count, device=k_cache.device) * stride + size  # one past each kernel's last key
+    complete = ends[None, :] <= kv_lens.to(k_cache.device)[:, None]  # [B, N]
+    return means.masked_fill(~complete[:, :, None, None], 0.0).to(k_cache.dtype)
+
+
+def _overlap_index(g: InfLLMGeometry, blocks: int, kernels: int, device: torch.device) -> torch.Tensor:
+    """`[blocks, W]` fine-kernel ids overlapping each block (kernel j covers keys j*stride ..
+    j*stride + size - 1), padded with ``kernels`` (the index of a -inf column). Built with
+    device arithmetic, not from a host list, so it can be captured."""
+    width = -(-(g.block_size + g.kernel_size - 1) // g.kernel_stride) + 1
+    c = torch.arange(blocks, device=device)[:, None]
+    first = torch.div(c * g.block_size - g.kernel_size, g.kernel_stride, rounding_mode="floor") + 1
+    last = torch.div((c + 1) * g.block_size - 1, g.kernel_stride, rounding_mode="floor")
+    ids = first.clamp(min=0) + torch.arange(width, device=device)[None, :]
+    keep = (ids <= last) & (ids < kernels)
+    return torch.where(keep, ids, torch.full_like(ids, kernels))
+
+
+def _kernel_scores(qf: torch.Tensor, kernels: torch.Tensor, coarse: torch.Tensor, pos: torch.Tensor,
+                   g: InfLLMGeometry, scale: float) -> torch.Tensor:
+    """qf `[B, T, Hk, G, D]` float32, pos `[B, T]` -> s `[B, Hk, T, N1]` (summed over the group)."""
+    fine_end = torch.arange(kernels.shape[1], device=qf.device) * g.kernel_stride + g.kernel_size - 1
+    coarse_end = torch.arange(coarse.shape[1], device=qf.device) * g.coarse_stride + g.coarse_size - 1
+    fine_vis = (fine_end[None, None, :] <= pos[:, :, None])[:, None, None]  # [B, 1, 1, T, N1]
+    coarse_vis = (coarse_end[None, None, :] <= pos[:, :, None])[:, None, None]
+    x1 = torch.einsum("btkgd,bnkd->bkgtn", qf, kernels.float()) * scale  # [B, Hk, G, T, N1]
+    x2 = torch.einsum("btkgd,bnkd->bkgtn", qf, coarse.float()) * scale
+    lse_fine = torch.logsumexp(x1.masked_fill(~fine_vis, float("-inf")), dim=-1)
+    lse_coarse = torch.logsumexp(x2.masked_fill(~coarse_vis, float("-inf")), dim=-1)
+    lse = torch.where(coarse_vis.any(dim=-1), lse_coarse, lse_fine)  # [B, Hk, G, T]
+    probs = torch.exp(x1 - lse[..., None]).masked_fill(~fine_vis, 0.0)
+    return probs.sum(dim=2)
+
+
+def _select(s: torch.Tensor, pos: torch.Tensor, g: InfLLMGeometry, blocks: int) -> torch.Tensor:
+    """s `[B, Hk, T, N1]`, pos `[B, T]` -> block ids `[B, Hk, T, K]` (ascending, -1 padded)."""
+    overlap = _overlap_index(g, blocks, s.shape[-1], s.device)  # [NB, W]
+    padded = torch.cat([s, s.new_full((*s.shape[:-1], 1), float("-inf"))], dim=-1)
+    score = padded[..., overlap].amax(dim=-1)  # [B, Hk, T, NB]
+    c = torch.arange(blocks, device=s.device)
+    qb = torch.div(pos, g.block_size, rounding_mode="floor")[:, None, :, None]  # [B, 1, T, 1]
+    forced = (c < g.init_blocks) | (c >= qb - g.local_blocks)
+    score = torch.where(forced, torch.full_like(score, float("inf")), score)
+    future = c > qb
+    score = score.masked_fill(future, float("-inf"))
+    order = torch.sort(score, dim=-1, descending=True, stable=True).indices[..., :g.budget]
+    chosen = torch.where(order > qb, torch.full_like(order, blocks), order)  # future -> sorts last
+    chosen = torch.sort(chosen, dim=-1).values
+    chosen = torch.where(chosen == blocks, torch.full_like(chosen, -1), chosen)
+    if chosen.shape[-1] < g.budget:
+        chosen = torch.cat([chosen, chosen.new_full((*chosen.shape[:-1], g.budget - chosen.shape[-1]), -1)], -1)
+    return chosen
+
+
+def infllm_select_blocks_cpu(q: torch.Tensor, kernels: torch.Tensor, coarse: torch.Tensor, kv_lens: torch.Tensor,
+                             geometry: InfLLMGeometry, scale: float) -> torch.Tensor:
+    """q `[B, T, H, D]`, kernels `[B, N1, Hk, D]`, coarse `[B, N2, Hk, D]`, kv_lens `[B]` -> block ids
+    `[B, Hk, T, K]`, in chunks of :data:`QUERY_CHUNK` queries."""
+    batch, new, heads, dim = q.shape
+    kv_heads = kernels.shape[2]
+    # N1 kernels come from a capacity of at most N1*stride + size - 1 keys: enough blocks for any
+    # query position (blocks past a query's own are dropped as future)
+    longest = kernels.shape[1] * geometry.kernel_stride + geometry.kernel_size - 1
+    blocks = -(-longest // geometry.block_size)
+    qf = q.float().view(batch, new, kv_heads, heads // kv_heads, dim)
+    pos = kv_lens.to(q.device)[:, None] - new + torch.arange(new, device=q.device)[None, :]  # [B, T]
+    out = []
+    for start in range(0, new, QUERY_CHUNK):
+        part = slice(start, start + QUERY_CHUNK)
+        s = _kernel_scores(qf[:, part], kernels, coarse, pos[:, part], geometry, scale)
+        out.append(_select(s, pos[:, part], geometry, blocks))
+    chosen = torch.cat(out, dim=2)
+    return chosen.masked_fill((pos < 0)[:, None, :, None], -1)
+
+
+def block_sparse_attention_cpu(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, blocks: torch.Tensor,
+                               kv_lens: torch.Tensor, block_size: int, scale: float) -> torch.Tensor:
+    """q `[B, T, H, D]`, caches `[B, C, Hk, D]`, blocks `[B, Hk, T, K]`, kv_lens `[B]` -> `[B, T, H, D]`:
+    the selected blocks become a token mask over the whole capacity (keys past a row's length
+    zeroed first, as stale NaN there would survive a mask), attended in query chunks."""
+    batch, new, heads, _ = q.shape
+    capacity, kv_heads = k_cache.shape[1], k_cache.shape[2]
+    group = heads // kv_heads
+    lengths = kv_lens.to(q.device)
+    cols = torch.arange(capacity, device=q.device)
+    unused = (cols[None, :] >= lengths[:, None])[:, :, None, None]
+    k, v = k_cache.masked_fill(unused, 0), v_cache.masked_fill(unused, 0)
+    pos = lengths[:, None] - new + torch.arange(new, device=q.device)[None, :]  # [B, T]
+    count = -(-capacity // block_size)
+    out = []
+    for start in range(0, new, QUERY_CHUNK):
+        part = slice(start, start + QUERY_CHUNK)
+        ids = blocks[:, :, part].to(q.device)
+        ids = torch.where(ids >= 0, ids, torch.full_like(ids, count))  # -1 -> a dropped extra column
+        picked = torch.zeros(*ids.shape[:-1], count + 1, dtype=torch.bool, device=q.device)
+        picked.scatter_(-1, ids, True)
+        token = picked[..., :count].repeat_interleave(block_size, dim=-1)[..., :capacity]  # [B, Hk, t, C]
+        token = token & (cols[None, None, None, :] <= pos[:, None, part, None])
+        mask = token.repeat_interleave(group, dim=1)  # [B, H, t, C]
+        out.append(_sdpa_masked(q[:, part], k, v, mask, False, scale))
+    return torch.cat(out, dim=1)
