@@ -63,7 +63,7 @@ def _grid_dims(op: str) -> list[tuple[dict[str, int], tuple[str, ...]]]:
         # small geometry (16-token blocks, 2 local, budget 6) unless flagged "real" (64, 32, 96)
         return [({"B": 1, "T": 1, "S": 300, "C": capacity(300), "H": 4, "Hk": 2, "D": 64}, ()),
                 ({"B": 2, "T": 3, "S": 200, "C": capacity(200), "H": 16, "Hk": 1, "D": 64}, ("ragged",)),
-                ({"B": 1, "T": 150, "S": 150, "C": capacity(150), "H": 4, "Hk": 2, "D": 128}, ()),
+                ({"B": 1, "T": 100, "S": 100, "C": capacity(100), "H": 4, "Hk": 2, "D": 128}, ()),
                 ({"B": 1, "T": 1, "S": 7000, "C": capacity(7000), "H": 32, "Hk": 2, "D": 64}, ("real",))]
     if op == "sample":
         return [({"B": 3, "V": 1000}, ()), ({"B": 2, "V": 1000}, ("ties",))]
