@@ -1,7 +1,6 @@
 """Public entry point: :func:`load_model`."""
 from __future__ import annotations
 
-import warnings
 from pathlib import Path
 from typing import Any, Callable
 
@@ -67,9 +66,6 @@ def load_model(path: str | Path, device: str = "auto", dtype: str | torch.dtype 
     torch_dtype = parse_dtype(dtype)
     if reference and kind != "cpu":
         raise InputError(f"reference=True binds the CPU float32 reference; device must be cpu, got {kind}")
-    if config.sparse_config is not None:
-        warnings.warn(f"{folder}: sparse_config (InfLLM-v2) is set but sparse attention is not implemented "
-                      "yet; running dense attention (exact below dense_len)", stacklevel=2)
     ops = bind(kind, torch_dtype, config.shapes(), reference=reference, allow_fallback=allow_fallback,
                overrides=op_overrides)
     weights = load_weights(folder, config, torch_dtype, torch_device(kind))

@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import Any
 
 from hal.errors import ConfigError
+from hal.sparse import InfLLMGeometry
 
 SUPPORTED_ARCHITECTURES = ("MiniCPMForCausalLM",)
 
@@ -20,6 +21,20 @@ class RopeScaling:
     long_factor: tuple[float, ...]
     short_factor: tuple[float, ...]
     original_max_position_embeddings: int
+
+
+@dataclass(frozen=True)
+class SparseAttention:
+    """InfLLM-v2 (``sparse_config``): attention is sparse once a forward's longest row reaches
+    ``dense_len`` tokens (-1: always), with the block selection of ``geometry``. The v2 rules
+    (MiniCPM4.1 code, current kernels): coarse kernels of 4x the size and stride for the softmax
+    normaliser, and a budget of ``topk + window_size / block_size`` blocks per query."""
+
+    geometry: InfLLMGeometry
+    dense_len: int
+
+    def applies(self, longest: int) -> bool:
+        return self.dense_len < 0 or longest >= self.dense_len
 
 
 @dataclass(frozen=True)
@@ -42,7 +57,7 @@ class MiniCPMConfig:
     eos_token_ids: tuple[int, ...] = (2,)
     pad_token_id: int | None = None
     torch_dtype: str = "float32"
-    sparse_config: dict[str, Any] | None = None
+    sparse: SparseAttention | None = None
     raw: dict[str, Any] = field(default_factory=dict, compare=False, repr=False)
 
     @property
@@ -74,12 +89,13 @@ class MiniCPMConfig:
 class _Fields:
     """Typed access to a config dict; every error names the file and the field."""
 
-    def __init__(self, data: dict[str, Any], source: str):
+    def __init__(self, data: dict[str, Any], source: str, prefix: str = ""):
         self.data = data
         self.source = source
+        self.prefix = prefix  # "sparse_config." for the fields of a nested object
 
     def fail(self, name: str, problem: str) -> ConfigError:
-        return ConfigError(f"{self.source}: field '{name}' {problem}")
+        return ConfigError(f"{self.source}: field '{self.prefix}{name}' {problem}")
 
     def integer(self, name: str, default: Any = ..., minimum: int | None = 1) -> Any:
         if name not in self.data or self.data[name] is None:
@@ -157,6 +173,33 @@ def _rope_scaling(fields: _Fields, head_dim: int) -> RopeScaling | None:
     )
 
 
+def _sparse_attention(fields: _Fields) -> SparseAttention | None:
+    data = fields.data.get("sparse_config")
+    if data is None:
+        return None
+    if not isinstance(data, dict):
+        raise fields.fail("sparse_config", f"must be an object or null, got {data!r}")
+    sub = _Fields(data, fields.source, prefix="sparse_config.")
+    size, stride = sub.integer("kernel_size", 32), sub.integer("kernel_stride", 16)
+    block, window = sub.integer("block_size", 64), sub.integer("window_size", 2048)
+    init, topk = sub.integer("init_blocks", 1, minimum=0), sub.integer("topk", 64)
+    dense_len = sub.integer("dense_len", 8192, minimum=-1)
+    if sub.boolean("use_nope", False):
+        raise sub.fail("use_nope", "true is not supported (it scores blocks with pre-RoPE keys, a second cache)")
+    if size % stride:
+        raise sub.fail("kernel_size", f"must be a multiple of kernel_stride={stride}, got {size}")
+    if block % stride:
+        raise sub.fail("block_size", f"must be a multiple of kernel_stride={stride}, got {block}")
+    if window % block:
+        raise sub.fail("window_size", f"must be a multiple of block_size={block}, got {window}")
+    if topk < init + 1:
+        raise sub.fail("topk", f"must be > init_blocks={init} (the forced blocks must fit the budget), got {topk}")
+    local = window // block
+    geometry = InfLLMGeometry(kernel_size=size, kernel_stride=stride, coarse_size=4 * size, coarse_stride=4 * stride,
+                              block_size=block, init_blocks=init, local_blocks=local, budget=topk + local)
+    return SparseAttention(geometry, dense_len)
+
+
 def parse_config(data: Any, source: str = "config.json") -> MiniCPMConfig:
     """Validate a config dict and build :class:`MiniCPMConfig`. Raises :class:`ConfigError`."""
     if not isinstance(data, dict):
@@ -191,9 +234,6 @@ def parse_config(data: Any, source: str = "config.json") -> MiniCPMConfig:
         raise f.fail("head_dim",
                      f"must equal hidden_size/num_attention_heads = {head_dim}, got {data['head_dim']!r}")
 
-    sparse = data.get("sparse_config")
-    if sparse is not None and not isinstance(sparse, dict):
-        raise f.fail("sparse_config", f"must be an object or null, got {sparse!r}")
     dtype = data.get("torch_dtype", data.get("dtype", "float32"))
     if dtype not in ("float32", "bfloat16", "float16"):
         raise f.fail("torch_dtype", f"must be float32, bfloat16 or float16, got {dtype!r}")
@@ -217,7 +257,7 @@ def parse_config(data: Any, source: str = "config.json") -> MiniCPMConfig:
         eos_token_ids=f.token_ids("eos_token_id", (2,)),
         pad_token_id=f.integer("pad_token_id", None, minimum=0),
         torch_dtype=dtype,
-        sparse_config=sparse,
+        sparse=_sparse_attention(f),
         raw=data,
     )
     for name in ("bos_token_id", "pad_token_id"):

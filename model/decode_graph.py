@@ -13,7 +13,9 @@ What the graph holds fixed, and how each step still differs:
   capacity check) and one copy moves (token, slot, length) per row into the graph's input
   buffer; then ``replay()``. The positions are the slots (each row's real tokens start at 0).
 * The graph belongs to one :class:`~model.cache.KVCache` (the addresses of its buffers) and its
-  batch size. It is captured on the first step, after a warm-up run of the same step.
+  batch size. It is captured on the first step, after a warm-up run of the same step. A model
+  with InfLLM-v2 gets a second graph, captured on the first step past ``dense_len`` (the
+  host knows the lengths, so it picks the graph; the sparse ops are capturable too).
 """
 from __future__ import annotations
 
@@ -24,7 +26,8 @@ from hal.registry import bind
 from model.cache import KVCache
 
 GRAPH_OPS = frozenset(("embedding", "rms_norm", "add_rms_norm", "rotary", "swiglu", "linear", "logits",
-                       "kv_write", "attention_decode"))
+                       "kv_write", "attention_decode", "infllm_compress_keys", "infllm_select_blocks",
+                       "block_sparse_attention"))
 """The ops a decode step calls; each must be served by a ``capturable`` implementation."""
 
 _TOKEN, _SLOT, _LENGTH = range(3)
@@ -51,12 +54,11 @@ class DecodeGraph:
         model.rope.ensure(cache.capacity)
         self._host = torch.zeros(cache.batch, 3, dtype=torch.int64)
         self._inputs = torch.zeros(cache.batch, 3, dtype=torch.int64, device=model.device)
-        self._graph = None
-        self._logits: torch.Tensor | None = None
+        self._graphs: dict[bool, tuple[object, torch.Tensor]] = {}  # sparse? -> (graph, logits buffer)
 
     @property
     def captured(self) -> bool:
-        return self._graph is not None
+        return bool(self._graphs)
 
     @property
     def bound_ops(self) -> dict[str, str]:
@@ -74,25 +76,29 @@ class DecodeGraph:
         self._host[:, _SLOT] = slots[:, 0]
         self._host[:, _LENGTH] = kv_lens
         self._inputs.copy_(self._host)
-        if self._graph is None:
-            self._capture()
-        self._graph.replay()
+        sparse = self.model.config.sparse
+        mode = sparse is not None and sparse.applies(int(kv_lens.max()))
+        if mode not in self._graphs:
+            self._graphs[mode] = self._capture(mode)
+        graph, logits = self._graphs[mode]
+        graph.replay()
         self.cache.advance(1)
-        return self._logits[:, -1]
+        return logits[:, -1]
 
-    def _step_body(self) -> torch.Tensor:
+    def _step_body(self, sparse: bool) -> torch.Tensor:
         """The captured work: reads only the input buffer, the weights and the cache."""
         slots = self._inputs[:, _SLOT:_SLOT + 1]
         out = self.model.run(self.ops, self._inputs[:, _TOKEN:_TOKEN + 1], self.model.rope.lookup(slots),
-                             self.cache, None, True, slots, self._inputs[:, _LENGTH], logits_last_only=True)
+                             self.cache, None, True, slots, self._inputs[:, _LENGTH], logits_last_only=True,
+                             sparse=sparse)
         return out.logits
 
-    def _capture(self) -> None:
+    def _capture(self, sparse: bool) -> tuple[object, torch.Tensor]:
         # Warm-up and (emulated) capture run the step on the same inputs as the first replay:
         # their cache writes are the ones the replay makes again.
         with torch.inference_mode():
-            self.runtime.warm_up(self._step_body)
+            self.runtime.warm_up(lambda: self._step_body(sparse))
             graph = self.runtime.new_graph()
             with self.runtime.capture(graph):
-                self._logits = self._step_body()
-        self._graph = graph
+                logits = self._step_body(sparse)
+        return graph, logits

@@ -7,7 +7,6 @@ from typing import Callable, Sequence
 import torch
 
 from hal.errors import InputError
-from model.cache import KVCache
 
 Streamer = Callable[[int, int], None]
 
@@ -89,11 +88,7 @@ def generate(model, input_ids: torch.Tensor | Sequence[Sequence[int]], max_new_t
     device = model.device
     ids = ids.to(device)
     starts = kv_start.to(device) if bool(kv_start.any()) else None
-    cfg = model.config
-    cache = None
-    if use_cache:
-        cache = KVCache(cfg.num_hidden_layers, ids.shape[0], ids.shape[1] + max_new_tokens,
-                        cfg.num_key_value_heads, cfg.head_dim, model.dtype, device)
+    cache = model.new_cache(ids.shape[0], ids.shape[1] + max_new_tokens) if use_cache else None
     graph = None
     if decode_graph:
         from model.decode_graph import DecodeGraph

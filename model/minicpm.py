@@ -1,4 +1,5 @@
-"""The dense MiniCPM4 decoder, written against hal ops only.
+"""The MiniCPM4 decoder (dense, and InfLLM-v2 sparse attention past ``dense_len``), written
+against hal ops only.
 
 Per layer (μP scalings, α = scale_depth / sqrt(L)):
     x  = h + α · Attn(RMSNorm_in(h));   h' = x + α · MLP(RMSNorm_post(x))
@@ -147,27 +148,40 @@ class MiniCPMForCausalLM:
         positions = torch.arange(past, past + new, device=self.device).expand(batch, new)
         if kv_start is not None:
             positions = (positions - kv_start[:, None]).clamp(min=0)
+        sparse = self.config.sparse
+        if cache is None and sparse is not None:
+            real = new - (int(kv_start.min()) if kv_start is not None else 0)
+            if sparse.applies(real):
+                cache = self.new_cache(batch, new)  # sparse attention reads keys in the cache layout
         slots = kv_lens = None
         if cache is not None:
             slots, kv_lens = cache.plan(new, kv_start)
             slots = slots.to(self.device)
+        use_sparse = sparse is not None and kv_lens is not None and sparse.applies(int(kv_lens.max()))
         out = self.run(self.ops, input_ids, self.rope(positions), cache, kv_start, past > 0, slots, kv_lens,
-                       output_hidden_states, logits_last_only, hidden_hook)
+                       output_hidden_states, logits_last_only, hidden_hook, sparse=use_sparse)
         if cache is not None:
             cache.advance(new)
         return out
 
+    def new_cache(self, batch: int, capacity: int) -> KVCache:
+        """An empty KV cache for ``batch`` rows of up to ``capacity`` tokens on the model device."""
+        cfg = self.config
+        return KVCache(cfg.num_hidden_layers, batch, capacity, cfg.num_key_value_heads, cfg.head_dim, self.dtype,
+                       self.device)
+
     def run(self, ops: BoundOps, input_ids: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor],
             cache: KVCache | None, kv_start: torch.Tensor | None, decode: bool,
             slots: torch.Tensor | None, kv_lens: torch.Tensor | None, output_hidden_states: bool = False,
-            logits_last_only: bool = False,
-            hidden_hook: Callable[[int, torch.Tensor], None] | None = None) -> ForwardOutput:
+            logits_last_only: bool = False, hidden_hook: Callable[[int, torch.Tensor], None] | None = None,
+            sparse: bool = False) -> ForwardOutput:
         """The layers and logits, given where the tokens go (device work only: :meth:`forward`
         plans on the host; ``model/decode_graph.py`` captures this for decode steps).
 
         rope: (cos, sin) `[B, T, D]` of the tokens' positions. slots `[B, T]` / kv_lens `[B]`: the
         cache plan (see :class:`KVCache`). decode: attend over the cache (attention_decode)
-        instead of the new tokens alone (attention_prefill, left padding by kv_start)."""
+        instead of the new tokens alone (attention_prefill, left padding by kv_start). sparse:
+        InfLLM-v2 block-sparse attention over the cache instead (needs a cache)."""
         cfg = self.config
         cos, sin = rope
         h = ops.embedding(input_ids, self.embed) * cfg.scale_emb
@@ -176,7 +190,7 @@ class MiniCPMForCausalLM:
         x = ops.rms_norm(h, self.layers[0].input_norm, cfg.rms_norm_eps)
         alpha = cfg.residual_scale
         for index, layer in enumerate(self.layers):
-            attn = self._attention(ops, index, layer, x, cos, sin, cache, kv_start, decode, slots, kv_lens)
+            attn = self._attention(ops, index, layer, x, cos, sin, cache, kv_start, decode, slots, kv_lens, sparse)
             x, residual = ops.add_rms_norm(attn, residual, layer.post_norm, cfg.rms_norm_eps, alpha)
             gate, up = ops.linear(x, layer.gate_up).chunk(2, dim=-1)
             mlp = ops.linear(ops.swiglu(gate, up), layer.down)
@@ -193,10 +207,10 @@ class MiniCPMForCausalLM:
 
     def _attention(self, ops: BoundOps, index: int, layer: LayerWeights, x: torch.Tensor, cos: torch.Tensor,
                    sin: torch.Tensor, cache: KVCache | None, kv_start: torch.Tensor | None, decode: bool,
-                   slots: torch.Tensor | None, kv_lens: torch.Tensor | None) -> torch.Tensor:
+                   slots: torch.Tensor | None, kv_lens: torch.Tensor | None, sparse: bool) -> torch.Tensor:
         """The first chunk into an empty cache (or no cache) attends over its own keys
         (attention_prefill, left padding by kv_start); decode chunks read the whole cache
-        buffers (attention_decode, kv_lens)."""
+        buffers (attention_decode, kv_lens); sparse chunks read the blocks InfLLM-v2 selects."""
         cfg = self.config
         batch, new, _ = x.shape
         d = cfg.head_dim
@@ -207,8 +221,22 @@ class MiniCPMForCausalLM:
         q, k = ops.rotary(q, k, cos, sin)
         if cache is not None:
             ops.kv_write(cache.keys[index], cache.values[index], k, v, slots)
+            if sparse:
+                o = self._sparse_attention(ops, q, cache.keys[index], cache.values[index], kv_lens)
+                return ops.linear(o.reshape(batch, new, -1), layer.o)
             if decode:
                 o = ops.attention_decode(q, cache.keys[index], cache.values[index], kv_lens, self.attn_scale)
                 return ops.linear(o.reshape(batch, new, -1), layer.o)
         o = ops.attention_prefill(q, k, v, kv_start, self.attn_scale)
         return ops.linear(o.reshape(batch, new, -1), layer.o)
+
+    def _sparse_attention(self, ops: BoundOps, q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
+                          kv_lens: torch.Tensor) -> torch.Tensor:
+        """InfLLM-v2: semantic kernels of the cached keys (fine, and coarse for the normaliser),
+        block selection per query and KV head, attention over the selected blocks. The kernels
+        are recomputed from the whole cache each call (no compressed-key cache yet)."""
+        g = self.config.sparse.geometry
+        kernels = ops.infllm_compress_keys(k_cache, kv_lens, g.kernel_size, g.kernel_stride)
+        coarse = ops.infllm_compress_keys(k_cache, kv_lens, g.coarse_size, g.coarse_stride)
+        blocks = ops.infllm_select_blocks(q, kernels, coarse, kv_lens, g, self.attn_scale)
+        return ops.block_sparse_attention(q, k_cache, v_cache, blocks, kv_lens, g.block_size, self.attn_scale)

@@ -30,6 +30,11 @@ def _geometric(first: float, last: float, count: int) -> list[float]:
     return [first * (last / first) ** (i / (count - 1)) for i in range(count)]
 
 
+SPARSE_CONFIG_8B = {"kernel_size": 32, "kernel_stride": 16, "init_blocks": 1, "block_size": 64, "window_size": 2048,
+                    "topk": 64, "use_nope": False, "dense_len": 8192}
+"""MiniCPM4-8B's ``sparse_config`` (InfLLM-v2)."""
+
+
 def _config(preset: str) -> dict[str, Any]:
     base = {
         "architectures": ["MiniCPMForCausalLM"],
@@ -78,6 +83,7 @@ def _config(preset: str) -> dict[str, Any]:
         factors = _geometric(0.9978, 31.0239, 64)
         base["rope_scaling"] = {"rope_type": "longrope", "original_max_position_embeddings": length,
                                 "long_factor": factors, "short_factor": factors}
+        base["sparse_config"] = dict(SPARSE_CONFIG_8B)
     else:
         raise HalError(f"unknown preset {preset!r}; choose one of: {', '.join(PRESETS)}")
     base["eos_token_id"] = [2, base["vocab_size"] - 8]

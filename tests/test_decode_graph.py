@@ -9,16 +9,13 @@ import torch
 import hal
 from hal.errors import DeviceUnavailable, InputError
 from hal.probing import devices, reset
-from model.cache import KVCache
 from model.decode_graph import DecodeGraph
 
 PROMPTS = [[5, 17, 300, 42, 7, 99, 1000, 3], [900, 2, 33]]
 
 
 def test_cpu_has_no_decode_graphs(tiny_model):
-    cfg = tiny_model.config
-    cache = KVCache(cfg.num_hidden_layers, 1, 8, cfg.num_key_value_heads, cfg.head_dim, tiny_model.dtype,
-                    tiny_model.device)
+    cache = tiny_model.new_cache(1, 8)
     with pytest.raises(DeviceUnavailable, match="decode graphs need a cuda or npu device; cpu has none"):
         DecodeGraph(tiny_model, cache)
     with pytest.raises(DeviceUnavailable, match="decode graphs need a cuda or npu device"):

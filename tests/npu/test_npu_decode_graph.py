@@ -8,17 +8,10 @@ import torch
 
 import hal
 from backends.npu.emulator import graphs as emulated_graphs
-from model.cache import KVCache
 from model.decode_graph import DecodeGraph
 from npu_metrics import nmse
 
 PROMPTS = [[5, 17, 300, 42, 7, 99, 1000, 3], [900, 2, 33]]  # batch 2, the second left-padded
-
-
-def _cache(model, batch: int, capacity: int) -> KVCache:
-    cfg = model.config
-    return KVCache(cfg.num_hidden_layers, batch, capacity, cfg.num_key_value_heads, cfg.head_dim,
-                   model.dtype, model.device)
 
 
 def _padded() -> tuple[torch.Tensor, torch.Tensor]:
@@ -33,7 +26,7 @@ def test_replayed_decode_steps_match_the_reference(emulated, d64_checkpoint):
     reference = hal.load_model(d64_checkpoint, "cpu", "float32", reference=True)
     npu = hal.load_model(d64_checkpoint, "npu")
     ids, starts = _padded()
-    cache = _cache(npu, 2, ids.shape[1] + 8)
+    cache = npu.new_cache(2, ids.shape[1] + 8)
     logits = npu.forward(ids, cache=cache, kv_start=starts, logits_last_only=True).logits[:, -1]
     graph = DecodeGraph(npu, cache, starts)
     rows = [list(p) for p in PROMPTS]
@@ -66,7 +59,7 @@ def test_generate_with_the_graph_equals_eager_and_captures_once(emulated, d64_ch
 def test_the_graph_binds_only_capturable_implementations(emulated, d64_checkpoint):
     npu = hal.load_model(d64_checkpoint, "npu")
     assert npu.bound_ops["attention_decode"] == "npu.torch_npu"  # eager decode: FIA
-    graph = DecodeGraph(npu, _cache(npu, 1, 16))
+    graph = DecodeGraph(npu, npu.new_cache(1, 16))
     assert graph.bound_ops["attention_decode"] == "npu.torch_full"
     assert graph.bound_ops["kv_write"] == "npu.torch"
     assert graph.bound_ops["rms_norm"] == "npu.torch_npu"
@@ -77,7 +70,7 @@ def test_the_graph_binds_only_capturable_implementations(emulated, d64_checkpoin
 
 def test_step_past_the_cache_capacity_is_refused(emulated, d64_checkpoint):
     npu = hal.load_model(d64_checkpoint, "npu")
-    cache = _cache(npu, 1, 128)
+    cache = npu.new_cache(1, 128)
     npu.forward(torch.arange(1, 128).view(1, -1), cache=cache)
     graph = DecodeGraph(npu, cache)
     graph.step(torch.tensor([5]))
@@ -92,3 +85,21 @@ def test_decode_graph_benchmark_script(emulated, capsys):
     assert decode_graph.main(["--device", "npu", "--preset", "tiny", "--new-tokens", "4"]) == 0
     out = capsys.readouterr().out
     assert "graph_tokens_equal_to_eager: 4/4" in out and "graph_over_eager: " in out
+
+
+def test_a_sparse_model_gets_a_second_graph_past_dense_len(emulated, tmp_path, monkeypatch):
+    from model.synthetic import write_checkpoint
+
+    sparse = {"kernel_size": 8, "kernel_stride": 4, "init_blocks": 1, "block_size": 16, "window_size": 32,
+              "topk": 3, "use_nope": False, "dense_len": 64}
+    path = write_checkpoint(tmp_path / "sparse", "tiny", overrides={"sparse_config": sparse})
+    npu = hal.load_model(path, "npu")
+    captures = []
+    begin = emulated_graphs.NPUGraph.capture_begin
+    monkeypatch.setattr(emulated_graphs.NPUGraph, "capture_begin",
+                        lambda self, *a, **k: (captures.append(1), begin(self, *a, **k))[1])
+    prompt = [[(37 * i) % 1000 + 3 for i in range(50)]]
+    eager = npu.generate(prompt, max_new_tokens=24, do_sample=False, eos_token_id=-1)
+    graphed = npu.generate(prompt, max_new_tokens=24, do_sample=False, eos_token_id=-1, decode_graph=True)
+    assert graphed == eager
+    assert len(captures) == 2  # dense steps, then sparse ones from length 64
