@@ -87,3 +87,4 @@ def test_torch_ops_match_the_reference_ops(checkpoints):
     assert fast.bound_ops["block_sparse_attention"] == "cpu.torch"
     ids = torch.tensor([PROMPT[:120]])
     torch.testing.assert_close(fast.logits(ids), reference.logits(ids), rtol=1e-4, atol=1e-4)
+

@@ -9,7 +9,13 @@ from typing import Iterable
 
 from hal.ops import CATALOGUE, get_spec
 from model.cache import KV_BLOCK
-from validation.opcheck import Case, case
+from hal.sparse import InfLLMGeometry
+from validation.opcheck import Case, case, geometry_dims
+
+SMALL_GEOMETRY = InfLLMGeometry(kernel_size=8, kernel_stride=4, coarse_size=32, coarse_stride=16, block_size=16,
+                               init_blocks=1, local_blocks=2, budget=6)
+"""InfLLM-v2 grid cases: MiniCPM4's ratios scaled down (8/4 and 32/16 kernels, 16-token blocks)
+so selection is non-trivial at a few hundred keys."""
 
 GQA = ((4, 4), (4, 2), (16, 2), (16, 1))  # (H, Hk): ratios 1, 2, 8, 16
 
@@ -60,11 +66,11 @@ def _grid_dims(op: str) -> list[tuple[dict[str, int], tuple[str, ...]]]:
                 ({"B": 3, "S": 300, "C": capacity(300), "Hk": 2, "D": 128, "W": 128, "R": 64}, ("ragged",)),
                 ({"B": 2, "S": 20, "C": 128, "Hk": 1, "D": 64, "W": 32, "R": 16}, ("ragged",))]
     if op in ("infllm_select_blocks", "block_sparse_attention"):
-        # small geometry (16-token blocks, 2 local, budget 6) unless flagged "real" (64, 32, 96)
-        return [({"B": 1, "T": 1, "S": 300, "C": capacity(300), "H": 4, "Hk": 2, "D": 64}, ()),
-                ({"B": 2, "T": 3, "S": 200, "C": capacity(200), "H": 16, "Hk": 1, "D": 64}, ("ragged",)),
-                ({"B": 1, "T": 100, "S": 100, "C": capacity(100), "H": 4, "Hk": 2, "D": 128}, ()),
-                ({"B": 1, "T": 1, "S": 7000, "C": capacity(7000), "H": 32, "Hk": 2, "D": 64}, ("real",))]
+        small, real = geometry_dims(SMALL_GEOMETRY), geometry_dims(InfLLMGeometry())  # real: MiniCPM4-8B's
+        return [({"B": 1, "T": 1, "S": 300, "C": capacity(300), "H": 4, "Hk": 2, "D": 64, **small}, ()),
+                ({"B": 2, "T": 3, "S": 200, "C": capacity(200), "H": 16, "Hk": 1, "D": 64, **small}, ("ragged",)),
+                ({"B": 1, "T": 100, "S": 100, "C": capacity(100), "H": 4, "Hk": 2, "D": 128, **small}, ()),
+                ({"B": 1, "T": 1, "S": 7000, "C": capacity(7000), "H": 32, "Hk": 2, "D": 64, **real}, ())]
     if op == "sample":
         return [({"B": 3, "V": 1000}, ()), ({"B": 2, "V": 1000}, ("ties",))]
     raise KeyError(f"no conformance grid for op {op!r}")
@@ -84,10 +90,12 @@ def full_grid(dtypes: Iterable[str] | None = None) -> list[Case]:
 MAX_LINEAR_ELEMENTS = 1 << 24  # cap the lm_head weight a model-shape case allocates
 
 
-def model_cases(shapes: dict[str, int], dtype: str, lengths: Iterable[int], decode_len: int) -> list[Case]:
+def model_cases(shapes: dict[str, int], dtype: str, lengths: Iterable[int], decode_len: int,
+                sparse: InfLLMGeometry | None = None) -> list[Case]:
     """Cases on the shapes a model used: ``shapes`` from ``MiniCPMConfig.shapes()``, prompt
     ``lengths`` (T of each prefill), ``decode_len`` (S, the cached length, of a one-token
-    decode step; its cache capacity C is the next multiple of 128 above it)."""
+    decode step; its cache capacity C is the next multiple of 128 above it). ``sparse``: the
+    model's InfLLM-v2 geometry (its ops are checked on a decode step at ``decode_len``)."""
     e, f, v, h, hk, d = (shapes[k] for k in ("E", "F", "V", "H", "Hk", "D"))
     ts = sorted(set(lengths))
     dt = dtype if dtype in get_spec("rms_norm").dtypes else "float32"
@@ -106,6 +114,11 @@ def model_cases(shapes: dict[str, int], dtype: str, lengths: Iterable[int], deco
     s = max(1, decode_len)
     out.append(case("kv_write", dt, B=1, T=1, C=capacity(s), Hk=hk, D=d))
     out.append(case("attention_decode", dt, B=1, T=1, S=s, C=capacity(s), H=h, Hk=hk, D=d))
+    if sparse is not None:
+        for size, stride in ((sparse.kernel_size, sparse.kernel_stride), (sparse.coarse_size, sparse.coarse_stride)):
+            out.append(case("infllm_compress_keys", dt, B=1, S=s, C=capacity(s), Hk=hk, D=d, W=size, R=stride))
+        for op in ("infllm_select_blocks", "block_sparse_attention"):
+            out.append(case(op, dt, B=1, T=1, S=s, C=capacity(s), H=h, Hk=hk, D=d, **geometry_dims(sparse)))
     out.append(case("sample", "float32", B=1, V=v))
     seen: set[str] = set()
     return [c for c in out if not (c.label in seen or seen.add(c.label))]

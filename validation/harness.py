@@ -202,7 +202,8 @@ def run(settings: Settings, progress: Progress = _silent) -> dict[str, Any]:
 
     t2 = time.perf_counter()
     progress("op conformance on this model's shapes")
-    cases = grid.model_cases(model.config.shapes(), dtype, lengths, max(lengths))
+    sparse = model.config.sparse.geometry if model.config.sparse is not None else None
+    cases = grid.model_cases(model.config.shapes(), dtype, lengths, max(lengths), sparse)
     results = [opcheck.check(c, getattr(model.ops, c.op), model.ops.record[c.op].impl, kind) for c in cases]
     failed_ops = sorted({r.case.op for r in results if not r.passed})
     t_conf = time.perf_counter() - t2

@@ -130,14 +130,18 @@ def _slots(c: Case) -> torch.Tensor:
     return torch.stack(rows).to(torch.int64)
 
 
-SMALL_GEOMETRY = InfLLMGeometry(kernel_size=8, kernel_stride=4, coarse_size=32, coarse_stride=16, block_size=16,
-                               init_blocks=1, local_blocks=2, budget=6)
-"""InfLLM-v2 cases: a scaled-down geometry (same ratios as MiniCPM4's 32/16, 128/64, 64-token
-blocks) so selection is non-trivial at a few hundred keys; flag ``real`` uses the real one."""
+GEOMETRY_DIMS = {"KS": "kernel_size", "KR": "kernel_stride", "CS": "coarse_size", "CR": "coarse_stride",
+                 "BS": "block_size", "IB": "init_blocks", "LB": "local_blocks", "BU": "budget"}
+"""Case dims that carry an InfLLM-v2 geometry (infllm_select_blocks, block_sparse_attention)."""
+
+
+def geometry_dims(g: InfLLMGeometry) -> dict[str, int]:
+    return {letter: getattr(g, name) for letter, name in GEOMETRY_DIMS.items()}
 
 
 def geometry(c: Case) -> InfLLMGeometry:
-    return InfLLMGeometry() if "real" in c.flags else SMALL_GEOMETRY
+    dims = dict(c.dims)
+    return InfLLMGeometry(**{name: dims[letter] for letter, name in GEOMETRY_DIMS.items()})
 
 
 def _kernels(g: torch.Generator, kv_lens: torch.Tensor, capacity: int, heads: int, dim: int, size: int,
