@@ -1,9 +1,10 @@
 """InfLLM-v2 ops in portable torch (cpu, and borrowed by cuda and npu): whole-tensor code with
 no host read of tensor values (capturable), queries taken in chunks to bound memory.
 
-block_sparse_attention here is masked dense attention: it computes exactly the op but costs
-what dense attention costs; the speed of sparse attention needs a kernel that skips the
-unselected blocks (none yet).
+block_sparse_attention gathers the selected blocks' keys and values for a few queries (decode:
+the cost follows the budget, not the cache length); for many queries (prefill) it runs masked
+dense attention, exact but as costly as dense: a kernel that skips unselected blocks is still
+to come.
 """
 from __future__ import annotations
 
@@ -13,6 +14,7 @@ from backends.cpu.ops import _sdpa_masked
 from hal.sparse import InfLLMGeometry
 
 QUERY_CHUNK = 256  # queries scored / attended at once (memory: chunk x capacity per head)
+GATHER_MAX_QUERIES = 16  # block_sparse_attention gathers blocks for at most this many queries
 
 
 def infllm_compress_keys_cpu(k_cache: torch.Tensor, kv_lens: torch.Tensor, size: int, stride: int) -> torch.Tensor:
@@ -101,8 +103,42 @@ def infllm_select_blocks_cpu(q: torch.Tensor, kernels: torch.Tensor, coarse: tor
 
 def block_sparse_attention_cpu(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, blocks: torch.Tensor,
                                kv_lens: torch.Tensor, block_size: int, scale: float) -> torch.Tensor:
-    """q `[B, T, H, D]`, caches `[B, C, Hk, D]`, blocks `[B, Hk, T, K]`, kv_lens `[B]` -> `[B, T, H, D]`:
-    the selected blocks become a token mask over the whole capacity (keys past a row's length
+    """q `[B, T, H, D]`, caches `[B, C, Hk, D]`, blocks `[B, Hk, T, K]`, kv_lens `[B]` -> `[B, T, H, D]`.
+    Gathers the selected blocks when T is small and they hold fewer keys than the cache, else
+    masks the whole cache (both choices depend on shapes only)."""
+    new, capacity = q.shape[1], k_cache.shape[1]
+    if new <= GATHER_MAX_QUERIES and blocks.shape[-1] * block_size < capacity:
+        return _attend_gathered(q, k_cache, v_cache, blocks, kv_lens, block_size, scale)
+    return _attend_masked(q, k_cache, v_cache, blocks, kv_lens, block_size, scale)
+
+
+def _attend_gathered(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, blocks: torch.Tensor,
+                     kv_lens: torch.Tensor, block_size: int, scale: float) -> torch.Tensor:
+    """Per (row, KV head, query): the K*block_size keys of its blocks, gathered from the cache;
+    keys past the query (or of -1 blocks) masked, their values zeroed (stale NaN)."""
+    batch, new, heads, dim = q.shape
+    capacity, kv_heads = k_cache.shape[1], k_cache.shape[2]
+    group = heads // kv_heads
+    ids = blocks.to(q.device)
+    tokens = (ids[..., None] * block_size + torch.arange(block_size, device=q.device)).flatten(-2)  # [B, Hk, T, M]
+    pos = kv_lens.to(q.device)[:, None] - new + torch.arange(new, device=q.device)[None, :]  # [B, T]
+    valid = (ids >= 0).repeat_interleave(block_size, dim=-1) & (tokens <= pos[:, None, :, None])
+    index = tokens.clamp(0, capacity - 1).flatten(2)[..., None].expand(-1, -1, -1, dim)  # [B, Hk, T*M, D]
+    keys = k_cache.transpose(1, 2).gather(2, index).view(batch, kv_heads, new, -1, dim).float()
+    values = v_cache.transpose(1, 2).gather(2, index).view(batch, kv_heads, new, -1, dim).float()
+    keys = keys.masked_fill(~valid[..., None], 0.0)
+    values = values.masked_fill(~valid[..., None], 0.0)
+    qf = q.float().view(batch, new, kv_heads, group, dim)
+    scores = torch.einsum("btkgd,bktmd->bkgtm", qf, keys) * scale
+    scores = scores.masked_fill(~valid[:, :, None], float("-inf"))
+    probs = torch.softmax(scores, dim=-1).masked_fill(~valid.any(-1)[:, :, None, :, None], 0.0)
+    out = torch.einsum("bkgtm,bktmd->btkgd", probs, values)
+    return out.reshape(batch, new, heads, dim).to(q.dtype)
+
+
+def _attend_masked(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, blocks: torch.Tensor,
+                   kv_lens: torch.Tensor, block_size: int, scale: float) -> torch.Tensor:
+    """The selected blocks as a token mask over the whole capacity (keys past a row's length
     zeroed first, as stale NaN there would survive a mask), attended in query chunks."""
     batch, new, heads, _ = q.shape
     capacity, kv_heads = k_cache.shape[1], k_cache.shape[2]
