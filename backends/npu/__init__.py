@@ -16,6 +16,7 @@ attention_decode   npu.torch_npu       FIA with block_table over the cache's 128
                    npu.torch_full      inside a decode graph (whole capacity, no host lengths)
 kv_write           npu.torch_npu       npu_scatter_pa_kv_cache on the same page view
                    npu.torch           float32 and decode graphs (index_put_, portable torch)
+lightning_attention npu.torch          (chunked Simple GLA in plain torch: torch_npu has no lightning op)
 sample             npu.torch_npu       npu_top_k_top_p + exponential race
 
 Every implementation but FIA attention, npu_scatter_pa_kv_cache (both take host lengths or
@@ -48,4 +49,6 @@ register(Impl("attention_decode", "npu", "torch_full", f"{_M}.attention_torch:at
 register(Impl("kv_write", "npu", "torch_npu", f"{_M}.attention:kv_write_npu", supports=supports.kv_write,
               priority=0))
 register(Impl("kv_write", "npu", "torch", "backends.cpu.ops:kv_write_cpu", priority=10, **_CAPTURABLE))
+register(Impl("lightning_attention", "npu", "torch", "backends.cpu.lightning:lightning_attention_cpu",
+              **_CAPTURABLE))
 register(Impl("sample", "npu", "torch_npu", f"{_M}.sample:sample_npu"))

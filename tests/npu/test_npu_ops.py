@@ -11,6 +11,7 @@ import torch
 from hal.ops import CATALOGUE
 from hal.registry import BindContext, implementations
 from npu_metrics import assert_close
+from validation.opcheck import sala_slopes
 
 SHAPES = {"E": 60, "F": 96, "V": 50, "H": 4, "Hk": 2, "D": 64}
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -73,6 +74,10 @@ def _cases(op: str, dt: torch.dtype) -> list[tuple[str, tuple]]:
             cases.append((name, (rnd(2, 256, hk, d), rnd(2, 256, hk, d), rnd(2, new, hk, d),
                                  rnd(2, new, hk, d), torch.tensor(slots))))
         return cases
+    if op == "lightning_attention":
+        state = 3.0 * torch.randn(2, h, d, d, generator=g)  # float32 by contract, as are the slopes
+        return [(f"B2-T{new}-H4-D64", (rnd(2, new, h, d), rnd(2, new, h, d), rnd(2, new, h, d),
+                                       sala_slopes(h), state, scale)) for new in (1, 70)]
     raise KeyError(op)
 
 
@@ -108,10 +113,11 @@ def test_op_matches_reference(emulated, op, impl, dtype):
     fn, ref = impl.load(), _reference(op)
     for case, args in _cases(op, DTYPES[dtype]):
         expected, got = _run(op, ref, args), _run(op, fn, args)
-        outputs = zip(expected, got) if isinstance(expected, tuple) else [(expected, got)]
-        for index, (r, o) in enumerate(outputs):
-            assert o.dtype == r.dtype, f"{op} {case}: dtype {o.dtype} != {r.dtype}"
-            assert_close(op, f"out{index} {case}", r, o, dtype)
+        if not isinstance(expected, tuple):
+            expected, got = (expected,), (got,)
+        for name, r, o in zip(CATALOGUE[op].outputs, expected, got):
+            assert o.dtype == r.dtype, f"{op} {case}: {name} dtype {o.dtype} != {r.dtype}"
+            assert_close(op, name, r, o, dtype, case)
 
 
 def test_fused_attention_binds_for_its_shapes_and_reports_why_not(emulated):
