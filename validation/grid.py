@@ -1,7 +1,8 @@
 """Which cases to run: the conformance grid (edges included) and the shapes a model used.
 
 The grid covers seq 1, lengths that are no multiple of a block size (63, 65), GQA ratios
-1/2/8/16, head_dim 64/128, odd sizes (E=60) and every dtype the op's contract allows.
+1/2/8/16, head_dim 64/128, odd sizes (E=60), lightning_attention over several 64-token chunks
+from zero and non-zero states, and every dtype the op's contract allows.
 """
 from __future__ import annotations
 
@@ -71,6 +72,14 @@ def _grid_dims(op: str) -> list[tuple[dict[str, int], tuple[str, ...]]]:
                 ({"B": 2, "T": 3, "S": 200, "C": capacity(200), "H": 16, "Hk": 1, "D": 64, **small}, ("ragged",)),
                 ({"B": 1, "T": 100, "S": 100, "C": capacity(100), "H": 4, "Hk": 2, "D": 128, **small}, ()),
                 ({"B": 1, "T": 1, "S": 7000, "C": capacity(7000), "H": 32, "Hk": 2, "D": 64, **real}, ())]
+    if op == "lightning_attention":
+        # T=1 decode steps, T=63/65 around one 64-token chunk, T=130 over three chunks (last partial)
+        return [({"B": 1, "T": 1, "H": 4, "D": 64}, ("state",)),
+                ({"B": 2, "T": 1, "H": 4, "D": 128}, ("state",)),
+                ({"B": 2, "T": 63, "H": 4, "D": 64}, ()),
+                ({"B": 1, "T": 65, "H": 4, "D": 128}, ("state",)),
+                ({"B": 2, "T": 130, "H": 4, "D": 64}, ("state",)),
+                ({"B": 1, "T": 130, "H": 4, "D": 128}, ())]
     if op == "sample":
         return [({"B": 3, "V": 1000}, ()), ({"B": 2, "V": 1000}, ("ties",))]
     raise KeyError(f"no conformance grid for op {op!r}")

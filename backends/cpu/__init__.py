@@ -3,7 +3,8 @@ everyday torch implementations of every catalogue op. Imports nothing heavy.
 
 ``CAPTURABLE`` lists the torch implementations that never read tensor values on the host (they
 can run inside a device graph when the CUDA backend borrows them); ``attention_decode`` has a
-second, capturable implementation ``torch_full`` that reads the whole cache capacity."""
+second, capturable implementation ``torch_full`` that reads the whole cache capacity.
+``lightning_attention`` lives in its own module (``lightning.py``, chunked form) and is capturable."""
 from __future__ import annotations
 
 from hal.registry import Impl, register
@@ -39,5 +40,9 @@ for _op in OPS:
                   capturable=_op in CAPTURABLE))
     register(Impl(op=_op, backend="cpu", name="reference",
                   fn=f"backends.cpu.reference.{_module}:{_op}_ref", priority=100))
+register(Impl(op="lightning_attention", backend="cpu", name="torch",
+              fn="backends.cpu.lightning:lightning_attention_cpu", priority=0, capturable=True))
+register(Impl(op="lightning_attention", backend="cpu", name="reference",
+              fn="backends.cpu.reference.lightning:lightning_attention_ref", priority=100))
 register(Impl(op="attention_decode", backend="cpu", name="torch_full", fn="backends.cpu.ops:attention_decode_full_cpu",
               priority=5, capturable=True))

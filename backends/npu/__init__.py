@@ -16,6 +16,7 @@ attention_decode   npu.torch_npu       FIA with block_table over the cache's 128
                    npu.torch_full      inside a decode graph (whole capacity, no host lengths)
 kv_write           npu.torch_npu       npu_scatter_pa_kv_cache on the same page view
                    npu.torch           float32 and decode graphs (index_put_, portable torch)
+lightning_attention npu.torch          (chunked Simple GLA in plain torch: torch_npu has no lightning op)
 sample             npu.torch_npu       npu_top_k_top_p + exponential race
 infllm_*, block_sparse_attention  npu.torch  (portable torch: no torch_npu op fits InfLLM's 64-token
                                               blocks with causal masking inside them)
@@ -51,6 +52,8 @@ register(Impl("attention_decode", "npu", "torch_full", f"{_M}.attention_torch:at
 register(Impl("kv_write", "npu", "torch_npu", f"{_M}.attention:kv_write_npu", supports=supports.kv_write,
               priority=0))
 register(Impl("kv_write", "npu", "torch", "backends.cpu.ops:kv_write_cpu", priority=10, **_CAPTURABLE))
+register(Impl("lightning_attention", "npu", "torch", "backends.cpu.lightning:lightning_attention_cpu",
+              **_CAPTURABLE))
 register(Impl("sample", "npu", "torch_npu", f"{_M}.sample:sample_npu"))
 # InfLLM-v2: no torch_npu op fits (npu_block_sparse_attention has no causal mask inside a block and
 # needs 128-token KV blocks; InfLLM uses 64), so the portable torch code runs on the NPU

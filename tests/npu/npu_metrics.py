@@ -15,13 +15,16 @@ def nmse(ref: torch.Tensor, out: torch.Tensor) -> float:
     return err / denom if denom else err
 
 
-def mismatch(op: str, name: str, ref: torch.Tensor, out: torch.Tensor, dtype: str) -> str | None:
-    """None when ``out`` matches ``ref`` within the op's NMSE tolerance for ``dtype``, else why not."""
+def mismatch(op: str, name: str, ref: torch.Tensor, out: torch.Tensor, dtype: str,
+             case: str = "") -> str | None:
+    """None when output ``name`` matches ``ref`` within the op's NMSE tolerance for that output and
+    ``dtype``, else why not (``case`` labels the message)."""
+    tol = get_spec(op).tolerance(dtype, name)
+    name = f"{name} {case}".rstrip()
     if tuple(ref.shape) != tuple(out.shape):
         return f"[{op}] {name}: shape {tuple(out.shape)} != reference {tuple(ref.shape)}"
     if bool(torch.isnan(out).any()) != bool(torch.isnan(ref).any()):
         return f"[{op}] {name}: NaN in {'output' if torch.isnan(out).any() else 'reference'} only"
-    tol = get_spec(op).tolerance(dtype)
     err = nmse(torch.nan_to_num(ref.float()), torch.nan_to_num(out.float()))
     if err > tol:
         max_abs = float((ref.float() - out.float()).abs().nan_to_num().max())
@@ -29,6 +32,7 @@ def mismatch(op: str, name: str, ref: torch.Tensor, out: torch.Tensor, dtype: st
     return None
 
 
-def assert_close(op: str, name: str, ref: torch.Tensor, out: torch.Tensor, dtype: str) -> None:
-    why = mismatch(op, name, ref, out, dtype)
+def assert_close(op: str, name: str, ref: torch.Tensor, out: torch.Tensor, dtype: str,
+                 case: str = "") -> None:
+    why = mismatch(op, name, ref, out, dtype, case)
     assert why is None, why

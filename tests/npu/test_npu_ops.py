@@ -111,10 +111,11 @@ def test_op_matches_reference(emulated, op, impl, dtype):
     fn, ref = impl.load(), _reference(op)
     for case, args in _cases(op, DTYPES[dtype]):
         expected, got = _run(op, ref, args), _run(op, fn, args)
-        outputs = zip(expected, got) if isinstance(expected, tuple) else [(expected, got)]
-        for index, (r, o) in enumerate(outputs):
-            assert o.dtype == r.dtype, f"{op} {case}: dtype {o.dtype} != {r.dtype}"
-            assert_close(op, f"out{index} {case}", r, o, dtype)
+        if not isinstance(expected, tuple):
+            expected, got = (expected,), (got,)
+        for name, r, o in zip(CATALOGUE[op].outputs, expected, got):
+            assert o.dtype == r.dtype, f"{op} {case}: {name} dtype {o.dtype} != {r.dtype}"
+            assert_close(op, name, r, o, dtype, case)
 
 
 def test_fused_attention_binds_for_its_shapes_and_reports_why_not(emulated):
