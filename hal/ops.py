@@ -32,6 +32,9 @@ Semantics (what every implementation must compute; the float32 reference in
 ``swiglu(gate [..., F], up [..., F]) -> [..., F]``
     ``silu(gate) * up``.
 
+``sigmoid_gate(x [..., E], gate [..., E]) -> [..., E]``
+    ``x * sigmoid(gate)``: the output gates of MiniCPM-SALA's layers (``o_gate``, ``z_proj``).
+
 ``linear(x [..., K], weight [O, K]) -> [..., O]``
     ``x @ weight.T``, no bias.
 
@@ -182,6 +185,12 @@ SWIGLU = OpSpec(
     outputs={"y": "[..., F]"},
     nmse=_ELEMENTWISE,
 )
+SIGMOID_GATE = OpSpec(
+    "sigmoid_gate",
+    inputs={"x": "[..., E]", "gate": "[..., E]"},
+    outputs={"y": "[..., E]"},
+    nmse=_ELEMENTWISE,
+)
 LINEAR = OpSpec(
     "linear",
     inputs={"x": "[..., K]", "weight": "[O, K]"},
@@ -287,6 +296,7 @@ CATALOGUE: dict[str, OpSpec] = {
         ADD_RMS_NORM,
         ROTARY,
         SWIGLU,
+        SIGMOID_GATE,
         LINEAR,
         LOGITS,
         ATTENTION_PREFILL,

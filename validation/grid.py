@@ -38,6 +38,8 @@ def _grid_dims(op: str) -> list[tuple[dict[str, int], tuple[str, ...]]]:
                                             (1, 5, GQA[3], 64, 4000))]
     if op == "swiglu":
         return [({"B": 1, "T": t, "F": f}, ()) for t, f in ((1, 256), (63, 60))]
+    if op == "sigmoid_gate":
+        return [({"B": 1, "T": t, "E": e}, ()) for t, e in ((1, 256), (63, 60))]
     if op == "linear":
         sizes = ((1, 128, 256), (63, 60, 44), (5, 512, 1024))
         return [({"B": 1, "T": t, "K": k, "O": o}, ()) for t, k, o in sizes]

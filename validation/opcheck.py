@@ -204,6 +204,8 @@ def make_inputs(c: Case, seed: int = 0) -> dict[str, Any]:
                 "cos": cos, "sin": sin}
     elif c.op == "swiglu":
         args = {"gate": _randn(g, b, t, d["F"], scale=2.0), "up": _randn(g, b, t, d["F"])}
+    elif c.op == "sigmoid_gate":
+        args = {"x": _randn(g, b, t, d["E"]), "gate": _randn(g, b, t, d["E"], scale=3.0)}
     elif c.op == "linear":
         args = {"x": _randn(g, b, t, d["K"]), "weight": _randn(g, d["O"], d["K"], scale=d["K"] ** -0.5)}
     elif c.op == "logits":

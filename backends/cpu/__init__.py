@@ -4,14 +4,14 @@ everyday torch implementations of every catalogue op. Imports nothing heavy.
 ``CAPTURABLE`` lists the torch implementations that never read tensor values on the host (they
 can run inside a device graph when the CUDA backend borrows them); ``attention_decode`` has a
 second, capturable implementation ``torch_full`` that reads the whole cache capacity.
-``lightning_attention`` lives in its own module (``lightning.py``, chunked form) and is capturable."""
+InfLLM-v2 and lightning attention live in modules of their own (``infllm.py``, ``lightning.py``)."""
 from __future__ import annotations
 
 from hal.registry import Impl, register
 
-OPS = ("embedding", "rms_norm", "add_rms_norm", "rotary", "swiglu", "linear", "logits",
-        "attention_prefill", "attention_decode", "kv_write", "infllm_compress_keys", "infllm_select_blocks",
-        "block_sparse_attention", "sample")
+OPS = ("embedding", "rms_norm", "add_rms_norm", "rotary", "swiglu", "sigmoid_gate", "linear", "logits",
+       "attention_prefill", "attention_decode", "kv_write", "infllm_compress_keys", "infllm_select_blocks",
+       "block_sparse_attention", "lightning_attention", "sample")
 _REFERENCE_MODULE = {
     "logits": "linear",
     "add_rms_norm": "rms_norm",
@@ -21,9 +21,11 @@ _REFERENCE_MODULE = {
     "infllm_compress_keys": "infllm",
     "infllm_select_blocks": "infllm",
     "block_sparse_attention": "infllm",
+    "sigmoid_gate": "swiglu",
+    "lightning_attention": "lightning",
 }
-TORCH_MODULE = {op: "backends.cpu.infllm" for op in ("infllm_compress_keys", "infllm_select_blocks",
-                                                     "block_sparse_attention")}
+TORCH_MODULE = {"infllm_compress_keys": "backends.cpu.infllm", "infllm_select_blocks": "backends.cpu.infllm",
+                "block_sparse_attention": "backends.cpu.infllm", "lightning_attention": "backends.cpu.lightning"}
 """Where each op's torch implementation lives (default ``backends.cpu.ops``)."""
 
 
@@ -31,8 +33,10 @@ def torch_fn(op: str) -> str:
     """``module:function`` of ``op``'s portable torch implementation (cuda and npu borrow it)."""
     return f"{TORCH_MODULE.get(op, 'backends.cpu.ops')}:{op}_cpu"
 
-CAPTURABLE = frozenset(("embedding", "rms_norm", "add_rms_norm", "rotary", "swiglu", "linear", "logits",
-                        "kv_write", "infllm_compress_keys", "infllm_select_blocks", "block_sparse_attention"))
+
+CAPTURABLE = frozenset(("embedding", "rms_norm", "add_rms_norm", "rotary", "swiglu", "sigmoid_gate", "linear",
+                        "logits", "kv_write", "infllm_compress_keys", "infllm_select_blocks", "block_sparse_attention",
+                        "lightning_attention"))
 
 for _op in OPS:
     _module = _REFERENCE_MODULE.get(_op, _op)
@@ -40,9 +44,5 @@ for _op in OPS:
                   capturable=_op in CAPTURABLE))
     register(Impl(op=_op, backend="cpu", name="reference",
                   fn=f"backends.cpu.reference.{_module}:{_op}_ref", priority=100))
-register(Impl(op="lightning_attention", backend="cpu", name="torch",
-              fn="backends.cpu.lightning:lightning_attention_cpu", priority=0, capturable=True))
-register(Impl(op="lightning_attention", backend="cpu", name="reference",
-              fn="backends.cpu.reference.lightning:lightning_attention_ref", priority=100))
 register(Impl(op="attention_decode", backend="cpu", name="torch_full", fn="backends.cpu.ops:attention_decode_full_cpu",
               priority=5, capturable=True))

@@ -47,6 +47,13 @@ def swiglu_cpu(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
     return (F.silu(gate.float()) * up.float()).to(gate.dtype)
 
 
+def sigmoid_gate_cpu(x: torch.Tensor, gate: torch.Tensor) -> torch.Tensor:
+    """x * sigmoid(gate), in float32 and rounded once (as swiglu)."""
+    if x.dtype == torch.float32:
+        return x * torch.sigmoid(gate)
+    return (x.float() * torch.sigmoid(gate.float())).to(x.dtype)
+
+
 def linear_cpu(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
     return F.linear(x, weight)
 

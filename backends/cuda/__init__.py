@@ -9,5 +9,3 @@ for _op in OPS:
     register(Impl(op=_op, backend="cuda", name="torch", fn=torch_fn(_op), priority=50, capturable=_op in CAPTURABLE))
 register(Impl(op="attention_decode", backend="cuda", name="torch_full",
               fn="backends.cpu.ops:attention_decode_full_cpu", priority=55, capturable=True))
-register(Impl(op="lightning_attention", backend="cuda", name="torch",
-              fn="backends.cpu.lightning:lightning_attention_cpu", priority=50, capturable=True))

@@ -52,10 +52,10 @@ register(Impl("attention_decode", "npu", "torch_full", f"{_M}.attention_torch:at
 register(Impl("kv_write", "npu", "torch_npu", f"{_M}.attention:kv_write_npu", supports=supports.kv_write,
               priority=0))
 register(Impl("kv_write", "npu", "torch", "backends.cpu.ops:kv_write_cpu", priority=10, **_CAPTURABLE))
-register(Impl("lightning_attention", "npu", "torch", "backends.cpu.lightning:lightning_attention_cpu",
-              **_CAPTURABLE))
 register(Impl("sample", "npu", "torch_npu", f"{_M}.sample:sample_npu"))
 # InfLLM-v2: no torch_npu op fits (npu_block_sparse_attention has no causal mask inside a block and
 # needs 128-token KV blocks; InfLLM uses 64), so the portable torch code runs on the NPU
-for _op in ("infllm_compress_keys", "infllm_select_blocks", "block_sparse_attention"):
+# (lightning_attention: torch_npu has no lightning op either; sigmoid_gate: plain elementwise torch)
+for _op in ("infllm_compress_keys", "infllm_select_blocks", "block_sparse_attention", "lightning_attention",
+            "sigmoid_gate"):
     register(Impl(_op, "npu", "torch", torch_fn(_op), **_CAPTURABLE))
