@@ -23,14 +23,22 @@ class KVCache:
 
     A forward pass asks :meth:`plan` for the slots of its T new tokens, writes every layer with
     ``ops.kv_write(keys[l], values[l], k, v, slots)``, then calls :meth:`advance`.
+
+    MiniCPM-SALA's lightning layers (``lightning_layers``) keep no keys or values (None there)
+    but a recurrent state ``states[l]``: `[B, lightning_heads, D, D]` float32, zeros at the start,
+    overwritten in place by each forward (its address never changes: decode graphs rely on it).
     """
 
     def __init__(self, layers: int, batch: int, capacity: int, kv_heads: int, head_dim: int,
-                 dtype: torch.dtype, device: torch.device):
+                 dtype: torch.dtype, device: torch.device, lightning_layers: frozenset[int] = frozenset(),
+                 lightning_heads: int = 0):
         self.capacity = round_capacity(capacity)
         shape = (batch, self.capacity, kv_heads, head_dim)
-        self.keys = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(layers)]
-        self.values = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(layers)]
+        attention = [i not in lightning_layers for i in range(layers)]
+        self.keys = [torch.zeros(shape, dtype=dtype, device=device) if a else None for a in attention]
+        self.values = [torch.zeros(shape, dtype=dtype, device=device) if a else None for a in attention]
+        state = (batch, lightning_heads, head_dim, head_dim)
+        self.states = {i: torch.zeros(state, dtype=torch.float32, device=device) for i in sorted(lightning_layers)}
         self.batch = batch
         self.length = 0
         self.lengths = torch.zeros(batch, dtype=torch.int64)

@@ -21,13 +21,14 @@ IGNORED = re.compile(r"model\.layers\.\d+\.self_attn\.rotary_emb\.inv_freq")
 
 
 def expected_shapes(config: MiniCPMConfig) -> dict[str, tuple[int, ...]]:
-    """Tensor name -> shape of a MiniCPMForCausalLM checkpoint (HF names)."""
-    e, f, v = config.hidden_size, config.intermediate_size, config.vocab_size
-    q_out = config.num_attention_heads * config.head_dim
-    kv_out = config.num_key_value_heads * config.head_dim
+    """Tensor name -> shape of a MiniCPM (or MiniCPM-SALA) checkpoint (HF names)."""
+    e, f, v, d = config.hidden_size, config.intermediate_size, config.vocab_size, config.head_dim
+    q_out = config.num_attention_heads * d
     shapes = {"model.embed_tokens.weight": (v, e), "model.norm.weight": (e,)}
     for i in range(config.num_hidden_layers):
         p = f"model.layers.{i}."
+        lightning = config.mixer(i) == "lightning"
+        kv_out = q_out if lightning else config.num_key_value_heads * d
         shapes.update({
             p + "input_layernorm.weight": (e,),
             p + "self_attn.q_proj.weight": (q_out, e),
@@ -39,6 +40,16 @@ def expected_shapes(config: MiniCPMConfig) -> dict[str, tuple[int, ...]]:
             p + "mlp.up_proj.weight": (f, e),
             p + "mlp.down_proj.weight": (e, f),
         })
+        if lightning:
+            spec = config.lightning
+            if spec.output_gate:
+                shapes[p + "self_attn.z_proj.weight"] = (q_out, e)
+            if spec.qk_norm:
+                shapes.update({p + "self_attn.q_norm.weight": (d,), p + "self_attn.k_norm.weight": (d,)})
+            if spec.output_norm:
+                shapes[p + "self_attn.o_norm.weight"] = (q_out,)
+        elif config.attn_output_gate:
+            shapes[p + "self_attn.o_gate.weight"] = (q_out, e)
     if not config.tie_word_embeddings:
         shapes["lm_head.weight"] = (v, e)
     return shapes

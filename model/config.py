@@ -11,7 +11,10 @@ from typing import Any
 from hal.errors import ConfigError
 from hal.sparse import InfLLMGeometry
 
-SUPPORTED_ARCHITECTURES = ("MiniCPMForCausalLM",)
+SUPPORTED_ARCHITECTURES = ("MiniCPMForCausalLM", "MiniCPMSALAForCausalLM")
+MODEL_TYPES = ("minicpm", "minicpm_sala")
+LIGHTNING_MIXERS = ("lightning", "lightning_attn", "lightning-attn")  # the names SALA's remote code accepts
+LIGHTNING_SCALES = {"1/sqrt(d)": lambda d: d ** -0.5, "1/d": lambda d: 1.0 / d}
 
 
 @dataclass(frozen=True)
@@ -38,6 +41,21 @@ class SparseAttention:
 
 
 @dataclass(frozen=True)
+class LightningLayers:
+    """MiniCPM-SALA's linear-attention ("lightning") layers (research/sala_spec.md §5): heads (no
+    GQA) of the model's head_dim, q scaled by ``scale``; per-head RMSNorm on q and k
+    (``qk_norm``), RoPE (``use_rope``), RMSNorm over all heads' outputs (``output_norm``) and a
+    sigmoid output gate ``z_proj`` (``output_gate``)."""
+
+    heads: int
+    scale: float
+    use_rope: bool = True
+    qk_norm: bool = True
+    output_norm: bool = True
+    output_gate: bool = True
+
+
+@dataclass(frozen=True)
 class MiniCPMConfig:
     vocab_size: int
     hidden_size: int
@@ -58,11 +76,19 @@ class MiniCPMConfig:
     pad_token_id: int | None = None
     torch_dtype: str = "float32"
     sparse: SparseAttention | None = None
+    mixers: tuple[str, ...] = ()
+    attn_use_rope: bool = True
+    attn_output_gate: bool = False
+    lightning: LightningLayers | None = None
     raw: dict[str, Any] = field(default_factory=dict, compare=False, repr=False)
 
     @property
     def head_dim(self) -> int:
         return self.hidden_size // self.num_attention_heads
+
+    def mixer(self, layer: int) -> str:
+        """``attention`` (softmax, dense or InfLLM-v2) or ``lightning`` (SALA's linear layers)."""
+        return self.mixers[layer] if self.mixers else "attention"
 
     @property
     def residual_scale(self) -> float:
@@ -200,6 +226,44 @@ def _sparse_attention(fields: _Fields) -> SparseAttention | None:
     return SparseAttention(geometry, dense_len)
 
 
+def _mixers(fields: _Fields, layers: int) -> tuple[str, ...]:
+    value = fields.data.get("mixer_types")
+    if value is None:
+        return ()
+    if not isinstance(value, list) or len(value) != layers:
+        raise fields.fail("mixer_types", f"must be a list of num_hidden_layers={layers} names, got {value!r}"[:200])
+    mixers = []
+    for i, name in enumerate(value):
+        if name == "minicpm4":
+            mixers.append("attention")
+        elif name in LIGHTNING_MIXERS:
+            mixers.append("lightning")
+        else:
+            raise fields.fail("mixer_types", f"entry {i} must be 'minicpm4' or 'lightning-attn', got {name!r}")
+    return tuple(mixers)
+
+
+def _lightning(fields: _Fields, heads: int, head_dim: int) -> LightningLayers:
+    nh = fields.integer("lightning_nh", heads)
+    if nh != heads:
+        raise fields.fail("lightning_nh", f"must equal num_attention_heads={heads}, got {nh}")
+    nkv = fields.integer("lightning_nkv", nh)
+    if nkv != nh:
+        raise fields.fail("lightning_nkv", f"must equal lightning_nh={nh} (lightning layers have no GQA), got {nkv}")
+    dim = fields.integer("lightning_head_dim", head_dim)
+    if dim != head_dim:
+        raise fields.fail("lightning_head_dim", f"must equal the head_dim {head_dim}, got {dim}")
+    scale = fields.data.get("lightning_scale", "1/sqrt(d)")
+    if scale not in LIGHTNING_SCALES:
+        raise fields.fail("lightning_scale", f"must be one of {', '.join(LIGHTNING_SCALES)}, got {scale!r}")
+    if fields.boolean("lightning_layerwise_decay", False):
+        raise fields.fail("lightning_layerwise_decay", "true (MiniMax's per-layer decay scaling) is not supported")
+    return LightningLayers(heads=nh, scale=LIGHTNING_SCALES[scale](dim),
+                           use_rope=fields.boolean("lightning_use_rope", True), qk_norm=fields.boolean("qk_norm", True),
+                           output_norm=fields.boolean("use_output_norm", True),
+                           output_gate=fields.boolean("use_output_gate", True))
+
+
 def parse_config(data: Any, source: str = "config.json") -> MiniCPMConfig:
     """Validate a config dict and build :class:`MiniCPMConfig`. Raises :class:`ConfigError`."""
     if not isinstance(data, dict):
@@ -212,8 +276,8 @@ def parse_config(data: Any, source: str = "config.json") -> MiniCPMConfig:
         raise f.fail("architectures", f"names unsupported architecture {architectures!r}; "
                                       f"supported: {', '.join(SUPPORTED_ARCHITECTURES)}")
     model_type = data.get("model_type", "minicpm")
-    if model_type != "minicpm":
-        raise f.fail("model_type", f"must be 'minicpm', got {model_type!r}")
+    if model_type not in MODEL_TYPES:
+        raise f.fail("model_type", f"must be one of {', '.join(MODEL_TYPES)}, got {model_type!r}")
     hidden_act = data.get("hidden_act", "silu")
     if hidden_act != "silu":
         raise f.fail("hidden_act", f"must be 'silu', got {hidden_act!r}")
@@ -234,6 +298,7 @@ def parse_config(data: Any, source: str = "config.json") -> MiniCPMConfig:
         raise f.fail("head_dim",
                      f"must equal hidden_size/num_attention_heads = {head_dim}, got {data['head_dim']!r}")
 
+    mixers = _mixers(f, f.integer("num_hidden_layers"))
     dtype = data.get("torch_dtype", data.get("dtype", "float32"))
     if dtype not in ("float32", "bfloat16", "float16"):
         raise f.fail("torch_dtype", f"must be float32, bfloat16 or float16, got {dtype!r}")
@@ -258,6 +323,10 @@ def parse_config(data: Any, source: str = "config.json") -> MiniCPMConfig:
         pad_token_id=f.integer("pad_token_id", None, minimum=0),
         torch_dtype=dtype,
         sparse=_sparse_attention(f),
+        mixers=mixers,
+        attn_use_rope=f.boolean("attn_use_rope", True),
+        attn_output_gate=f.boolean("attn_use_output_gate", False),
+        lightning=_lightning(f, heads, head_dim) if "lightning" in mixers else None,
         raw=data,
     )
     for name in ("bos_token_id", "pad_token_id"):

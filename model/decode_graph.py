@@ -94,11 +94,15 @@ class DecodeGraph:
         return out.logits
 
     def _capture(self, sparse: bool) -> tuple[object, torch.Tensor]:
-        # Warm-up and (emulated) capture run the step on the same inputs as the first replay:
-        # their cache writes are the ones the replay makes again.
+        # Warm-up (and the emulated capture) run the step on the inputs of the first replay: their
+        # KV writes are the ones the replay makes again, but a lightning state would advance
+        # once per run, so those states are put back before the first replay.
         with torch.inference_mode():
+            saved = {i: state.clone() for i, state in self.cache.states.items()}
             self.runtime.warm_up(lambda: self._step_body(sparse))
             graph = self.runtime.new_graph()
             with self.runtime.capture(graph):
                 logits = self._step_body(sparse)
+            for i, state in saved.items():
+                self.cache.states[i].copy_(state)
         return graph, logits

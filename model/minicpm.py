@@ -1,4 +1,5 @@
-"""The MiniCPM4 decoder (dense, and InfLLM-v2 sparse attention past ``dense_len``), written
+"""The MiniCPM4 decoder (dense, and InfLLM-v2 sparse attention past ``dense_len``) and
+MiniCPM-SALA (its layers mix InfLLM-v2 attention and lightning linear attention), written
 against hal ops only.
 
 Per layer (μP scalings, α = scale_depth / sqrt(L)):
@@ -19,31 +20,47 @@ from hal.registry import BoundOps
 from model.cache import KVCache
 from model.config import GenerationDefaults, MiniCPMConfig
 from model.rope import RopeTable
+from model.slopes import alibi_slopes
 
 
 @dataclass
 class LayerWeights:
-    """One decoder layer. qkv: `[(H + 2*Hk)*D, E]` (q, k, v rows stacked); gate_up: `[2F, E]`."""
+    """One decoder layer. qkv: `[(H + 2*Hk)*D, E]` (q, k, v rows stacked; Hk = H in lightning
+    layers); gate_up: `[2F, E]`. SALA only: o_gate `[H*D, E]` (attention layers), z `[H*D, E]`,
+    q_norm / k_norm `[D]`, o_norm `[H*D]` (lightning layers); None where the config has none."""
 
+    mixer: str
     input_norm: torch.Tensor
     qkv: torch.Tensor
     o: torch.Tensor
     post_norm: torch.Tensor
     gate_up: torch.Tensor
     down: torch.Tensor
+    o_gate: torch.Tensor | None = None
+    z: torch.Tensor | None = None
+    q_norm: torch.Tensor | None = None
+    k_norm: torch.Tensor | None = None
+    o_norm: torch.Tensor | None = None
 
 
-def _layers(weights: dict[str, torch.Tensor], count: int) -> list[LayerWeights]:
+def _layers(weights: dict[str, torch.Tensor], config: MiniCPMConfig) -> list[LayerWeights]:
     layers = []
-    for i in range(count):
+    for i in range(config.num_hidden_layers):
         p = f"model.layers.{i}."
+        attn = p + "self_attn."
         layers.append(LayerWeights(
+            mixer=config.mixer(i),
             input_norm=weights[p + "input_layernorm.weight"],
-            qkv=weights[p + "self_attn.qkv_proj.weight"],
-            o=weights[p + "self_attn.o_proj.weight"],
+            qkv=weights[attn + "qkv_proj.weight"],
+            o=weights[attn + "o_proj.weight"],
             post_norm=weights[p + "post_attention_layernorm.weight"],
             gate_up=weights[p + "mlp.gate_up_proj.weight"],
             down=weights[p + "mlp.down_proj.weight"],
+            o_gate=weights.get(attn + "o_gate.weight"),
+            z=weights.get(attn + "z_proj.weight"),
+            q_norm=weights.get(attn + "q_norm.weight"),
+            k_norm=weights.get(attn + "k_norm.weight"),
+            o_norm=weights.get(attn + "o_norm.weight"),
         ))
     return layers
 
@@ -72,11 +89,13 @@ class MiniCPMForCausalLM:
         self.embed = weights["model.embed_tokens.weight"]
         self.final_norm = weights["model.norm.weight"]
         self.lm_head = self.embed if config.tie_word_embeddings else weights["lm_head.weight"]
-        self.layers = _layers(weights, config.num_hidden_layers)
+        self.layers = _layers(weights, config)
         self.rope = RopeTable(config, device)
         self.attn_scale = config.head_dim ** -0.5
         kv_width = config.num_key_value_heads * config.head_dim
         self.qkv_sizes = (config.num_attention_heads * config.head_dim, kv_width, kv_width)
+        self.lightning_layers = frozenset(i for i, layer in enumerate(self.layers) if layer.mixer == "lightning")
+        self.slopes = alibi_slopes(config.lightning.heads).to(device) if config.lightning else None
         self._tokenizer = None
 
     # -- public API ---------------------------------------------------------------------------
@@ -168,7 +187,7 @@ class MiniCPMForCausalLM:
         """An empty KV cache for ``batch`` rows of up to ``capacity`` tokens on the model device."""
         cfg = self.config
         return KVCache(cfg.num_hidden_layers, batch, capacity, cfg.num_key_value_heads, cfg.head_dim, self.dtype,
-                       self.device)
+                       self.device, self.lightning_layers, cfg.lightning.heads if cfg.lightning else 0)
 
     def run(self, ops: BoundOps, input_ids: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor],
             cache: KVCache | None, kv_start: torch.Tensor | None, decode: bool,
@@ -184,13 +203,18 @@ class MiniCPMForCausalLM:
         InfLLM-v2 block-sparse attention over the cache instead (needs a cache)."""
         cfg = self.config
         cos, sin = rope
+        real = self._real_tokens(input_ids, cache, kv_start) if self.lightning_layers else None
         h = ops.embedding(input_ids, self.embed) * cfg.scale_emb
         hidden: list[torch.Tensor] | None = [h] if output_hidden_states else None
         residual = h
         x = ops.rms_norm(h, self.layers[0].input_norm, cfg.rms_norm_eps)
         alpha = cfg.residual_scale
         for index, layer in enumerate(self.layers):
-            attn = self._attention(ops, index, layer, x, cos, sin, cache, kv_start, decode, slots, kv_lens, sparse)
+            if layer.mixer == "lightning":
+                attn = self._lightning(ops, index, layer, x, cos, sin, cache, real)
+            else:
+                attn = self._attention(ops, index, layer, x, cos, sin, cache, kv_start, decode, slots, kv_lens,
+                                       sparse)
             x, residual = ops.add_rms_norm(attn, residual, layer.post_norm, cfg.rms_norm_eps, alpha)
             gate, up = ops.linear(x, layer.gate_up).chunk(2, dim=-1)
             mlp = ops.linear(ops.swiglu(gate, up), layer.down)
@@ -218,17 +242,62 @@ class MiniCPMForCausalLM:
         q = q.view(batch, new, cfg.num_attention_heads, d)
         k = k.view(batch, new, cfg.num_key_value_heads, d)
         v = v.view(batch, new, cfg.num_key_value_heads, d)
-        q, k = ops.rotary(q, k, cos, sin)
+        if cfg.attn_use_rope:
+            q, k = ops.rotary(q, k, cos, sin)
         if cache is not None:
             ops.kv_write(cache.keys[index], cache.values[index], k, v, slots)
             if sparse:
                 o = self._sparse_attention(ops, q, cache.keys[index], cache.values[index], kv_lens)
-                return ops.linear(o.reshape(batch, new, -1), layer.o)
-            if decode:
+            elif decode:
                 o = ops.attention_decode(q, cache.keys[index], cache.values[index], kv_lens, self.attn_scale)
-                return ops.linear(o.reshape(batch, new, -1), layer.o)
-        o = ops.attention_prefill(q, k, v, kv_start, self.attn_scale)
-        return ops.linear(o.reshape(batch, new, -1), layer.o)
+            else:
+                o = ops.attention_prefill(q, k, v, kv_start, self.attn_scale)
+        else:
+            o = ops.attention_prefill(q, k, v, kv_start, self.attn_scale)
+        o = o.reshape(batch, new, -1)
+        if layer.o_gate is not None:  # SALA: o * sigmoid(o_gate(x)) before o_proj
+            o = ops.sigmoid_gate(o, ops.linear(x, layer.o_gate))
+        return ops.linear(o, layer.o)
+
+    def _real_tokens(self, input_ids: torch.Tensor, cache: KVCache | None,
+                     kv_start: torch.Tensor | None) -> torch.Tensor | None:
+        """`[B, T]` bool, False for left-padding columns (``column < kv_start``), or None."""
+        if kv_start is None:
+            return None
+        past = cache.length if cache is not None else 0
+        columns = torch.arange(past, past + input_ids.shape[1], device=input_ids.device)
+        return columns[None, :] >= kv_start.to(input_ids.device)[:, None]
+
+    def _lightning(self, ops: BoundOps, index: int, layer: LayerWeights, x: torch.Tensor, cos: torch.Tensor,
+                   sin: torch.Tensor, cache: KVCache | None, real: torch.Tensor | None) -> torch.Tensor:
+        """SALA's lightning layer (research/sala_spec.md §5.1): per-head q/k RMSNorm, RoPE,
+        decayed linear attention from the cached state (zeros without a cache), RMSNorm over
+        all heads, sigmoid gate z_proj(x), o_proj. Left-padding tokens get zero keys, so they
+        add nothing to the state (they all precede the real tokens, and the state starts at 0)."""
+        cfg, spec = self.config, self.config.lightning
+        batch, new, _ = x.shape
+        heads, d = spec.heads, cfg.head_dim
+        q, k, v = (t.view(batch, new, heads, d) for t in ops.linear(x, layer.qkv).chunk(3, dim=-1))
+        if spec.qk_norm:
+            q = ops.rms_norm(q, layer.q_norm, cfg.rms_norm_eps)
+            k = ops.rms_norm(k, layer.k_norm, cfg.rms_norm_eps)
+        if spec.use_rope:
+            q, k = ops.rotary(q, k, cos, sin)
+        if real is not None:
+            k = k * real[:, :, None, None].to(k.dtype)
+        if cache is not None:
+            state = cache.states[index]
+        else:
+            state = torch.zeros(batch, heads, d, d, dtype=torch.float32, device=x.device)
+        o, new_state = ops.lightning_attention(q, k, v, self.slopes, state, spec.scale)
+        if cache is not None:
+            state.copy_(new_state)  # in place: the cache's buffer keeps its address (decode graphs)
+        o = o.reshape(batch, new, heads * d)
+        if layer.o_norm is not None:
+            o = ops.rms_norm(o, layer.o_norm, cfg.rms_norm_eps)
+        if layer.z is not None:
+            o = ops.sigmoid_gate(o, ops.linear(x, layer.z))
+        return ops.linear(o, layer.o)
 
     def _sparse_attention(self, ops: BoundOps, q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
                           kv_lens: torch.Tensor) -> torch.Tensor:

@@ -4,7 +4,7 @@ model.safetensors (or shards + index), and a working tokenizer. Weights are dete
 random numbers whose next-token distributions are peaked (not flat), so accuracy metrics mean
 something.
 
-    python -m model.synthetic OUT_DIR --preset tiny|0.5b|8b|4.1-8b [--seed N] [--shards N]
+    python -m model.synthetic OUT_DIR --preset tiny|0.5b|8b|4.1-8b|tiny-sala|sala [--seed N] [--shards N]
 """
 from __future__ import annotations
 
@@ -84,13 +84,44 @@ def _config(preset: str) -> dict[str, Any]:
         base["rope_scaling"] = {"rope_type": "longrope", "original_max_position_embeddings": length,
                                 "long_factor": factors, "short_factor": factors}
         base["sparse_config"] = dict(SPARSE_CONFIG_8B)
+    elif preset in ("tiny-sala", "sala"):
+        base.update(_sala_fields(preset))
     else:
         raise HalError(f"unknown preset {preset!r}; choose one of: {', '.join(PRESETS)}")
     base["eos_token_id"] = [2, base["vocab_size"] - 8]
     return base
 
 
-PRESETS = ("tiny", "0.5b", "8b", "4.1-8b")
+PRESETS = ("tiny", "0.5b", "8b", "4.1-8b", "tiny-sala", "sala")
+SALA_MIXERS = "S L L L L L L L L S L L L L L L S S L L L L S L L L L L L S S S".split()
+"""MiniCPM-SALA's layer layout (research/sala_spec.md §2): S = "minicpm4" (InfLLM-v2, NoPE), L = lightning."""
+
+
+def _sala_fields(preset: str) -> dict[str, Any]:
+    """MiniCPM-SALA's config.json fields (sala_spec.md §1); tiny-sala: 4 layers S L L S, 128 wide,
+    with a scaled-down sparse_config (sparse from 64 tokens) so tests reach the sparse path."""
+    names = {"S": "minicpm4", "L": "lightning-attn"}
+    fields: dict[str, Any] = {
+        "architectures": ["MiniCPMSALAForCausalLM"], "model_type": "minicpm_sala", "rope_scaling": None,
+        "lightning_scale": "1/sqrt(d)", "lightning_use_rope": True, "attn_use_rope": False,
+        "attn_use_output_gate": True, "use_output_gate": True, "use_output_norm": True, "qk_norm": True,
+        "tie_word_embeddings": False, "rms_norm_eps": 1e-6, "pad_token_id": 2,
+    }
+    fields["auto_map"] = {"AutoConfig": "configuration_minicpm_sala.MiniCPMSALAConfig",
+                          "AutoModelForCausalLM": "modeling_minicpm_sala.MiniCPMSALAForCausalLM"}
+    if preset == "sala":
+        fields.update(vocab_size=73448, hidden_size=4096, intermediate_size=16384, num_hidden_layers=32,
+                      num_attention_heads=32, num_key_value_heads=2, head_dim=128, lightning_nh=32,
+                      lightning_nkv=32, lightning_head_dim=128, max_position_embeddings=524288,
+                      mixer_types=[names[m] for m in SALA_MIXERS], sparse_config=dict(SPARSE_CONFIG_8B))
+    else:
+        fields.update(vocab_size=1024, hidden_size=128, intermediate_size=256, num_hidden_layers=4,
+                      num_attention_heads=4, num_key_value_heads=2, head_dim=32, lightning_nh=4, lightning_nkv=4,
+                      lightning_head_dim=32, max_position_embeddings=4096, dim_model_base=32,
+                      mixer_types=[names[m] for m in "SLLS"],
+                      sparse_config={"kernel_size": 8, "kernel_stride": 4, "init_blocks": 1, "block_size": 16,
+                                     "window_size": 32, "topk": 3, "use_nope": False, "dense_len": 64})
+    return fields
 
 
 EMBED_STD = 0.02
@@ -112,7 +143,7 @@ def _weights(config_dict: dict[str, Any], seed: int, dtype: torch.dtype):
     for name, shape in expected_shapes(config).items():
         if name == "model.norm.weight":
             t = gain * (1.0 + 0.1 * torch.randn(shape, generator=generator))
-        elif name.endswith("layernorm.weight"):
+        elif name.endswith("norm.weight"):  # layernorms; SALA's q_norm / k_norm / o_norm
             t = 1.0 + 0.1 * torch.randn(shape, generator=generator)
         elif name in ("model.embed_tokens.weight", "lm_head.weight"):
             t = EMBED_STD * torch.randn(shape, generator=generator)

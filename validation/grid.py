@@ -102,11 +102,12 @@ MAX_LINEAR_ELEMENTS = 1 << 24  # cap the lm_head weight a model-shape case alloc
 
 
 def model_cases(shapes: dict[str, int], dtype: str, lengths: Iterable[int], decode_len: int,
-                sparse: InfLLMGeometry | None = None) -> list[Case]:
+                sparse: InfLLMGeometry | None = None, lightning_heads: int = 0) -> list[Case]:
     """Cases on the shapes a model used: ``shapes`` from ``MiniCPMConfig.shapes()``, prompt
     ``lengths`` (T of each prefill), ``decode_len`` (S, the cached length, of a one-token
     decode step; its cache capacity C is the next multiple of 128 above it). ``sparse``: the
-    model's InfLLM-v2 geometry (its ops are checked on a decode step at ``decode_len``)."""
+    model's InfLLM-v2 geometry (its ops are checked on a decode step at ``decode_len``).
+    ``lightning_heads``: MiniCPM-SALA's lightning layers (their attention and output gate)."""
     e, f, v, h, hk, d = (shapes[k] for k in ("E", "F", "V", "H", "Hk", "D"))
     ts = sorted(set(lengths))
     dt = dtype if dtype in get_spec("rms_norm").dtypes else "float32"
@@ -122,6 +123,11 @@ def model_cases(shapes: dict[str, int], dtype: str, lengths: Iterable[int], deco
         out.append(case("logits", dt, B=1, T=t, E=e, V=min(v, max(1, MAX_LINEAR_ELEMENTS // e))))
         out.append(case("attention_prefill", dt, B=1, T=t, H=h, Hk=hk, D=d))
         out.append(case("kv_write", dt, B=1, T=t, C=capacity(t), Hk=hk, D=d))
+        if lightning_heads:
+            out.append(case("lightning_attention", dt, B=1, T=t, H=lightning_heads, D=d))
+            out.append(case("sigmoid_gate", dt, B=1, T=t, E=lightning_heads * d))
+    if lightning_heads:
+        out.append(case("lightning_attention", dt, ("state",), B=1, T=1, H=lightning_heads, D=d))
     s = max(1, decode_len)
     out.append(case("kv_write", dt, B=1, T=1, C=capacity(s), Hk=hk, D=d))
     out.append(case("attention_decode", dt, B=1, T=1, S=s, C=capacity(s), H=h, Hk=hk, D=d))

@@ -79,7 +79,7 @@ def _parameter_count(model: Any) -> int:
     if model.lm_head is not model.embed:
         total += model.lm_head.numel()
     for layer in model.layers:
-        total += sum(t.numel() for t in vars(layer).values())
+        total += sum(t.numel() for t in vars(layer).values() if isinstance(t, torch.Tensor))
     return total
 
 
@@ -203,7 +203,8 @@ def run(settings: Settings, progress: Progress = _silent) -> dict[str, Any]:
     t2 = time.perf_counter()
     progress("op conformance on this model's shapes")
     sparse = model.config.sparse.geometry if model.config.sparse is not None else None
-    cases = grid.model_cases(model.config.shapes(), dtype, lengths, max(lengths), sparse)
+    lightning = model.config.lightning.heads if model.config.lightning is not None else 0
+    cases = grid.model_cases(model.config.shapes(), dtype, lengths, max(lengths), sparse, lightning)
     results = [opcheck.check(c, getattr(model.ops, c.op), model.ops.record[c.op].impl, kind) for c in cases]
     failed_ops = sorted({r.case.op for r in results if not r.passed})
     t_conf = time.perf_counter() - t2
