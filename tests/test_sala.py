@@ -88,3 +88,14 @@ def test_emulated_npu_with_decode_graph_equals_eager(sala, monkeypatch):
     finally:
         emulator.uninstall()
         reset()
+
+
+def test_alibi_slopes_are_salas_table():
+    from model.slopes import alibi_slopes
+
+    # research/sala_spec.md §5.2: s_h = 2^(-(h+1)/4) for 32 heads
+    table = {0: 0.8409, 1: 0.7071, 3: 0.5, 7: 0.25, 15: 0.0625, 23: 0.0156, 31: 0.0039}
+    slopes = alibi_slopes(32)
+    assert all(abs(float(slopes[h]) - s) < 1e-4 for h, s in table.items())
+    # ALiBi for 6 heads: the 4-head slopes, then every other one of the 8-head list
+    assert alibi_slopes(6).tolist() == [2 ** -2, 2 ** -4, 2 ** -6, 2 ** -8, 2 ** -1, 2 ** -3]

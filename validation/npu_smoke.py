@@ -6,7 +6,7 @@ Steps, each recorded with its exit code and log in ``OUT/summary.md``:
   2. op conformance: ``python -m validation.conformance --device npu``, then ``--mode captured``
      (the implementations decode graphs use, captured in a real NPUGraph and replayed);
   3. accuracy: ``python -m validation.compare --device npu`` on a synthetic checkpoint of every
-     preset asked for (default: tiny and 0.5b; add 8b / 4.1-8b with --presets), and on
+     preset asked for (default: tiny, tiny-sala and 0.5b; add 8b / 4.1-8b / sala), and on
      ``--model PATH`` when given;
   4. speed: prefill and decode tokens/s of the bound model on the NPU (synthetic 0.5b, or --model);
   5. decode graph: the same greedy decode replayed from an NPUGraph (``--decode-graph`` of
@@ -29,8 +29,10 @@ import time
 from datetime import datetime, timezone
 from pathlib import Path
 
+import hal  # noqa: F401  (first: it turns torch_npu autoload off before anything imports torch)
+from model.synthetic import PRESETS
+
 EXIT_PASS, EXIT_FAIL, EXIT_USAGE = 0, 1, 2
-PRESETS = ("tiny", "0.5b", "8b", "4.1-8b")
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -38,8 +40,9 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--out", type=Path, default=None,
                    help="report folder (default: reports/npu-smoke-<time>/)")
     p.add_argument("--model", type=Path, default=None, help="also check this real checkpoint folder")
-    p.add_argument("--presets", nargs="+", choices=PRESETS, default=["tiny", "0.5b"],
-                   help="synthetic checkpoints to compare on (default: tiny 0.5b; 8b needs ~50 GB RAM)")
+    p.add_argument("--presets", nargs="+", choices=PRESETS, default=["tiny", "tiny-sala", "0.5b"],
+                   help="synthetic checkpoints to compare on (default: tiny tiny-sala 0.5b; 8b and sala "
+                        "need ~50 GB RAM)")
     p.add_argument("--dtype", default="bfloat16", help="dtype under test (default: bfloat16)")
     p.add_argument("--new-tokens", type=int, default=32, help="decode steps timed in the speed step")
     p.add_argument("--skip", nargs="*", default=[], choices=("conformance", "compare", "speed", "graph"))
