@@ -71,6 +71,13 @@ slots [B, T] int64) -> None``
     ``kv_lens[b]`` keys, zeros otherwise. N = ``max(0, (C - size) // stride + 1)``, the kernels
     of a full row (fixed by C, so the shape never depends on data).
 
+``infllm_append_kernel(kernels [B, N, Hk, D], k_cache [B, C, Hk, D], kv_lens [B] int64, size, stride)
+-> None``
+    In place, the decode-step form of infllm_compress_keys: when row b's ``kv_lens[b]`` keys end
+    a kernel (``kv_lens[b] >= size`` and ``(kv_lens[b] - size) % stride == 0``), kernel
+    ``(kv_lens[b] - size) // stride`` becomes the mean of keys ``kv_lens[b] - size ..
+    kv_lens[b] - 1``; every other kernel is left untouched. O(size) per row instead of O(C).
+
 ``infllm_select_blocks(q [B, T, H, D], kernels [B, N1, Hk, D], coarse [B, N2, Hk, D], kv_lens [B],
 geometry, scale) -> [B, Hk, T, K] int64``
     InfLLM-v2 block selection (``hal/sparse.py``: geometry; K = geometry.budget). Query t of row b
@@ -243,6 +250,14 @@ INFLLM_COMPRESS_KEYS = OpSpec(
     attrs={"size": "int", "stride": "int"},
     nmse=_ELEMENTWISE,
 )
+INFLLM_APPEND_KERNEL = OpSpec(
+    "infllm_append_kernel",
+    inputs={"kernels": "[B, N, Hk, D]", "k_cache": "[B, C, Hk, D]", "kv_lens": "[B] int64"},
+    outputs={"kernels": "[B, N, Hk, D]"},
+    attrs={"size": "int", "stride": "int"},
+    inplace=True,
+    nmse=_ELEMENTWISE,
+)
 INFLLM_SELECT_BLOCKS = OpSpec(
     "infllm_select_blocks",
     inputs={"q": "[B, T, H, D]", "kernels": "[B, N1, Hk, D]", "coarse": "[B, N2, Hk, D]", "kv_lens": "[B] int64"},
@@ -303,6 +318,7 @@ CATALOGUE: dict[str, OpSpec] = {
         ATTENTION_DECODE,
         KV_WRITE,
         INFLLM_COMPRESS_KEYS,
+        INFLLM_APPEND_KERNEL,
         INFLLM_SELECT_BLOCKS,
         BLOCK_SPARSE_ATTENTION,
         LIGHTNING_ATTENTION,

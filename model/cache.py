@@ -3,6 +3,8 @@ from __future__ import annotations
 
 import torch
 
+from hal.sparse import InfLLMGeometry
+
 KV_BLOCK = 128
 """The cache capacity is a multiple of this: the NPU reads each cache row as 128-token pages
 (FIA ``block_table``, ``npu_scatter_pa_kv_cache``) through a view, without copying."""
@@ -27,11 +29,16 @@ class KVCache:
     MiniCPM-SALA's lightning layers (``lightning_layers``) keep no keys or values (None there)
     but a recurrent state ``states[l]``: `[B, lightning_heads, D, D]` float32, zeros at the start,
     overwritten in place by each forward (its address never changes: decode graphs rely on it).
+
+    With an InfLLM-v2 ``sparse`` geometry, each attention layer also keeps its semantic kernels,
+    ``kernels[l]`` `[B, N1, Hk, D]` and ``coarse[l]`` `[B, N2, Hk, D]` (N from the capacity), kept
+    up to date with the keys by every forward (recomputed by a multi-token one, one kernel
+    appended per decode step), so sparse decode reads them instead of recompressing the cache.
     """
 
     def __init__(self, layers: int, batch: int, capacity: int, kv_heads: int, head_dim: int,
                  dtype: torch.dtype, device: torch.device, lightning_layers: frozenset[int] = frozenset(),
-                 lightning_heads: int = 0):
+                 lightning_heads: int = 0, sparse: InfLLMGeometry | None = None):
         self.capacity = round_capacity(capacity)
         shape = (batch, self.capacity, kv_heads, head_dim)
         attention = [i not in lightning_layers for i in range(layers)]
@@ -39,6 +46,14 @@ class KVCache:
         self.values = [torch.zeros(shape, dtype=dtype, device=device) if a else None for a in attention]
         state = (batch, lightning_heads, head_dim, head_dim)
         self.states = {i: torch.zeros(state, dtype=torch.float32, device=device) for i in sorted(lightning_layers)}
+        self.sparse = sparse
+        self.kernels: dict[int, torch.Tensor] = {}
+        self.coarse: dict[int, torch.Tensor] = {}
+        if sparse is not None:
+            for i in (i for i, a in enumerate(attention) if a):
+                fine, rough = sparse.kernels(self.capacity), sparse.kernels(self.capacity, coarse=True)
+                self.kernels[i] = torch.zeros(batch, fine, kv_heads, head_dim, dtype=dtype, device=device)
+                self.coarse[i] = torch.zeros(batch, rough, kv_heads, head_dim, dtype=dtype, device=device)
         self.batch = batch
         self.length = 0
         self.lengths = torch.zeros(batch, dtype=torch.int64)

@@ -26,8 +26,8 @@ from hal.registry import bind
 from model.cache import KVCache
 
 GRAPH_OPS = frozenset(("embedding", "rms_norm", "add_rms_norm", "rotary", "swiglu", "linear", "logits",
-                       "kv_write", "attention_decode", "infllm_compress_keys", "infllm_select_blocks",
-                       "block_sparse_attention"))
+                       "kv_write", "attention_decode", "infllm_append_kernel", "infllm_select_blocks",
+                       "block_sparse_attention", "lightning_attention", "sigmoid_gate"))
 """The ops a decode step calls; each must be served by a ``capturable`` implementation."""
 
 _TOKEN, _SLOT, _LENGTH = range(3)

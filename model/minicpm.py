@@ -187,7 +187,8 @@ class MiniCPMForCausalLM:
         """An empty KV cache for ``batch`` rows of up to ``capacity`` tokens on the model device."""
         cfg = self.config
         return KVCache(cfg.num_hidden_layers, batch, capacity, cfg.num_key_value_heads, cfg.head_dim, self.dtype,
-                       self.device, self.lightning_layers, cfg.lightning.heads if cfg.lightning else 0)
+                       self.device, self.lightning_layers, cfg.lightning.heads if cfg.lightning else 0,
+                       cfg.sparse.geometry if cfg.sparse else None)
 
     def run(self, ops: BoundOps, input_ids: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor],
             cache: KVCache | None, kv_start: torch.Tensor | None, decode: bool,
@@ -246,8 +247,10 @@ class MiniCPMForCausalLM:
             q, k = ops.rotary(q, k, cos, sin)
         if cache is not None:
             ops.kv_write(cache.keys[index], cache.values[index], k, v, slots)
+            if index in cache.kernels:
+                self._update_kernels(ops, cache, index, kv_lens, new)
             if sparse:
-                o = self._sparse_attention(ops, q, cache.keys[index], cache.values[index], kv_lens)
+                o = self._sparse_attention(ops, q, cache, index, kv_lens)
             elif decode:
                 o = ops.attention_decode(q, cache.keys[index], cache.values[index], kv_lens, self.attn_scale)
             else:
@@ -299,13 +302,23 @@ class MiniCPMForCausalLM:
             o = ops.sigmoid_gate(o, ops.linear(x, layer.z))
         return ops.linear(o, layer.o)
 
-    def _sparse_attention(self, ops: BoundOps, q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
+    def _update_kernels(self, ops: BoundOps, cache: KVCache, index: int, kv_lens: torch.Tensor, new: int) -> None:
+        """Keep layer ``index``'s semantic kernels in step with its keys: a decode step appends the
+        kernel its key completes (if any); a longer chunk recompresses the cache rows."""
+        g, keys = cache.sparse, cache.keys[index]
+        for kernels, size, stride in ((cache.kernels[index], g.kernel_size, g.kernel_stride),
+                                      (cache.coarse[index], g.coarse_size, g.coarse_stride)):
+            if new == 1:
+                ops.infllm_append_kernel(kernels, keys, kv_lens, size, stride)
+            else:
+                kernels.copy_(ops.infllm_compress_keys(keys, kv_lens, size, stride))
+
+    def _sparse_attention(self, ops: BoundOps, q: torch.Tensor, cache: KVCache, index: int,
                           kv_lens: torch.Tensor) -> torch.Tensor:
-        """InfLLM-v2: semantic kernels of the cached keys (fine, and coarse for the normaliser),
-        block selection per query and KV head, attention over the selected blocks. The kernels
-        are recomputed from the whole cache each call (no compressed-key cache yet)."""
+        """InfLLM-v2 over layer ``index``'s cache: block selection per query and KV head from the
+        cached semantic kernels (fine, and coarse for the normaliser), then attention over the
+        selected blocks."""
         g = self.config.sparse.geometry
-        kernels = ops.infllm_compress_keys(k_cache, kv_lens, g.kernel_size, g.kernel_stride)
-        coarse = ops.infllm_compress_keys(k_cache, kv_lens, g.coarse_size, g.coarse_stride)
-        blocks = ops.infllm_select_blocks(q, kernels, coarse, kv_lens, g, self.attn_scale)
-        return ops.block_sparse_attention(q, k_cache, v_cache, blocks, kv_lens, g.block_size, self.attn_scale)
+        blocks = ops.infllm_select_blocks(q, cache.kernels[index], cache.coarse[index], kv_lens, g, self.attn_scale)
+        return ops.block_sparse_attention(q, cache.keys[index], cache.values[index], blocks, kv_lens, g.block_size,
+                                          self.attn_scale)

@@ -68,6 +68,12 @@ def _grid_dims(op: str) -> list[tuple[dict[str, int], tuple[str, ...]]]:
         return [({"B": 1, "S": 100, "C": capacity(100), "Hk": 2, "D": 64, "W": 32, "R": 16}, ()),
                 ({"B": 3, "S": 300, "C": capacity(300), "Hk": 2, "D": 128, "W": 128, "R": 64}, ("ragged",)),
                 ({"B": 2, "S": 20, "C": 128, "Hk": 1, "D": 64, "W": 32, "R": 16}, ("ragged",))]
+    if op == "infllm_append_kernel":
+        # rows of 96/64/32 keys each complete a 32/16 kernel; 100/67 complete none; 20 < size
+        return [({"B": 3, "S": 96, "C": capacity(96), "Hk": 2, "D": 64, "W": 32, "R": 16}, ("ragged",)),
+                ({"B": 2, "S": 100, "C": capacity(100), "Hk": 2, "D": 128, "W": 32, "R": 16}, ("ragged",)),
+                ({"B": 2, "S": 256, "C": capacity(256), "Hk": 1, "D": 64, "W": 128, "R": 64}, ("ragged",)),
+                ({"B": 1, "S": 20, "C": 128, "Hk": 2, "D": 64, "W": 32, "R": 16}, ())]
     if op in ("infllm_select_blocks", "block_sparse_attention"):
         small, real = geometry_dims(SMALL_GEOMETRY), geometry_dims(InfLLMGeometry())  # real: MiniCPM4-8B's
         return [({"B": 1, "T": 1, "S": 300, "C": capacity(300), "H": 4, "Hk": 2, "D": 64, **small}, ()),

@@ -228,6 +228,12 @@ def make_inputs(c: Case, seed: int = 0) -> dict[str, Any]:
         kv_lens = _kv_lens(c)
         args = {"k_cache": _ragged_cache(g, kv_lens, d["C"], d["Hk"], d["D"]), "kv_lens": kv_lens,
                 "size": d["W"], "stride": d["R"]}
+    elif c.op == "infllm_append_kernel":
+        kv_lens = _kv_lens(c)
+        count = max(0, (d["C"] - d["W"]) // d["R"] + 1)
+        args = {"kernels": _randn(g, b, count, d["Hk"], d["D"]),
+                "k_cache": _ragged_cache(g, kv_lens, d["C"], d["Hk"], d["D"]), "kv_lens": kv_lens,
+                "size": d["W"], "stride": d["R"]}
     elif c.op == "infllm_select_blocks":
         geo, kv_lens = geometry(c), _kv_lens(c)
         args = {"q": _randn(g, b, t, d["H"], d["D"]),

@@ -10,8 +10,8 @@ from __future__ import annotations
 from hal.registry import Impl, register
 
 OPS = ("embedding", "rms_norm", "add_rms_norm", "rotary", "swiglu", "sigmoid_gate", "linear", "logits",
-       "attention_prefill", "attention_decode", "kv_write", "infllm_compress_keys", "infllm_select_blocks",
-       "block_sparse_attention", "lightning_attention", "sample")
+       "attention_prefill", "attention_decode", "kv_write", "infllm_compress_keys", "infllm_append_kernel",
+       "infllm_select_blocks", "block_sparse_attention", "lightning_attention", "sample")
 _REFERENCE_MODULE = {
     "logits": "linear",
     "add_rms_norm": "rms_norm",
@@ -19,13 +19,17 @@ _REFERENCE_MODULE = {
     "attention_decode": "attention",
     "kv_write": "kv_cache",
     "infllm_compress_keys": "infllm",
+    "infllm_append_kernel": "infllm",
     "infllm_select_blocks": "infllm",
     "block_sparse_attention": "infllm",
     "sigmoid_gate": "swiglu",
     "lightning_attention": "lightning",
 }
-TORCH_MODULE = {"infllm_compress_keys": "backends.cpu.infllm", "infllm_select_blocks": "backends.cpu.infllm",
-                "block_sparse_attention": "backends.cpu.infllm", "lightning_attention": "backends.cpu.lightning"}
+TORCH_MODULE = {
+    **{op: "backends.cpu.infllm" for op in ("infllm_compress_keys", "infllm_append_kernel", "infllm_select_blocks",
+                                            "block_sparse_attention")},
+    "lightning_attention": "backends.cpu.lightning",
+}
 """Where each op's torch implementation lives (default ``backends.cpu.ops``)."""
 
 
@@ -34,9 +38,7 @@ def torch_fn(op: str) -> str:
     return f"{TORCH_MODULE.get(op, 'backends.cpu.ops')}:{op}_cpu"
 
 
-CAPTURABLE = frozenset(("embedding", "rms_norm", "add_rms_norm", "rotary", "swiglu", "sigmoid_gate", "linear",
-                        "logits", "kv_write", "infllm_compress_keys", "infllm_select_blocks", "block_sparse_attention",
-                        "lightning_attention"))
+CAPTURABLE = frozenset(set(OPS) - {"attention_prefill", "attention_decode", "sample"})
 
 for _op in OPS:
     _module = _REFERENCE_MODULE.get(_op, _op)

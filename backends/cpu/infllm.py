@@ -31,6 +31,26 @@ def infllm_compress_keys_cpu(k_cache: torch.Tensor, kv_lens: torch.Tensor, size:
     return means.masked_fill(~complete[:, :, None, None], 0.0).to(k_cache.dtype)
 
 
+def infllm_append_kernel_cpu(kernels: torch.Tensor, k_cache: torch.Tensor, kv_lens: torch.Tensor, size: int,
+                             stride: int) -> None:
+    """In place: gathers each row's last ``size`` keys, and writes their mean to the kernel they
+    complete; rows whose length completes no kernel rewrite kernel 0 with its own value (no host
+    read of kv_lens: capturable)."""
+    batch, capacity, kv_heads, dim = k_cache.shape
+    if kernels.shape[1] == 0:
+        return
+    lengths = kv_lens.to(k_cache.device)
+    ends = (lengths[:, None] - size + torch.arange(size, device=k_cache.device)).clamp(0, capacity - 1)  # [B, size]
+    index = ends[:, :, None, None].expand(batch, size, kv_heads, dim)
+    mean = k_cache.gather(1, index).float().mean(dim=1).to(kernels.dtype)  # [B, Hk, D]
+    completes = (lengths >= size) & ((lengths - size) % stride == 0)
+    slot = torch.where(completes, torch.div(lengths - size, stride, rounding_mode="floor"), torch.zeros_like(lengths))
+    slot = slot.clamp(max=kernels.shape[1] - 1)
+    rows = torch.arange(batch, device=k_cache.device)
+    keep = kernels[rows, slot]
+    kernels.index_put_((rows, slot), torch.where(completes[:, None, None], mean, keep))
+
+
 def _overlap_index(g: InfLLMGeometry, blocks: int, kernels: int, device: torch.device) -> torch.Tensor:
     """`[blocks, W]` fine-kernel ids overlapping each block (kernel j covers keys j*stride ..
     j*stride + size - 1), padded with ``kernels`` (the index of a -inf column). Built with

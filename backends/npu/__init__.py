@@ -56,6 +56,6 @@ register(Impl("sample", "npu", "torch_npu", f"{_M}.sample:sample_npu"))
 # InfLLM-v2: no torch_npu op fits (npu_block_sparse_attention has no causal mask inside a block and
 # needs 128-token KV blocks; InfLLM uses 64), so the portable torch code runs on the NPU
 # (lightning_attention: torch_npu has no lightning op either; sigmoid_gate: plain elementwise torch)
-for _op in ("infllm_compress_keys", "infllm_select_blocks", "block_sparse_attention", "lightning_attention",
-            "sigmoid_gate"):
+for _op in ("infllm_compress_keys", "infllm_append_kernel", "infllm_select_blocks", "block_sparse_attention",
+            "lightning_attention", "sigmoid_gate"):
     register(Impl(_op, "npu", "torch", torch_fn(_op), **_CAPTURABLE))

@@ -87,3 +87,16 @@ def test_a_straddling_kernel_lifts_both_blocks_and_ties_go_to_the_lower_block(im
     coarse = torch.zeros(1, (384 - 32) // 16 + 1, 1, dim)
     out = _fn(impl, "infllm_select_blocks")(q, kernels, coarse, torch.tensor([300]), GEO, 1.0)
     assert out[0, 0, 0].tolist() == [0, 4, 5, 16, 17, 18]
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+def test_appending_kernel_by_kernel_equals_compressing_at_once(impl):
+    g = torch.Generator().manual_seed(3)
+    keys = torch.randn(2, 256, 2, 8, generator=g)
+    lengths = torch.tensor([200, 150])
+    kernels = torch.zeros(2, (256 - 32) // 16 + 1, 2, 8)
+    append = _fn(impl, "infllm_append_kernel")
+    for step in range(1, 201):  # the cache grows one key at a time, row 1 stops at 150
+        append(kernels, keys, torch.minimum(torch.tensor([step, step]), lengths), 32, 16)
+    whole = _fn(impl, "infllm_compress_keys")(keys, lengths, 32, 16)
+    torch.testing.assert_close(kernels, whole, rtol=0, atol=1e-6)

@@ -22,6 +22,15 @@ def infllm_compress_keys_ref(k_cache: torch.Tensor, kv_lens: torch.Tensor, size:
     return out.to(k_cache.dtype)
 
 
+def infllm_append_kernel_ref(kernels: torch.Tensor, k_cache: torch.Tensor, kv_lens: torch.Tensor, size: int,
+                             stride: int) -> None:
+    """In place: the kernel that row b's last key completes (if any) becomes its chunk's mean."""
+    for b in range(k_cache.shape[0]):
+        length = int(kv_lens[b])
+        if length >= size and (length - size) % stride == 0:
+            kernels[b, (length - size) // stride] = k_cache[b, length - size:length].float().mean(dim=0).to(kernels.dtype)
+
+
 def _visible(count: int, size: int, stride: int, position: int) -> list[int]:
     return [j for j in range(count) if j * stride + size - 1 <= position]
 
