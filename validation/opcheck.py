@@ -29,7 +29,9 @@ TORCH_DTYPE = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": 
 @dataclass(frozen=True)
 class Case:
     """op: catalogue name. dtype: ``float32`` / ``bfloat16`` / ``float16``. dims: sizes by
-    shape letter (B, T, S, C, H, Hk, D, E, F, K, O, V). flags: ``padded`` (left padding via
+    shape letter (B, T, S, C, H, Hk, D, E, F, K, O, V), plus W / R (a kernel's size and stride,
+    infllm_compress_keys / infllm_append_kernel) and :data:`GEOMETRY_DIMS` (an InfLLM-v2
+    geometry). flags: ``padded`` (left padding via
     kv_start; kv_write: -1 slots), ``ragged`` (attention_decode / kv_write: rows of different
     lengths), ``ties`` (sample: equal top logits), ``state`` (lightning_attention: continues
     from a non-zero state instead of zeros)."""
