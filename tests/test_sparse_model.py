@@ -88,3 +88,11 @@ def test_torch_ops_match_the_reference_ops(checkpoints):
     ids = torch.tensor([PROMPT[:120]])
     torch.testing.assert_close(fast.logits(ids), reference.logits(ids), rtol=1e-4, atol=1e-4)
 
+
+
+def test_sparse_decode_benchmark_script_runs(capsys):
+    from benchmarks import sparse_decode
+
+    assert sparse_decode.main(["--lengths", "1024", "--rounds", "1"]) == 0
+    row = capsys.readouterr().out.strip().splitlines()[-1]
+    assert row.startswith("| 1024 |") and row.endswith("x |")
