@@ -59,11 +59,7 @@ class OursRunner:
         self.model = hal.load_model(path, device="cpu", dtype=dtype)
 
     def prefill(self, ids: torch.Tensor, capacity: int) -> tuple[Any, torch.Tensor]:
-        from model.cache import KVCache
-
-        cfg = self.model.config
-        cache = KVCache(cfg.num_hidden_layers, ids.shape[0], capacity, cfg.num_key_value_heads,
-                        cfg.head_dim, self.model.dtype, self.model.device)
+        cache = self.model.new_cache(ids.shape[0], capacity)
         with torch.inference_mode():
             out = self.model.forward(ids, cache=cache, logits_last_only=True)
         return cache, out.logits[:, -1].argmax(-1)

@@ -16,6 +16,8 @@ import time
 from pathlib import Path
 from typing import Callable
 
+from hal.errors import InputError
+
 PROMPT_TOKENS = 128
 
 
@@ -36,22 +38,44 @@ def synchronizer(kind: str) -> Callable[[], None]:
     return lambda: None
 
 
-def _generate(model, new_tokens: int, sync, decode_graph: bool) -> tuple[list[int], float]:
-    prompt = _prompt(model.config.vocab_size)
-    model.generate(prompt, max_new_tokens=3, do_sample=False, decode_graph=decode_graph)  # warm-up
-    sync()
-    start = time.perf_counter()
-    out = model.generate(prompt, max_new_tokens=new_tokens, do_sample=False, eos_token_id=-1,
-                         decode_graph=decode_graph)
-    sync()
-    return out[0], time.perf_counter() - start
+def _decode(model, steps: int, sync, decode_graph: bool) -> tuple[list[int], float]:
+    """Greedy decode of ``steps`` tokens after the prompt: returns the tokens and the seconds of
+    the steps after the first (the first one captures the graph; neither mode times it)."""
+    import torch
+
+    from model.decode_graph import DecodeGraph
+
+    prompt = torch.tensor(_prompt(model.config.vocab_size), device=model.device)
+    cache = model.new_cache(1, prompt.shape[1] + steps + 1)
+    with torch.inference_mode():
+        logits = model.forward(prompt, cache=cache, logits_last_only=True).logits[:, -1]
+        graph = DecodeGraph(model, cache) if decode_graph else None
+
+        def step(token: torch.Tensor) -> torch.Tensor:
+            if graph is not None:
+                return graph.step(token)
+            return model.forward(token[:, None].to(model.device), cache=cache, logits_last_only=True).logits[:, -1]
+
+        tokens = [int(logits.float().argmax(-1))]
+        logits = step(torch.tensor(tokens[-1:]))  # untimed: capture (graph) / warm-up (eager)
+        tokens.append(int(logits.float().argmax(-1)))
+        sync()
+        start = time.perf_counter()
+        for _ in range(steps - 2):
+            logits = step(torch.tensor(tokens[-1:]))
+            tokens.append(int(logits.float().argmax(-1)))  # a host read per token, as generate() does
+        sync()
+    return tokens, time.perf_counter() - start
 
 
 def measure(model, new_tokens: int, decode_graph: bool = True) -> dict[str, object]:
-    """Prefill and decode tokens/s of a loaded model (decode = generate time minus one prefill,
-    over the new tokens after the first); with ``decode_graph`` the graphed decode as well."""
+    """Prefill tokens/s of a loaded model and greedy decode tokens/s over ``new_tokens`` steps
+    (the first step untimed); with ``decode_graph`` the graphed decode as well and how many of
+    its tokens equal the eager ones."""
     import torch
 
+    if new_tokens < 3:
+        raise InputError(f"--new-tokens must be >= 3 (two untimed steps), got {new_tokens}")
     kind = model.ops.context.device
     sync = synchronizer(kind)
     prompt = torch.tensor(_prompt(model.config.vocab_size))
@@ -61,17 +85,14 @@ def measure(model, new_tokens: int, decode_graph: bool = True) -> dict[str, obje
     model.logits(prompt)
     sync()
     prefill = time.perf_counter() - start
-
-    def rate(tokens: list[int], total: float) -> float:
-        return round(max(len(tokens) - 1, 1) / max(total - prefill, 1e-9), 1)
-
-    eager, total = _generate(model, new_tokens, sync, False)
+    eager, seconds = _decode(model, new_tokens, sync, False)
+    timed = new_tokens - 2
     result: dict[str, object] = {"prefill_tokens_per_s": round(PROMPT_TOKENS / prefill, 1),
-                                 "decode_tokens_per_s": rate(eager, total), "new_tokens": len(eager)}
+                                 "decode_tokens_per_s": round(timed / seconds, 1), "new_tokens": len(eager)}
     if decode_graph:
-        graphed, total = _generate(model, new_tokens, sync, True)
-        same = next((i for i, (a, b) in enumerate(zip(eager, graphed)) if a != b), min(len(eager), len(graphed)))
-        result["graph_decode_tokens_per_s"] = rate(graphed, total)
+        graphed, seconds = _decode(model, new_tokens, sync, True)
+        same = next((i for i, (a, b) in enumerate(zip(eager, graphed)) if a != b), len(eager))
+        result["graph_decode_tokens_per_s"] = round(timed / seconds, 1)
         result["graph_over_eager"] = round(result["graph_decode_tokens_per_s"] / result["decode_tokens_per_s"], 2)
         result["graph_tokens_equal_to_eager"] = f"{same}/{len(eager)}"
     return result

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import torch
 
+from hal.errors import InputError
 from hal.sparse import InfLLMGeometry
 
 KV_BLOCK = 128
@@ -70,7 +71,7 @@ class KVCache:
         slots = torch.where(columns >= 0, columns, torch.full_like(columns, -1))
         kv_lens = (columns[:, -1] + 1).clamp(min=0)
         if int(kv_lens.max()) > self.capacity:
-            raise ValueError(f"KVCache: writing {new} tokens after {self.lengths.tolist()} exceeds "
+            raise InputError(f"KVCache: writing {new} tokens after {self.lengths.tolist()} exceeds "
                              f"capacity {self.capacity}")
         self._pending = kv_lens
         return slots, kv_lens

@@ -29,7 +29,9 @@ class RopeScaling:
 @dataclass(frozen=True)
 class SparseAttention:
     """InfLLM-v2 (``sparse_config``): attention is sparse once a forward's longest row reaches
-    ``dense_len`` tokens (-1: always), with the block selection of ``geometry``. The v2 rules
+    ``dense_len`` tokens (-1: always), with the block selection of ``geometry``. The switch is
+    per forward, for the whole batch (the v2 code's ``position_ids.max() + 1``): a shorter row in
+    the same batch is attended sparsely too, which equals dense while its blocks fit the budget. The v2 rules
     (MiniCPM4.1 code, current kernels): coarse kernels of 4x the size and stride for the softmax
     normaliser, and a budget of ``topk + window_size / block_size`` blocks per query."""
 

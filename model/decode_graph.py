@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import torch
 
+from hal.errors import InputError
 from hal.graphs import GraphRuntime, graph_runtime
 from hal.registry import bind
 from model.cache import KVCache
@@ -52,6 +53,8 @@ class DecodeGraph:
         self.cache = cache
         self.kv_start = None if kv_start is None else kv_start.to("cpu", torch.int64)
         model.rope.ensure(cache.capacity)
+        # the graph reads these tables by address: keep them alive even if a later forward grows new ones
+        self._rope_tables = (model.rope._cos, model.rope._sin)
         self._host = torch.zeros(cache.batch, 3, dtype=torch.int64)
         self._inputs = torch.zeros(cache.batch, 3, dtype=torch.int64, device=model.device)
         self._graphs: dict[bool, tuple[object, torch.Tensor]] = {}  # sparse? -> (graph, logits buffer)
@@ -70,7 +73,7 @@ class DecodeGraph:
 
         The result is the graph's output buffer: read (or copy) it before the next step."""
         if tokens.shape != (self.cache.batch,):
-            raise ValueError(f"DecodeGraph.step: tokens must be [{self.cache.batch}], got {list(tokens.shape)}")
+            raise InputError(f"DecodeGraph.step: tokens must be [{self.cache.batch}], got {list(tokens.shape)}")
         slots, kv_lens = self.cache.plan(1, self.kv_start)
         self._host[:, _TOKEN] = tokens.to("cpu", torch.int64)
         self._host[:, _SLOT] = slots[:, 0]
@@ -99,10 +102,12 @@ class DecodeGraph:
         # once per run, so those states are put back before the first replay.
         with torch.inference_mode():
             saved = {i: state.clone() for i, state in self.cache.states.items()}
-            self.runtime.warm_up(lambda: self._step_body(sparse))
-            graph = self.runtime.new_graph()
-            with self.runtime.capture(graph):
-                logits = self._step_body(sparse)
-            for i, state in saved.items():
-                self.cache.states[i].copy_(state)
+            try:
+                self.runtime.warm_up(lambda: self._step_body(sparse))
+                graph = self.runtime.new_graph()
+                with self.runtime.capture(graph):
+                    logits = self._step_body(sparse)
+            finally:  # also when capture fails: a caller falling back to eager decode needs them intact
+                for i, state in saved.items():
+                    self.cache.states[i].copy_(state)
         return graph, logits

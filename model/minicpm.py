@@ -163,6 +163,8 @@ class MiniCPMForCausalLM:
         compute logits for the last position only.
         """
         batch, new = input_ids.shape
+        if cache is not None:
+            self._check_cache(cache)
         past = cache.length if cache is not None else 0
         positions = torch.arange(past, past + new, device=self.device).expand(batch, new)
         if kv_start is not None:
@@ -182,6 +184,14 @@ class MiniCPMForCausalLM:
         if cache is not None:
             cache.advance(new)
         return out
+
+    def _check_cache(self, cache: KVCache) -> None:
+        """One-line InputError when ``cache`` lacks what this model's layers keep in it."""
+        geometry = self.config.sparse.geometry if self.config.sparse is not None else None
+        if set(cache.states) != self.lightning_layers or cache.sparse != geometry \
+                or len(cache.keys) != len(self.layers):
+            raise InputError("this KV cache was not made for this model (its layer types or sparse geometry "
+                             "differ): create it with model.new_cache(batch, capacity)")
 
     def new_cache(self, batch: int, capacity: int) -> KVCache:
         """An empty KV cache for ``batch`` rows of up to ``capacity`` tokens on the model device."""

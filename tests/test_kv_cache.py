@@ -33,8 +33,7 @@ def test_chunked_prefill_and_decode_with_left_padding_match_no_cache(tiny_model)
     ids = torch.randint(1, cfg.vocab_size, (3, 14), generator=g)
     starts = torch.tensor([0, 4, 9])
     full = model.forward(ids, kv_start=starts).logits
-    cache = KVCache(cfg.num_hidden_layers, 3, 14, cfg.num_key_value_heads, cfg.head_dim, model.dtype,
-                    model.device)
+    cache = model.new_cache(3, 14)
     got = [model.forward(ids[:, :6], cache=cache, kv_start=starts).logits,  # row 2 all padding
            model.forward(ids[:, 6:11], cache=cache, kv_start=starts).logits]  # T=5 on attention_decode
     for t in range(11, 14):

@@ -99,3 +99,40 @@ def test_alibi_slopes_are_salas_table():
     assert all(abs(float(slopes[h]) - s) < 1e-4 for h, s in table.items())
     # ALiBi for 6 heads: the 4-head slopes, then every other one of the 8-head list
     assert alibi_slopes(6).tolist() == [2 ** -2, 2 ** -4, 2 ** -6, 2 ** -8, 2 ** -1, 2 ** -3]
+
+
+def test_a_cache_not_made_for_the_model_is_refused_in_one_line(sala):
+    from hal.errors import InputError
+    from model.cache import KVCache
+
+    model = hal.load_model(sala, "cpu", "float32")
+    cfg = model.config
+    cache = KVCache(cfg.num_hidden_layers, 1, 32, cfg.num_key_value_heads, cfg.head_dim, model.dtype, model.device)
+    with pytest.raises(InputError, match="not made for this model.*model.new_cache"):
+        model.forward(torch.tensor([PROMPT[:5]]), cache=cache)
+
+
+def test_a_failed_capture_leaves_the_lightning_states_as_they_were(sala, monkeypatch):
+    from backends.npu import emulator
+    from hal.probing import reset
+    from model.decode_graph import DecodeGraph
+
+    monkeypatch.setenv("HAL_NPU_EMULATE", "1")
+    reset()
+    try:
+        npu = hal.load_model(sala, "npu", "float32")
+        cache = npu.new_cache(1, 64)
+        npu.forward(torch.tensor([PROMPT[:30]]), cache=cache)
+        before = {i: s.clone() for i, s in cache.states.items()}
+        graph = DecodeGraph(npu, cache)
+
+        def broken(_graph):
+            raise RuntimeError("capture failed")
+
+        monkeypatch.setattr(graph.runtime.__class__, "capture", lambda self, g: broken(g))
+        with pytest.raises(RuntimeError, match="capture failed"):
+            graph.step(torch.tensor([5]))
+        assert all(torch.equal(cache.states[i], before[i]) for i in before)
+    finally:
+        emulator.uninstall()
+        reset()

@@ -5,7 +5,7 @@ on the CPU), then replay it on *other* inputs and judge the replay.
 A graph replays the kernels launched at capture on the captured buffers, so an implementation
 that read a tensor value on the host while capturing (a length, a slot) would replay with the
 capture's value. Capture here happens on inputs that differ from the judged ones in every
-value, integers included (token ids, kv_lens, slots); the judged inputs are then written into
+tensor, integers included (token ids, kv_lens, slots, block selections); the judged inputs are then written into
 the captured tensors with ``copy_`` (what a decode graph does), the graph replays, and
 :func:`validation.opcheck.check` compares the replay's outputs with the float32 reference on the
 judged inputs. A host read during capture fails the case with the graph's error.
@@ -32,6 +32,8 @@ def _capture_values(name: str, value: torch.Tensor, c: Case) -> torch.Tensor:
         return (value - 1).clamp(min=1)
     if name == "slots":
         return torch.where(value >= 0, (value + 1) % c.dim("C"), value)
+    if name == "blocks":
+        return torch.full_like(value, -1)  # no block selected: every query sees nothing
     return value
 
 

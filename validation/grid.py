@@ -140,6 +140,7 @@ def model_cases(shapes: dict[str, int], dtype: str, lengths: Iterable[int], deco
     if sparse is not None:
         for size, stride in ((sparse.kernel_size, sparse.kernel_stride), (sparse.coarse_size, sparse.coarse_stride)):
             out.append(case("infllm_compress_keys", dt, B=1, S=s, C=capacity(s), Hk=hk, D=d, W=size, R=stride))
+            out.append(case("infllm_append_kernel", dt, B=1, S=s, C=capacity(s), Hk=hk, D=d, W=size, R=stride))
         for op in ("infllm_select_blocks", "block_sparse_attention"):
             out.append(case(op, dt, B=1, T=1, S=s, C=capacity(s), H=h, Hk=hk, D=d, **geometry_dims(sparse)))
     out.append(case("sample", "float32", B=1, V=v))

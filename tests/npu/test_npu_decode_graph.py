@@ -1,6 +1,6 @@
 """Decode graphs (model/decode_graph.py) on the emulated NPU: the replayed steps give the
 reference's logits and the eager path's tokens, the graph is captured once and binds only
-capturable implementations. Hardware runs: tests/test_decode_graph_devices.py."""
+capturable implementations. Hardware runs: tests/test_decode_graph.py."""
 from __future__ import annotations
 
 import pytest

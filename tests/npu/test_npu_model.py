@@ -7,7 +7,6 @@ import pytest
 import torch
 
 import hal
-from model.cache import KVCache
 from npu_metrics import nmse
 
 PROMPTS = torch.tensor([[5, 17, 300, 42, 7, 99, 1000, 3, 64, 128, 256, 11, 12, 13, 14, 15],
@@ -47,9 +46,7 @@ def test_decode_path_with_left_padding_matches_reference(emulated, d64_checkpoin
     npu = hal.load_model(d64_checkpoint, "npu")
     assert npu.device == torch.device("cpu") and npu.bound_ops["attention_decode"] == "npu.torch_npu"
     ids, starts = PROMPTS.clone(), torch.tensor([0, 5])
-    cfg = npu.config
-    cache = KVCache(cfg.num_hidden_layers, 2, 24, cfg.num_key_value_heads, cfg.head_dim, npu.dtype,
-                    npu.device)
+    cache = npu.new_cache(2, 24)
     got = [npu.forward(ids[:, :12], cache=cache, kv_start=starts).logits[:, -1]]
     for t in range(12, 16):
         got.append(npu.forward(ids[:, t:t + 1], cache=cache, kv_start=starts).logits[:, -1])
