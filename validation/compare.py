@@ -41,8 +41,10 @@ def build_parser() -> argparse.ArgumentParser:
                         "ops_must_conform")
     p.add_argument("--allow-fallback", action="store_true",
                    help="run ops the device cannot serve on the CPU reference (listed in the report)")
-    p.add_argument("--reference", choices=("cpu-fp32", "hf"), default="cpu-fp32",
-                   help="the judge: our float32 CPU reference (default) or transformers with remote code")
+    p.add_argument("--reference", choices=("cpu-fp32", "cpu-fp32-torch", "hf"), default="cpu-fp32",
+                   help="the judge: our float32 CPU reference ops (default), our float32 torch ops (for long "
+                        "prompts on big models, where the naive reference ops are too slow) or transformers "
+                        "with remote code")
     p.add_argument("--trust-remote-code", action="store_true",
                    help="allow --reference hf to run the checkpoint's own Python code")
     p.add_argument("--threads", type=int, default=None, metavar="N",

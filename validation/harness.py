@@ -49,12 +49,13 @@ class Settings:
 
 
 class OurReference:
-    """Our float32 CPU reference model as the judge."""
+    """Our float32 CPU model as the judge: the naive reference ops (``cpu-fp32``), or for long
+    prompts on big models the float32 torch ops (``cpu-fp32-torch``: themselves checked against
+    the naive ops on the grid, and on this model's shapes by the report's conformance step)."""
 
-    name = "cpu-fp32"
-
-    def __init__(self, model: Any):
+    def __init__(self, model: Any, name: str = "cpu-fp32"):
         self.model = model
+        self.name = name
         self.bound_ops = model.ops.as_dict()
 
     def run(self, ids: torch.Tensor) -> tuple[torch.Tensor, list[torch.Tensor | None]]:
@@ -109,11 +110,13 @@ def _load(settings: Settings, progress: Progress) -> tuple[Any, Any, str]:
         check_remote_code(Path(settings.model), settings.trust_remote_code)
         progress(f"loading the transformers reference (cpu, float32, remote code) from {settings.model}")
         reference: Any = HFReference(Path(settings.model))
-    elif settings.reference == "cpu-fp32":
-        progress(f"loading the reference (cpu, float32, reference ops) from {settings.model}")
-        reference = OurReference(hal.load_model(settings.model, "cpu", "float32", reference=True))
+    elif settings.reference in ("cpu-fp32", "cpu-fp32-torch"):
+        naive = settings.reference == "cpu-fp32"
+        progress(f"loading the reference (cpu, float32, {'reference' if naive else 'torch'} ops) from {settings.model}")
+        reference = OurReference(hal.load_model(settings.model, "cpu", "float32", reference=naive),
+                                 settings.reference)
     else:
-        raise InputError(f"unknown reference {settings.reference!r}; choose cpu-fp32 or hf")
+        raise InputError(f"unknown reference {settings.reference!r}; choose cpu-fp32, cpu-fp32-torch or hf")
     progress(f"loading the device under test ({kind}, {dtype})")
     device_model = hal.load_model(settings.model, kind, dtype, allow_fallback=settings.allow_fallback,
                                   op_overrides=settings.op_overrides)
@@ -215,7 +218,8 @@ def run(settings: Settings, progress: Progress = _silent) -> dict[str, Any]:
     emulated = is_emulated(kind)
     description = hal_devices.probe(kind).description
     title = (f"Accuracy report: {kind}{' (EMULATED)' if emulated else ''} {dtype} vs "
-             f"{'transformers' if reference.name == 'hf' else 'CPU'} float32 reference")
+             f"{'transformers' if reference.name == 'hf' else 'CPU'} float32 reference"
+             f"{' (torch ops)' if reference.name == 'cpu-fp32-torch' else ''}")
     report: dict[str, Any] = {
         "schema": SCHEMA,
         "schema_version": SCHEMA_VERSION,

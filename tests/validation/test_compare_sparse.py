@@ -22,3 +22,14 @@ def test_compare_on_a_long_prompt_checks_the_sparse_ops(tmp_path):
     checked = {c["op"] for c in r["conformance"]["cases"]}
     assert {"infllm_compress_keys", "infllm_select_blocks", "block_sparse_attention"} <= checked
     assert r["conformance"]["failed_ops"] == []
+
+
+def test_the_float32_torch_ops_can_judge(tmp_path):
+    path = write_checkpoint(tmp_path / "sparse", "tiny", overrides={"sparse_config": SPARSE})
+    run = run_cli(["--device", "cpu", "--dtype", "float32", "--model", str(path), "--reference", "cpu-fp32-torch",
+                   "--positions", "1"], tmp_path / "r")
+    r = run.report
+    assert run.code == 0 and r["reference"] == "cpu-fp32-torch" and "(torch ops)" in r["title"]
+    assert {b["impl"] for b in r["reference_bound_ops"].values()} == {"cpu.torch"}
+    # identical ops on both sides: identical numbers
+    assert r["top1_prob_rel_err_max"] == 0.0
