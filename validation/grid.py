@@ -79,7 +79,9 @@ def _grid_dims(op: str) -> list[tuple[dict[str, int], tuple[str, ...]]]:
         return [({"B": 1, "T": 1, "S": 300, "C": capacity(300), "H": 4, "Hk": 2, "D": 64, **small}, ()),
                 ({"B": 2, "T": 3, "S": 200, "C": capacity(200), "H": 16, "Hk": 1, "D": 64, **small}, ("ragged",)),
                 ({"B": 1, "T": 100, "S": 100, "C": capacity(100), "H": 4, "Hk": 2, "D": 128, **small}, ()),
-                ({"B": 1, "T": 1, "S": 7000, "C": capacity(7000), "H": 32, "Hk": 2, "D": 64, **real}, ())]
+                ({"B": 1, "T": 1, "S": 7000, "C": capacity(7000), "H": 32, "Hk": 2, "D": 64, **real}, ()),
+                # budget x block (6144) >= capacity: block_sparse_attention's masked path
+                ({"B": 2, "T": 2, "S": 1000, "C": capacity(1000), "H": 4, "Hk": 2, "D": 64, **real}, ("ragged",))]
     if op == "lightning_attention":
         # T=1 decode steps, T=63/65 around one 64-token chunk, T=130 over three chunks (last partial)
         return [({"B": 1, "T": 1, "H": 4, "D": 64}, ("state",)),

@@ -1,10 +1,9 @@
 """InfLLM-v2 ops in portable torch (cpu, and borrowed by cuda and npu): whole-tensor code with
 no host read of tensor values (capturable), queries taken in chunks to bound memory.
 
-block_sparse_attention gathers the selected blocks' keys and values for a few queries (decode:
-the cost follows the budget, not the cache length); for many queries (prefill) it runs masked
-dense attention, exact but as costly as dense: a kernel that skips unselected blocks is still
-to come.
+block_sparse_attention gathers the selected blocks' keys and values, a few queries at a time,
+whenever the budget holds fewer keys than the cache (the cost follows the budget, not the cache
+length); otherwise it runs masked dense attention over the cache.
 """
 from __future__ import annotations
 
@@ -14,7 +13,7 @@ from backends.cpu.ops import _sdpa_masked
 from hal.sparse import InfLLMGeometry
 
 QUERY_CHUNK = 256  # queries scored / attended at once (memory: chunk x capacity per head)
-GATHER_MAX_QUERIES = 16  # block_sparse_attention gathers blocks for at most this many queries
+GATHER_QUERIES = 16  # block_sparse_attention gathers blocks for this many queries at a time
 
 
 def infllm_compress_keys_cpu(k_cache: torch.Tensor, kv_lens: torch.Tensor, size: int, stride: int) -> torch.Tensor:
@@ -124,24 +123,30 @@ def infllm_select_blocks_cpu(q: torch.Tensor, kernels: torch.Tensor, coarse: tor
 def block_sparse_attention_cpu(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, blocks: torch.Tensor,
                                kv_lens: torch.Tensor, block_size: int, scale: float) -> torch.Tensor:
     """q `[B, T, H, D]`, caches `[B, C, Hk, D]`, blocks `[B, Hk, T, K]`, kv_lens `[B]` -> `[B, T, H, D]`.
-    Gathers the selected blocks when T is small and they hold fewer keys than the cache, else
-    masks the whole cache (both choices depend on shapes only)."""
+    Gathers the selected blocks (:data:`GATHER_QUERIES` queries at a time) when they hold fewer
+    keys than the cache, else masks the whole cache (both choices depend on shapes only)."""
     new, capacity = q.shape[1], k_cache.shape[1]
-    if new <= GATHER_MAX_QUERIES and blocks.shape[-1] * block_size < capacity:
-        return _attend_gathered(q, k_cache, v_cache, blocks, kv_lens, block_size, scale)
-    return _attend_masked(q, k_cache, v_cache, blocks, kv_lens, block_size, scale)
+    if blocks.shape[-1] * block_size >= capacity:
+        return _attend_masked(q, k_cache, v_cache, blocks, kv_lens, block_size, scale)
+    parts = []
+    for start in range(0, new, GATHER_QUERIES):
+        stop = min(start + GATHER_QUERIES, new)
+        parts.append(_attend_gathered(q[:, start:stop], k_cache, v_cache, blocks[:, :, start:stop],
+                                      kv_lens - (new - stop), block_size, scale))
+    return torch.cat(parts, dim=1)
 
 
 def _attend_gathered(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, blocks: torch.Tensor,
-                     kv_lens: torch.Tensor, block_size: int, scale: float) -> torch.Tensor:
+                     ends: torch.Tensor, block_size: int, scale: float) -> torch.Tensor:
     """Per (row, KV head, query): the K*block_size keys of its blocks, gathered from the cache;
-    keys past the query (or of -1 blocks) masked, their values zeroed (stale NaN)."""
+    keys past the query (or of -1 blocks) masked, their values zeroed (stale NaN). ``ends`` `[B]`:
+    one past the position of each row's last query here (query t sits at ends - T + t)."""
     batch, new, heads, dim = q.shape
     capacity, kv_heads = k_cache.shape[1], k_cache.shape[2]
     group = heads // kv_heads
     ids = blocks.to(q.device)
     tokens = (ids[..., None] * block_size + torch.arange(block_size, device=q.device)).flatten(-2)  # [B, Hk, T, M]
-    pos = kv_lens.to(q.device)[:, None] - new + torch.arange(new, device=q.device)[None, :]  # [B, T]
+    pos = ends.to(q.device)[:, None] - new + torch.arange(new, device=q.device)[None, :]  # [B, T]
     valid = (ids >= 0).repeat_interleave(block_size, dim=-1) & (tokens <= pos[:, None, :, None])
     index = tokens.clamp(0, capacity - 1).flatten(2)[..., None].expand(-1, -1, -1, dim)  # [B, Hk, T*M, D]
     keys = k_cache.transpose(1, 2).gather(2, index).view(batch, kv_heads, new, -1, dim).float()
