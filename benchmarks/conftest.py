@@ -62,10 +62,21 @@ def record_rss():
     return _record
 
 
+def pytest_addoption(parser) -> None:
+    parser.addoption("--bench-device", default="cpu", help="device of test_device_decode.py: cpu, cuda, npu, auto")
+    parser.addoption("--bench-preset", default="0.5b", help="synthetic checkpoint of the decode-graph benchmark")
+
+
 def pytest_terminal_summary(terminalreporter, exitstatus, config) -> None:
+    from benchmarks.test_device_decode import ratios
+
+    write = terminalreporter.write_line
+    if ratios():
+        terminalreporter.section("minicpm-hal device decode: ratios against a baseline of the same run")
+        for name, value in ratios().items():
+            write(f"{name}: {value:.2f}x")
     if not _RESULTS and not _RSS:
         return
-    write = terminalreporter.write_line
     terminalreporter.section("minicpm-hal vs transformers: tokens/s ratios (best round) and load memory")
     for dtype in ("float32", "bfloat16"):
         for phase in ("prefill", "decode"):

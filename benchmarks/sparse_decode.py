@@ -22,14 +22,19 @@ from hal.sparse import InfLLMGeometry
 HEADS, KV_HEADS, DIM = 32, 2, 128
 
 
-def measure(length: int, rounds: int) -> dict[str, float]:
-    """Median milliseconds of a dense and a sparse decode step over ``length`` cached keys."""
+def measure(length: int, rounds: int, device: str = "cpu") -> dict[str, float]:
+    """Median milliseconds of a dense and a sparse decode step over ``length`` cached keys, on the
+    portable torch implementations placed on ``device`` (cpu, cuda or npu; device-synchronised)."""
+    from benchmarks.decode_graph import synchronizer
+    from hal.probing import torch_device
+
+    dev, sync = torch_device(device), synchronizer(device)
     g = InfLLMGeometry()
     gen = torch.Generator().manual_seed(0)
-    q = torch.randn(1, 1, HEADS, DIM, generator=gen).bfloat16()
-    k = torch.randn(1, length, KV_HEADS, DIM, generator=gen).bfloat16()
-    v = torch.randn(1, length, KV_HEADS, DIM, generator=gen).bfloat16()
-    lens, scale = torch.tensor([length]), DIM ** -0.5
+    q = torch.randn(1, 1, HEADS, DIM, generator=gen).bfloat16().to(dev)
+    k = torch.randn(1, length, KV_HEADS, DIM, generator=gen).bfloat16().to(dev)
+    v = torch.randn(1, length, KV_HEADS, DIM, generator=gen).bfloat16().to(dev)
+    lens, scale = torch.tensor([length], device=dev), DIM ** -0.5
     fine = infllm.infllm_compress_keys_cpu(k, lens, g.kernel_size, g.kernel_stride)
     coarse = infllm.infllm_compress_keys_cpu(k, lens, g.coarse_size, g.coarse_stride)
 
@@ -46,8 +51,10 @@ def measure(length: int, rounds: int) -> dict[str, float]:
     dense(), sparse()  # warm-up
     for _ in range(rounds):
         for name, fn in (("dense", dense), ("sparse", sparse)):
+            sync()
             start = time.perf_counter()
             fn()
+            sync()
             times[name].append((time.perf_counter() - start) * 1e3)
     return {name: statistics.median(values) for name, values in times.items()}
 
