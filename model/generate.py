@@ -54,6 +54,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--chat", action="store_true", help="wrap the prompt in the chat template")
     parser.add_argument("--no-think", action="store_true",
                         help="with --chat: enable_thinking=False (MiniCPM4.1)")
+    parser.add_argument("--prefill-chunk", type=int, default=None,
+                        help="prompt tokens per prefill forward (default 8192; 0 = the whole prompt at once)")
     parser.add_argument("--decode-graph", action="store_true",
                         help="replay decode steps from a device graph (CUDA graph / NPUGraph); cuda and npu")
     args = parser.parse_args(argv)
@@ -83,7 +85,8 @@ def main(argv: list[str] | None = None) -> int:
         start = time.perf_counter()
         out = model.generate([prompt_ids], args.max_new_tokens, do_sample=False if args.greedy else None,
                              temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, seed=args.seed,
-                             streamer=stream, decode_graph=args.decode_graph)
+                             streamer=stream, decode_graph=args.decode_graph,
+                             **({} if args.prefill_chunk is None else {"prefill_chunk": args.prefill_chunk}))
         elapsed = time.perf_counter() - start
         sys.stdout.write("\n")
         mode = " (decode graph)" if args.decode_graph else ""

@@ -9,6 +9,7 @@ import torch
 from hal.errors import InputError
 
 Streamer = Callable[[int, int], None]
+PREFILL_CHUNK = 8192
 
 
 def _left_pad(prompts: Sequence[Sequence[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -38,11 +39,20 @@ def _as_prompts(input_ids: torch.Tensor | Sequence[Sequence[int]]) -> list[list[
     return prompts
 
 
+def _prefill(model, ids: torch.Tensor, cache, kv_start: torch.Tensor | None, chunk: int):
+    """The prompt through the cache in chunks of ``chunk`` tokens (0: at once); the last chunk's output."""
+    width = ids.shape[1] if chunk == 0 else chunk
+    for start in range(0, ids.shape[1], width):
+        out = model.forward(ids[:, start:start + width], cache=cache, kv_start=kv_start, logits_last_only=True)
+    return out
+
+
 def generate(model, input_ids: torch.Tensor | Sequence[Sequence[int]], max_new_tokens: int = 64, *,
              do_sample: bool | None = None, temperature: float | None = None, top_k: int | None = None,
              top_p: float | None = None, eos_token_id: int | Sequence[int] | None = None,
              seed: int | None = None, streamer: Streamer | None = None,
-             use_cache: bool = True, decode_graph: bool = False) -> list[list[int]]:
+             use_cache: bool = True, decode_graph: bool = False,
+             prefill_chunk: int = PREFILL_CHUNK) -> list[list[int]]:
     """Generate up to ``max_new_tokens`` per prompt.
 
     Args:
@@ -55,6 +65,9 @@ def generate(model, input_ids: torch.Tensor | Sequence[Sequence[int]], max_new_t
         use_cache: False recomputes the whole sequence each step (a check of the cache path).
         decode_graph: replay every decode step from a device graph (CUDA graph / NPUGraph, see
             ``model/decode_graph.py``); cuda and npu only.
+        prefill_chunk: feed a longer prompt through the cache this many tokens at a time
+            (bounds prefill memory: attention scores are chunk x length, not length^2); 0 = one
+            forward. Ignored without the cache.
 
     Returns:
         The new token ids of each prompt (EOS included when it stopped on one).
@@ -76,6 +89,8 @@ def generate(model, input_ids: torch.Tensor | Sequence[Sequence[int]], max_new_t
     else:
         eos = {eos_token_id} if isinstance(eos_token_id, int) else set(eos_token_id)
 
+    if prefill_chunk < 0:
+        raise InputError(f"prefill_chunk must be >= 0 (0: one forward), got {prefill_chunk}")
     if decode_graph and not use_cache:
         raise InputError("decode_graph=True needs use_cache=True (the graph decodes from the KV cache)")
     prompts = _as_prompts(input_ids)
@@ -105,7 +120,8 @@ def generate(model, input_ids: torch.Tensor | Sequence[Sequence[int]], max_new_t
                 last = graph.step(tokens).float().cpu()
             else:
                 if use_cache:
-                    out = model.forward(step_input, cache=cache, kv_start=starts, logits_last_only=True)
+                    out = _prefill(model, step_input, cache, starts, prefill_chunk) if tokens is None else \
+                        model.forward(step_input, cache=cache, kv_start=starts, logits_last_only=True)
                 else:
                     out = model.forward(sequence, kv_start=starts, logits_last_only=True)
                 last = out.logits[:, -1].float().cpu()
