@@ -10,6 +10,7 @@ from typing import Iterator
 import torch
 
 from hal.errors import CheckpointError
+from model import gptq
 from model.config import MiniCPMConfig
 from model.safetensors_mmap import SafetensorsFile
 
@@ -52,7 +53,28 @@ def expected_shapes(config: MiniCPMConfig) -> dict[str, tuple[int, ...]]:
             shapes[p + "self_attn.o_gate.weight"] = (q_out, e)
     if not config.tie_word_embeddings:
         shapes["lm_head.weight"] = (v, e)
-    return shapes
+    return _gptq_shapes(shapes, config) if config.gptq is not None else shapes
+
+
+QUANTIZED = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj", "mlp.gate_proj",
+             "mlp.up_proj", "mlp.down_proj")
+"""The decoder-layer linears a GPTQ checkpoint stores packed (embeddings, norms and lm_head stay float)."""
+INTEGER_PARTS = (".qweight", ".qzeros", ".g_idx")
+
+
+def _gptq_shapes(shapes: dict[str, tuple[int, ...]], config: MiniCPMConfig) -> dict[str, tuple[int, ...]]:
+    """``<linear>.weight`` `[N, K]` -> qweight `[K/8, N]`, qzeros `[G, N/8]`, scales `[G, N]`, g_idx `[K]`."""
+    out: dict[str, tuple[int, ...]] = {}
+    for name, shape in shapes.items():
+        prefix = name.removesuffix(".weight")
+        if not (name.startswith("model.layers.") and prefix.endswith(QUANTIZED)):
+            out[name] = shape
+            continue
+        n, k = shape
+        groups = 1 if config.gptq.group_size < 0 else k // config.gptq.group_size
+        out.update({prefix + ".qweight": (k // 8, n), prefix + ".qzeros": (groups, n // 8),
+                    prefix + ".scales": (groups, n), prefix + ".g_idx": (k,)})
+    return out
 
 
 def _shard_files(checkpoint: Path) -> dict[str, Path]:
@@ -114,6 +136,10 @@ class CheckpointReader:
         missing = sorted(set(expected) - present)
         extra = sorted(present - set(expected))
         where = self.checkpoint
+        packed = sorted(n for n in extra if n.endswith(".qweight"))
+        if packed and self.config.gptq is None:
+            raise CheckpointError(f"{where}: tensor '{packed[0]}' is GPTQ-packed but config.json has no "
+                                  "quantization_config")
         if missing:
             more = f" (and {len(missing) - 3} more)" if len(missing) > 3 else ""
             raise CheckpointError(f"{where}: missing tensor '{missing[0]}'"
@@ -122,20 +148,19 @@ class CheckpointReader:
                                   + more + " (expected " + str(list(expected[missing[0]])) + ")")
         if extra:
             more = f" (and {len(extra) - 3} more)" if len(extra) > 3 else ""
-            hint = (" (quantized checkpoints are not supported yet)"
-                    if any("qweight" in n for n in extra) else "")
             raise CheckpointError(f"{where}: unexpected tensor '{extra[0]}'"
                                   + (f", {', '.join(repr(x) for x in extra[1:3])}" if len(extra) > 1 else "")
-                                  + more + hint)
+                                  + more)
         for name, shape in expected.items():
             entry = self.location[name].entries[name]
             if entry.shape != shape:
                 raise CheckpointError(f"{self.location[name].path}: tensor '{name}' "
                                       f"has shape {list(entry.shape)}, "
                                       f"expected {list(shape)} from config.json")
-            if not entry.dtype.is_floating_point:
+            integer = name.endswith(INTEGER_PARTS)
+            if entry.dtype.is_floating_point == integer or (integer and entry.dtype != torch.int32):
                 raise CheckpointError(f"{self.location[name].path}: tensor '{name}' has dtype {entry.dtype}, "
-                                      "expected a floating-point dtype")
+                                      f"expected {'int32 (GPTQ)' if integer else 'a floating-point dtype'}")
 
     def release(self, name: str) -> None:
         """Drop the mapped pages of a tensor that is no longer referenced."""
@@ -147,6 +172,9 @@ class CheckpointReader:
         for name in expected_shapes(self.config):
             source = self.location[name]
             raw = source.tensor(name)
+            if name.endswith(INTEGER_PARTS + (".scales",)):
+                yield name, raw  # GPTQ parts: dequantized on the CPU by load_weights
+                continue
             if raw.dtype == dtype and device.type == "cpu":
                 yield name, raw
                 continue
@@ -167,16 +195,32 @@ One GEMM instead of three (q/k/v) or two (gate/up) per layer, as vLLM and CPM.cu
 
 def load_weights(checkpoint: Path, config: MiniCPMConfig, dtype: torch.dtype,
                  device: torch.device) -> dict[str, torch.Tensor]:
-    """Every tensor of the checkpoint in ``dtype`` on ``device``, with each layer's projections
-    fused as :data:`FUSED` says (the parts are not kept; their mapped pages are released)."""
+    """Every tensor of the checkpoint in ``dtype`` on ``device``, GPTQ linears dequantized
+    (``model/gptq.py``), with each layer's projections fused as :data:`FUSED` says (the parts
+    are not kept; their mapped pages are released)."""
     reader = CheckpointReader(checkpoint, config)
     weights: dict[str, torch.Tensor] = {}
+    packed: dict[str, dict[str, torch.Tensor]] = {}
     for name, tensor in reader.tensors(dtype, device):
+        part = next((p for p in gptq.PARTS if name.endswith("." + p)), None)
+        if part is not None:
+            prefix = name[: -len(part)]
+            parts = packed.setdefault(prefix, {})
+            parts[part] = tensor
+            if len(parts) < len(gptq.PARTS):
+                continue
+            del packed[prefix]
+            weight = gptq.dequantize(parts["qweight"], parts["qzeros"], parts["scales"], parts["g_idx"],
+                                     config.gptq.zero_offset)
+            name, tensor = prefix + "weight", weight.to(device=device, dtype=dtype)
+            for p in gptq.PARTS:
+                reader.release(prefix + p)
         weights[name] = tensor
-        for fused, parts in FUSED.items():
-            prefix = name[: -len(parts[-1])]
-            if name.endswith(parts[-1]) and all(prefix + p in weights for p in parts):
-                weights[prefix + fused] = torch.cat([weights.pop(prefix + p) for p in parts])
-                for p in parts:
-                    reader.release(prefix + p)
+        for fused, parts_of in FUSED.items():
+            prefix = name[: -len(parts_of[-1])]
+            if name.endswith(parts_of[-1]) and all(prefix + p in weights for p in parts_of):
+                weights[prefix + fused] = torch.cat([weights.pop(prefix + p) for p in parts_of])
+                for p in parts_of:
+                    if prefix + p in reader.location:
+                        reader.release(prefix + p)
     return weights

@@ -58,6 +58,15 @@ class LightningLayers:
 
 
 @dataclass(frozen=True)
+class GPTQ:
+    """``quantization_config`` of a GPTQ int4 checkpoint (``model/gptq.py``): the decoder layers'
+    linear weights are stored packed; ``zero_offset`` 1 for checkpoint_format "gptq", 0 for "gptq_v2"."""
+
+    group_size: int
+    zero_offset: int
+
+
+@dataclass(frozen=True)
 class MiniCPMConfig:
     vocab_size: int
     hidden_size: int
@@ -82,6 +91,7 @@ class MiniCPMConfig:
     attn_use_rope: bool = True
     attn_output_gate: bool = False
     lightning: LightningLayers | None = None
+    gptq: GPTQ | None = None
     raw: dict[str, Any] = field(default_factory=dict, compare=False, repr=False)
 
     @property
@@ -266,6 +276,37 @@ def _lightning(fields: _Fields, heads: int, head_dim: int) -> LightningLayers:
                            output_gate=fields.boolean("use_output_gate", True))
 
 
+def _gptq(fields: _Fields, inputs: tuple[int, ...], outputs: tuple[int, ...], sala: bool) -> GPTQ | None:
+    """inputs / outputs: the decoder linears' input (K) and output (N) sizes."""
+    data = fields.data.get("quantization_config")
+    if data is None:
+        return None
+    if not isinstance(data, dict):
+        raise fields.fail("quantization_config", f"must be an object or null, got {data!r}"[:200])
+    q = _Fields(data, fields.source, prefix="quantization_config.")
+    method = data.get("quant_method", "gptq")
+    if method != "gptq":
+        raise q.fail("quant_method", f"must be 'gptq' (the only quantized format supported), got {method!r}")
+    if q.integer("bits") != 4:
+        raise q.fail("bits", f"must be 4, got {data['bits']!r}")
+    if q.boolean("lm_head", False):
+        raise q.fail("lm_head", "true (a quantized lm_head) is not supported")
+    if sala:
+        raise q.fail("quant_method", "GPTQ MiniCPM-SALA checkpoints are not supported (which SALA projections "
+                                     "stay unquantized is unverified)")
+    form = data.get("checkpoint_format", "gptq")
+    if form not in ("gptq", "gptq_v2"):
+        raise q.fail("checkpoint_format", f"must be 'gptq' or 'gptq_v2', got {form!r}")
+    group = q.integer("group_size", 128, minimum=-1)
+    for size in inputs:
+        if size % 8 or (group > 0 and size % group):
+            raise q.fail("group_size", f"{group} (and 8) must divide every linear's input size, got {size}")
+    for size in outputs:
+        if size % 8:
+            raise q.fail("bits", f"4-bit packing needs output sizes divisible by 8, got {size}")
+    return GPTQ(group_size=group, zero_offset=1 if form == "gptq" else 0)
+
+
 def parse_config(data: Any, source: str = "config.json") -> MiniCPMConfig:
     """Validate a config dict and build :class:`MiniCPMConfig`. Raises :class:`ConfigError`."""
     if not isinstance(data, dict):
@@ -329,6 +370,9 @@ def parse_config(data: Any, source: str = "config.json") -> MiniCPMConfig:
         attn_use_rope=f.boolean("attn_use_rope", True),
         attn_output_gate=f.boolean("attn_use_output_gate", False),
         lightning=_lightning(f, heads, head_dim) if "lightning" in mixers else None,
+        gptq=_gptq(f, (hidden, f.integer("intermediate_size")),
+                   (hidden, f.integer("intermediate_size"), kv_heads * head_dim),
+                   sala="lightning" in mixers or f.boolean("attn_use_output_gate", False)),
         raw=data,
     )
     for name in ("bos_token_id", "pad_token_id"):

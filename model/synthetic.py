@@ -21,7 +21,8 @@ import torch
 
 from hal import env
 from hal.errors import HalError
-from model.checkpoint import INDEX, SINGLE, expected_shapes
+from model import gptq
+from model.checkpoint import INDEX, QUANTIZED, SINGLE, expected_shapes
 from model.config import parse_config
 from model.safetensors_mmap import write_safetensors
 
@@ -136,6 +137,9 @@ def _weights(config_dict: dict[str, Any], seed: int, dtype: torch.dtype):
     echo its input token. The final norm's gain then sets the logit spread to
     3.5·sqrt(ln V / ln 1024) nats, which gives peaked next-token distributions (mean top-1
     probability ~0.4 on the tiny preset) at any vocabulary size."""
+    if config_dict.get("quantization_config") is not None:
+        yield from _gptq_weights(config_dict, seed, dtype)
+        return
     config = parse_config(config_dict)
     generator = torch.Generator().manual_seed(seed)
     spread = LOGIT_SPREAD_AT_1K * math.sqrt(math.log(config.vocab_size) / math.log(1024))
@@ -150,6 +154,25 @@ def _weights(config_dict: dict[str, Any], seed: int, dtype: torch.dtype):
         else:
             t = torch.randn(shape, generator=generator) / math.sqrt(shape[1])
         yield name, t.to(dtype)
+
+
+GPTQ_CONFIG = {"quant_method": "gptq", "bits": 4, "group_size": 128, "desc_act": False, "sym": True,
+               "static_groups": True, "lm_head": False, "checkpoint_format": "gptq"}
+"""The quantization_config CPM.cu asserts for MiniCPM4 GPTQ checkpoints (research/minicpm4_spec.md §6.2)."""
+
+
+def _gptq_weights(config_dict: dict[str, Any], seed: int, dtype: torch.dtype):
+    """The same weights as the float checkpoint of this seed, the decoder linears quantized
+    (``model.gptq.quantize``: symmetric, round to nearest) and stored in GPTQ layout."""
+    config = parse_config(config_dict)
+    plain = {k: v for k, v in config_dict.items() if k != "quantization_config"}
+    for name, tensor in _weights(plain, seed, torch.float32):
+        prefix = name.removesuffix(".weight")
+        if name.startswith("model.layers.") and prefix.endswith(QUANTIZED):
+            for part, value in gptq.quantize(tensor, config.gptq.group_size, config.gptq.zero_offset).items():
+                yield f"{prefix}.{part}", value
+        else:
+            yield name, tensor.to(dtype)
 
 
 def _write_tensors(out: Path, config_dict: dict[str, Any], seed: int, dtype: torch.dtype,
@@ -175,11 +198,12 @@ def _write_tensors(out: Path, config_dict: dict[str, Any], seed: int, dtype: tor
 
 
 def write_checkpoint(out_dir: str | Path, preset: str = "tiny", seed: int = 0, *, shards: int = 1,
-                     dtype: str = "bfloat16", overrides: dict[str, Any] | None = None) -> Path:
+                     dtype: str = "bfloat16", overrides: dict[str, Any] | None = None, quantize_gptq: bool = False) -> Path:
     """Write a complete synthetic checkpoint into ``out_dir`` (created; must not exist or be
     empty). Written into a temporary sibling first and renamed, so no partial folder is left.
 
-    overrides: config.json fields to change (e.g. ``{"tie_word_embeddings": False}``)."""
+    overrides: config.json fields to change (e.g. ``{"tie_word_embeddings": False}``). quantize_gptq:
+    store the decoder linears as GPTQ int4 (:data:`GPTQ_CONFIG`)."""
     from model.synthetic_tokenizer import write_tokenizer
 
     out = Path(out_dir)
@@ -187,6 +211,8 @@ def write_checkpoint(out_dir: str | Path, preset: str = "tiny", seed: int = 0, *
         raise HalError(f"{out}: output folder exists and is not empty")
     config_dict = _config(preset)
     config_dict.update(overrides or {})
+    if quantize_gptq:
+        config_dict["quantization_config"] = dict(GPTQ_CONFIG)
     config_dict["torch_dtype"] = dtype
     parse_config(config_dict)  # the generator must only write valid checkpoints
     torch_dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[dtype]
@@ -230,9 +256,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--shards", type=int, default=1, help="write N safetensors shards + index")
     parser.add_argument("--dtype", choices=("bfloat16", "float16", "float32"), default="bfloat16")
+    parser.add_argument("--gptq", action="store_true", help="store the decoder linears as GPTQ int4 (group 128)")
     args = parser.parse_args(argv)
     try:
-        path = write_checkpoint(args.out_dir, args.preset, args.seed, shards=args.shards, dtype=args.dtype)
+        path = write_checkpoint(args.out_dir, args.preset, args.seed, shards=args.shards, dtype=args.dtype,
+                                quantize_gptq=args.gptq)
     except (HalError, OSError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
