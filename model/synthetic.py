@@ -175,8 +175,19 @@ def _gptq_weights(config_dict: dict[str, Any], seed: int, dtype: torch.dtype):
             yield name, tensor.to(dtype)
 
 
+SHARD_BYTES = 2 << 30
+"""shards=0 (auto) writes one shard per ~2 GiB of weights: an 8B checkpoint never sits in memory whole."""
+
+
+def _auto_shards(config_dict: dict[str, Any], dtype: torch.dtype) -> int:
+    size = torch.empty(0, dtype=dtype).element_size()
+    total = sum(math.prod(shape) * size for shape in expected_shapes(parse_config(config_dict)).values())
+    return max(1, math.ceil(total / SHARD_BYTES))
+
+
 def _write_tensors(out: Path, config_dict: dict[str, Any], seed: int, dtype: torch.dtype,
                    shards: int) -> None:
+    shards = shards or _auto_shards(config_dict, dtype)
     if shards <= 1:
         write_safetensors(out / SINGLE, dict(_weights(config_dict, seed, dtype)))
         return
@@ -191,17 +202,19 @@ def _write_tensors(out: Path, config_dict: dict[str, Any], seed: int, dtype: tor
             break
         filename = f"model-{index + 1:05d}-of-{shards:05d}.safetensors"
         write_safetensors(out / filename, chunk)
+        print(f"[minicpm-hal] synthetic checkpoint: wrote {filename}", file=sys.stderr, flush=True)
         total += sum(t.numel() * t.element_size() for t in chunk.values())
         weight_map.update({name: filename for name in chunk})
     (out / INDEX).write_text(json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map},
                                         indent=2))
 
 
-def write_checkpoint(out_dir: str | Path, preset: str = "tiny", seed: int = 0, *, shards: int = 1,
+def write_checkpoint(out_dir: str | Path, preset: str = "tiny", seed: int = 0, *, shards: int = 0,
                      dtype: str = "bfloat16", overrides: dict[str, Any] | None = None, quantize_gptq: bool = False) -> Path:
     """Write a complete synthetic checkpoint into ``out_dir`` (created; must not exist or be
     empty). Written into a temporary sibling first and renamed, so no partial folder is left.
 
+    shards: safetensors files (0: one per ~2 GiB, see :data:`SHARD_BYTES`).
     overrides: config.json fields to change (e.g. ``{"tie_word_embeddings": False}``). quantize_gptq:
     store the decoder linears as GPTQ int4 (:data:`GPTQ_CONFIG`)."""
     from model.synthetic_tokenizer import write_tokenizer
@@ -254,7 +267,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("out_dir", type=Path)
     parser.add_argument("--preset", choices=PRESETS, default="tiny")
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--shards", type=int, default=1, help="write N safetensors shards + index")
+    parser.add_argument("--shards", type=int, default=0,
+                        help="write N safetensors shards + index (default: one per ~2 GiB of weights)")
     parser.add_argument("--dtype", choices=("bfloat16", "float16", "float32"), default="bfloat16")
     parser.add_argument("--gptq", action="store_true", help="store the decoder linears as GPTQ int4 (group 128)")
     args = parser.parse_args(argv)
