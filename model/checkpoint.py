@@ -210,6 +210,10 @@ def load_weights(checkpoint: Path, config: MiniCPMConfig, dtype: torch.dtype,
             if len(parts) < len(gptq.PARTS):
                 continue
             del packed[prefix]
+            groups = parts["scales"].shape[0]
+            if parts["g_idx"].numel() and not (0 <= int(parts["g_idx"].min()) and int(parts["g_idx"].max()) < groups):
+                raise CheckpointError(f"{reader.location[prefix + 'g_idx'].path}: tensor '{prefix}g_idx' holds "
+                                      f"groups outside [0, {groups})")
             weight = gptq.dequantize(parts["qweight"], parts["qzeros"], parts["scales"], parts["g_idx"],
                                      config.gptq.zero_offset)
             name, tensor = prefix + "weight", weight.to(device=device, dtype=dtype)

@@ -298,6 +298,8 @@ def _gptq(fields: _Fields, inputs: tuple[int, ...], outputs: tuple[int, ...], sa
     if form not in ("gptq", "gptq_v2"):
         raise q.fail("checkpoint_format", f"must be 'gptq' or 'gptq_v2', got {form!r}")
     group = q.integer("group_size", 128, minimum=-1)
+    if group == 0:
+        raise q.fail("group_size", "must be -1 (one group per column) or > 0, got 0")
     for size in inputs:
         if size % 8 or (group > 0 and size % group):
             raise q.fail("group_size", f"{group} (and 8) must divide every linear's input size, got {size}")
@@ -370,7 +372,7 @@ def parse_config(data: Any, source: str = "config.json") -> MiniCPMConfig:
         attn_use_rope=f.boolean("attn_use_rope", True),
         attn_output_gate=f.boolean("attn_use_output_gate", False),
         lightning=_lightning(f, heads, head_dim) if "lightning" in mixers else None,
-        gptq=_gptq(f, (hidden, f.integer("intermediate_size")),
+        gptq=_gptq(f, (hidden, f.integer("intermediate_size"), heads * head_dim),
                    (hidden, f.integer("intermediate_size"), kv_heads * head_dim),
                    sala="lightning" in mixers or f.boolean("attn_use_output_gate", False)),
         raw=data,

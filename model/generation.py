@@ -40,10 +40,13 @@ def _as_prompts(input_ids: torch.Tensor | Sequence[Sequence[int]]) -> list[list[
 
 
 def _prefill(model, ids: torch.Tensor, cache, kv_start: torch.Tensor | None, chunk: int):
-    """The prompt through the cache in chunks of ``chunk`` tokens (0: at once); the last chunk's output."""
+    """The prompt through the cache in chunks of ``chunk`` tokens (0: at once); the last chunk's
+    output. Every chunk attends (dense or InfLLM-v2 sparse) as one prefill of the prompt would."""
     width = ids.shape[1] if chunk == 0 else chunk
+    longest = ids.shape[1] - (int(kv_start.min()) if kv_start is not None else 0)
     for start in range(0, ids.shape[1], width):
-        out = model.forward(ids[:, start:start + width], cache=cache, kv_start=kv_start, logits_last_only=True)
+        out = model.forward(ids[:, start:start + width], cache=cache, kv_start=kv_start, logits_last_only=True,
+                            context_len=longest)
     return out
 
 

@@ -58,11 +58,12 @@ def pack_cols(values: torch.Tensor) -> torch.Tensor:
 
 def quantize(weight: torch.Tensor, group_size: int, offset: int = 1) -> dict[str, torch.Tensor]:
     """Symmetric 4-bit GPTQ tensors of ``weight`` `[N, K]` (round to nearest, for synthetic
-    checkpoints): scale = max|w| / 7 per (group, output), zero 8."""
+    checkpoints): scale = max|w| / 7 per (group, output), zero 8. group_size -1: one group."""
     n, k = weight.shape
+    group_size = k if group_size < 0 else group_size
     groups = weight.float().t().reshape(k // group_size, group_size, n)  # [G, gs, N]
     scales = (groups.abs().amax(dim=1) / 7).clamp(min=1e-8)  # [G, N]
     q = (groups / scales[:, None]).round().clamp(-8, 7) + 8
     zeros = torch.full((k // group_size, n), 8 - offset, dtype=torch.int64)
-    return {"qweight": pack_rows(q.reshape(k, n)), "qzeros": pack_cols(zeros), "scales": scales.half(),
-            "g_idx": (torch.arange(k) // group_size).to(torch.int32)}
+    return {"qweight": pack_rows(q.reshape(k, n)).contiguous(), "qzeros": pack_cols(zeros).contiguous(),
+            "scales": scales.half().contiguous(), "g_idx": (torch.arange(k) // group_size).to(torch.int32)}

@@ -154,13 +154,16 @@ class MiniCPMForCausalLM:
     def forward(self, input_ids: torch.Tensor, cache: KVCache | None = None,
                 kv_start: torch.Tensor | None = None, output_hidden_states: bool = False,
                 logits_last_only: bool = False,
-                hidden_hook: Callable[[int, torch.Tensor], None] | None = None) -> ForwardOutput:
+                hidden_hook: Callable[[int, torch.Tensor], None] | None = None,
+                context_len: int = 0) -> ForwardOutput:
         """One forward pass over T new tokens (on the model device).
 
         input_ids: `[B, T]` int64. cache: filled with these tokens' keys/values when given
         (columns continue from ``cache.length``; each row's real tokens go to its slots 0, 1, ...).
         kv_start: `[B]` first real column per row (left padding), or None. logits_last_only:
-        compute logits for the last position only.
+        compute logits for the last position only. context_len: InfLLM-v2 decides dense or
+        sparse as if the longest row were at least this long (chunked prefill passes the whole
+        prompt's length, so every chunk attends as one prefill of the prompt would).
         """
         batch, new = input_ids.shape
         if cache is not None:
@@ -178,7 +181,8 @@ class MiniCPMForCausalLM:
         if cache is not None:
             slots, kv_lens = cache.plan(new, kv_start)
             slots = slots.to(self.device)
-        use_sparse = sparse is not None and kv_lens is not None and sparse.applies(int(kv_lens.max()))
+        use_sparse = sparse is not None and kv_lens is not None and \
+            sparse.applies(max(int(kv_lens.max()), context_len))
         out = self.run(self.ops, input_ids, self.rope(positions), cache, kv_start, past > 0, slots, kv_lens,
                        output_hidden_states, logits_last_only, hidden_hook, sparse=use_sparse)
         if cache is not None:

@@ -210,7 +210,8 @@ def _write_tensors(out: Path, config_dict: dict[str, Any], seed: int, dtype: tor
 
 
 def write_checkpoint(out_dir: str | Path, preset: str = "tiny", seed: int = 0, *, shards: int = 0,
-                     dtype: str = "bfloat16", overrides: dict[str, Any] | None = None, quantize_gptq: bool = False) -> Path:
+                     dtype: str = "bfloat16", overrides: dict[str, Any] | None = None,
+                     quantize_gptq: bool = False) -> Path:
     """Write a complete synthetic checkpoint into ``out_dir`` (created; must not exist or be
     empty). Written into a temporary sibling first and renamed, so no partial folder is left.
 
@@ -225,7 +226,7 @@ def write_checkpoint(out_dir: str | Path, preset: str = "tiny", seed: int = 0, *
     config_dict = _config(preset)
     config_dict.update(overrides or {})
     if quantize_gptq:
-        config_dict["quantization_config"] = dict(GPTQ_CONFIG)
+        config_dict.setdefault("quantization_config", dict(GPTQ_CONFIG))
     config_dict["torch_dtype"] = dtype
     parse_config(config_dict)  # the generator must only write valid checkpoints
     torch_dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[dtype]

@@ -84,14 +84,23 @@ def test_bad_generation_arguments(tiny_model):
         tiny_model.generate([[]], 2)
 
 
-@pytest.mark.parametrize("preset", ["tiny", "tiny-sala"])
+# MiniCPM4-8B's proportions scaled down: the sparse budget (5 blocks of 16 = 80 keys) is below
+# dense_len (128), so a chunk ending between them would attend differently from one prefill
+SPARSE_8B_LIKE = {"kernel_size": 8, "kernel_stride": 4, "init_blocks": 1, "block_size": 16, "window_size": 32,
+                  "topk": 3, "use_nope": False, "dense_len": 128}
+
+
+@pytest.mark.parametrize("preset", ["tiny", "tiny-sala", "tiny-sparse"])
 def test_chunked_prefill_generates_what_one_prefill_does(tmp_path, preset):
     from model.synthetic import write_checkpoint
 
-    model = hal.load_model(write_checkpoint(tmp_path / preset, preset), "cpu", "float32")
-    prompts = [[(37 * i) % 1000 + 3 for i in range(90)], [(11 * i) % 1000 + 5 for i in range(41)]]
+    overrides = {"sparse_config": SPARSE_8B_LIKE} if preset == "tiny-sparse" else None
+    path = write_checkpoint(tmp_path / preset, preset.removesuffix("-sparse"), overrides=overrides)
+    model = hal.load_model(path, "cpu", "float32")
+    prompts = [[(37 * i) % 1000 + 3 for i in range(200)], [(11 * i) % 1000 + 5 for i in range(41)]]
     whole = model.generate(prompts, max_new_tokens=6, do_sample=False, eos_token_id=-1, prefill_chunk=0)
-    chunked = model.generate(prompts, max_new_tokens=6, do_sample=False, eos_token_id=-1, prefill_chunk=16)
-    assert chunked == whole  # tiny-sala crosses dense_len (64) inside the prompt: sparse chunks too
+    for chunk in (16, 100):
+        chunked = model.generate(prompts, max_new_tokens=6, do_sample=False, eos_token_id=-1, prefill_chunk=chunk)
+        assert chunked == whole, chunk  # chunk 100 ends between the budget and dense_len
     with pytest.raises(InputError, match="prefill_chunk must be >= 0"):
         model.generate(prompts, 2, prefill_chunk=-1)

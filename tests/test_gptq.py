@@ -86,3 +86,25 @@ def test_gptq_tensors_without_quantization_config_are_named(tmp_path):
     with pytest.raises(CheckpointError, match="'model.layers.0.mlp.down_proj.qweight' is GPTQ-packed but config.json "
                                               "has no quantization_config"):
         hal.load_model(path, "cpu", "float32")
+
+
+def test_out_of_range_g_idx_is_refused_in_one_line(tmp_path):
+    from hal.errors import CheckpointError
+
+    path = write_checkpoint(tmp_path / "gptq", "tiny", quantize_gptq=True, dtype="float32")
+    tensors = load_file(str(path / "model.safetensors"))
+    tensors["model.layers.0.self_attn.q_proj.g_idx"][3] = -1
+    save_file(tensors, str(path / "model.safetensors"))
+    with pytest.raises(CheckpointError, match=r"'model.layers.0.self_attn.q_proj.g_idx' holds groups outside \[0, 1\)"):
+        hal.load_model(path, "cpu", "float32")
+
+
+def test_group_size_zero_and_per_column_groups(tmp_path):
+    data = _config("tiny")
+    data["quantization_config"] = dict(GPTQ_CONFIG, group_size=0)
+    with pytest.raises(ConfigError, match="must be -1 .* or > 0, got 0"):
+        parse_config(data)
+    per_column = dict(GPTQ_CONFIG, group_size=-1)
+    path = write_checkpoint(tmp_path / "g", "tiny", quantize_gptq=True, overrides={"quantization_config": per_column})
+    model = hal.load_model(path, "cpu", "float32")
+    assert model.config.gptq.group_size == -1 and torch.isfinite(model.logits(torch.tensor([[5, 6, 7]]))).all()

@@ -23,7 +23,8 @@ infllm_*, block_sparse_attention  npu.torch  (portable torch: no torch_npu op fi
 
 Every implementation but FIA attention, npu_scatter_pa_kv_cache (both take host lengths or
 filter slots on the host) and sampling is ``capturable`` inside an NPUGraph (decode graphs,
-``model/decode_graph.py``). With ``HAL_NPU_EMULATE=1`` the same code runs against ``backends/npu/emulator`` on CPU tensors.
+``model/decode_graph.py``). With ``HAL_NPU_EMULATE=1`` the same code runs against
+``backends/npu/emulator`` on CPU tensors.
 """
 from __future__ import annotations
 

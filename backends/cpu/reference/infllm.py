@@ -28,7 +28,8 @@ def infllm_append_kernel_ref(kernels: torch.Tensor, k_cache: torch.Tensor, kv_le
     for b in range(k_cache.shape[0]):
         length = int(kv_lens[b])
         if length >= size and (length - size) % stride == 0:
-            kernels[b, (length - size) // stride] = k_cache[b, length - size:length].float().mean(dim=0).to(kernels.dtype)
+            chunk = k_cache[b, length - size:length].float()
+            kernels[b, (length - size) // stride] = chunk.mean(dim=0).to(kernels.dtype)
 
 
 def _visible(count: int, size: int, stride: int, position: int) -> list[int]:
@@ -57,7 +58,9 @@ def infllm_select_blocks_ref(q: torch.Tensor, kernels: torch.Tensor, coarse: tor
                 for h in range(kh * group, (kh + 1) * group):
                     qh = q[b, t, h].float()
                     norm_keys = coarse[b, rough, kh] if rough else kernels[b, fine, kh]
-                    lse = float(torch.logsumexp((norm_keys.float() @ qh) * scale, dim=0)) if len(norm_keys) else -math.inf
+                    lse = -math.inf
+                    if len(norm_keys):
+                        lse = float(torch.logsumexp((norm_keys.float() @ qh) * scale, dim=0))
                     for j in fine:
                         score[j] += math.exp(float(kernels[b, j, kh].float() @ qh) * scale - lse)
                 blocks = []
