@@ -17,18 +17,25 @@ import torch
 PARTS = ("qweight", "qzeros", "scales", "g_idx")
 
 
+_SHIFTS = torch.arange(0, 32, 4, dtype=torch.int32)  # nibble i of an int32 sits at bits 4i .. 4i+3
+
+
+def _unpack(packed: torch.Tensor, dim: int) -> torch.Tensor:
+    """int32 words -> their 8 nibbles each, low first, laid out along ``dim`` (8x longer)."""
+    shape = [1, 1, 1]
+    shape[dim + 1] = 8
+    nibbles = (packed.unsqueeze(dim + 1) >> _SHIFTS.view(shape)) & 0xF
+    return nibbles.flatten(dim, dim + 1)
+
+
 def unpack_rows(packed: torch.Tensor) -> torch.Tensor:
     """int32 `[K/8, N]` -> int `[K, N]` nibbles (row k = bits 4*(k % 8) of packed row k // 8)."""
-    shifts = torch.arange(0, 32, 4, dtype=torch.int32)
-    nibbles = (packed[:, None, :] >> shifts[None, :, None]) & 0xF  # [K/8, 8, N]
-    return nibbles.reshape(-1, packed.shape[1])
+    return _unpack(packed, 0)
 
 
 def unpack_cols(packed: torch.Tensor) -> torch.Tensor:
     """int32 `[G, N/8]` -> int `[G, N]` nibbles (column n = bits 4*(n % 8) of packed column n // 8)."""
-    shifts = torch.arange(0, 32, 4, dtype=torch.int32)
-    nibbles = (packed[:, :, None] >> shifts[None, None, :]) & 0xF  # [G, N/8, 8]
-    return nibbles.reshape(packed.shape[0], -1)
+    return _unpack(packed, 1)
 
 
 def dequantize(qweight: torch.Tensor, qzeros: torch.Tensor, scales: torch.Tensor, g_idx: torch.Tensor,
@@ -40,20 +47,24 @@ def dequantize(qweight: torch.Tensor, qzeros: torch.Tensor, scales: torch.Tensor
     return ((q - zeros) * scales.float()[groups]).t().contiguous()
 
 
+def _pack(values: torch.Tensor, dim: int) -> torch.Tensor:
+    """Nibbles -> int32 words: 8 consecutive values along ``dim`` per word, low first (the
+    inverse of :func:`_unpack`)."""
+    shape = list(values.shape)
+    shape[dim:dim + 1] = [shape[dim] // 8, 8]
+    v = values.to(torch.int64).reshape(shape)
+    packed = (v << _SHIFTS.to(torch.int64).view([8] + [1] * (v.dim() - dim - 2))).sum(dim + 1)
+    return (packed - ((packed >= 2 ** 31).to(torch.int64) << 32)).to(torch.int32)
+
+
 def pack_rows(values: torch.Tensor) -> torch.Tensor:
     """int `[K, N]` nibbles -> int32 `[K/8, N]` (the inverse of :func:`unpack_rows`)."""
-    k, n = values.shape
-    v = values.to(torch.int64).reshape(k // 8, 8, n)
-    packed = sum(v[:, i] << (4 * i) for i in range(8))
-    return (packed - ((packed >= 2 ** 31).to(torch.int64) << 32)).to(torch.int32)
+    return _pack(values, 0)
 
 
 def pack_cols(values: torch.Tensor) -> torch.Tensor:
     """int `[G, N]` nibbles -> int32 `[G, N/8]` (the inverse of :func:`unpack_cols`)."""
-    g, n = values.shape
-    v = values.to(torch.int64).reshape(g, n // 8, 8)
-    packed = sum(v[:, :, i] << (4 * i) for i in range(8))
-    return (packed - ((packed >= 2 ** 31).to(torch.int64) << 32)).to(torch.int32)
+    return _pack(values, 1)
 
 
 def quantize(weight: torch.Tensor, group_size: int, offset: int = 1) -> dict[str, torch.Tensor]:

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import torch
 
-from backends.cpu.ops import _sdpa_masked
+from backends.cpu.ops import _sdpa_masked, zero_unused
 from hal.sparse import InfLLMGeometry
 
 QUERY_CHUNK = 256  # queries scored / attended at once (memory: chunk x capacity per head)
@@ -163,15 +163,14 @@ def _attend_gathered(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tens
 
 def _attend_masked(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, blocks: torch.Tensor,
                    kv_lens: torch.Tensor, block_size: int, scale: float) -> torch.Tensor:
-    """The selected blocks as a token mask over the whole capacity (keys past a row's length
-    zeroed first, as stale NaN there would survive a mask), attended in query chunks."""
+    """The selected blocks as a token mask over the whole capacity (positions past a row's length
+    zeroed first: :func:`zero_unused`), attended in query chunks."""
     batch, new, heads, _ = q.shape
     capacity, kv_heads = k_cache.shape[1], k_cache.shape[2]
     group = heads // kv_heads
     lengths = kv_lens.to(q.device)
     cols = torch.arange(capacity, device=q.device)
-    unused = (cols[None, :] >= lengths[:, None])[:, :, None, None]
-    k, v = k_cache.masked_fill(unused, 0), v_cache.masked_fill(unused, 0)
+    k, v = zero_unused(k_cache, v_cache, lengths)
     pos = lengths[:, None] - new + torch.arange(new, device=q.device)[None, :]  # [B, T]
     count = -(-capacity // block_size)
     out = []

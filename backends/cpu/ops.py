@@ -148,17 +148,24 @@ def attention_decode_cpu(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.
     return _sdpa_masked(q, k, v, mask, False, scale)
 
 
+def zero_unused(k_cache: torch.Tensor, v_cache: torch.Tensor,
+                kv_lens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Copies of the caches `[B, C, Hk, D]` with positions ``>= kv_lens[b]`` zeroed. Whole-capacity
+    attention needs it: a stale NaN there would survive a mask (NaN + -inf is NaN, and a zero
+    weight times NaN is NaN). No host read of kv_lens (capturable)."""
+    cols = torch.arange(k_cache.shape[1], device=k_cache.device)
+    unused = (cols[None, :] >= kv_lens.to(k_cache.device)[:, None])[:, :, None, None]
+    return k_cache.masked_fill(unused, 0), v_cache.masked_fill(unused, 0)
+
+
 def attention_decode_full_cpu(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
                               kv_lens: torch.Tensor, scale: float) -> torch.Tensor:
     """attention_decode over the whole cache capacity C with the per-row mask: no host read of
     kv_lens, so a device graph can capture it (the cost is C keys per row, not kv_lens[b]).
-    Keys and values past a row's length are zeroed first: a stale NaN there would survive the
-    mask (NaN + -inf is NaN, and a zero weight times NaN is NaN)."""
-    capacity = k_cache.shape[1]
-    mask = _ragged_mask(q.shape[1], capacity, kv_lens, q.device)
-    unused = torch.arange(capacity, device=q.device)[None, :] >= kv_lens.to(q.device)[:, None]  # [B, C]
-    unused = unused[:, :, None, None]
-    return _sdpa_masked(q, k_cache.masked_fill(unused, 0), v_cache.masked_fill(unused, 0), mask, False, scale)
+    Positions past a row's length are zeroed first (:func:`zero_unused`)."""
+    mask = _ragged_mask(q.shape[1], k_cache.shape[1], kv_lens, q.device)
+    k, v = zero_unused(k_cache, v_cache, kv_lens)
+    return _sdpa_masked(q, k, v, mask, False, scale)
 
 
 def kv_write_cpu(k_cache: torch.Tensor, v_cache: torch.Tensor, k: torch.Tensor, v: torch.Tensor,

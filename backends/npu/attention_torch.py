@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import torch
 
+from backends.cpu.ops import zero_unused
+
 
 def _attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kv_start: torch.Tensor | None,
             scale: float) -> torch.Tensor:
@@ -61,9 +63,7 @@ def attention_decode_npu_torch(q: torch.Tensor, k_cache: torch.Tensor, v_cache: 
 def attention_decode_full_npu_torch(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
                                     kv_lens: torch.Tensor, scale: float) -> torch.Tensor:
     """The same over the whole capacity C: no host read of kv_lens, so an NPUGraph can capture it
-    (FIA takes its lengths as host lists); the cost is C keys per row. Values past a row's length
-    are zeroed first: a zero probability times a stale NaN there would still be NaN."""
-    lengths = kv_lens.to(q.device)
-    unused = torch.arange(v_cache.shape[1], device=q.device)[None, :] >= lengths[:, None]  # [B, C]
-    v = v_cache.masked_fill(unused[:, :, None, None], 0)
-    return _attend_cache(q, k_cache, v, lengths, scale)
+    (FIA takes its lengths as host lists); the cost is C keys per row. Positions past a row's
+    length are zeroed first (``zero_unused``)."""
+    k, v = zero_unused(k_cache, v_cache, kv_lens)
+    return _attend_cache(q, k, v, kv_lens.to(q.device), scale)

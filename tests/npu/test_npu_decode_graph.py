@@ -14,6 +14,16 @@ from npu_metrics import nmse
 PROMPTS = [[5, 17, 300, 42, 7, 99, 1000, 3], [900, 2, 33]]  # batch 2, the second left-padded
 
 
+@pytest.fixture
+def captures(monkeypatch) -> list:
+    """One entry per emulated NPUGraph capture started during the test."""
+    seen: list = []
+    begin = emulated_graphs.NPUGraph.capture_begin
+    monkeypatch.setattr(emulated_graphs.NPUGraph, "capture_begin",
+                        lambda self, *a, **k: (seen.append(1), begin(self, *a, **k))[1])
+    return seen
+
+
 def _padded() -> tuple[torch.Tensor, torch.Tensor]:
     longest = max(len(p) for p in PROMPTS)
     ids = torch.tensor([[0] * (longest - len(p)) + p for p in PROMPTS])
@@ -43,12 +53,8 @@ def test_replayed_decode_steps_match_the_reference(emulated, d64_checkpoint):
     assert cache.lengths.tolist() == [len(r) for r in rows]  # every fed token is in the cache
 
 
-def test_generate_with_the_graph_equals_eager_and_captures_once(emulated, d64_checkpoint, monkeypatch):
+def test_generate_with_the_graph_equals_eager_and_captures_once(emulated, d64_checkpoint, captures):
     npu = hal.load_model(d64_checkpoint, "npu")
-    captures = []
-    begin = emulated_graphs.NPUGraph.capture_begin
-    monkeypatch.setattr(emulated_graphs.NPUGraph, "capture_begin",
-                        lambda self, *a, **k: (captures.append(1), begin(self, *a, **k))[1])
     for sampling in ({"do_sample": False}, {"do_sample": True, "seed": 7, "temperature": 0.9, "top_k": 40}):
         eager = npu.generate(PROMPTS, max_new_tokens=8, **sampling)
         graphed = npu.generate(PROMPTS, max_new_tokens=8, decode_graph=True, **sampling)
@@ -87,17 +93,13 @@ def test_decode_graph_benchmark_script(emulated, capsys):
     assert "graph_tokens_equal_to_eager: 4/4" in out and "graph_over_eager: " in out
 
 
-def test_a_sparse_model_gets_a_second_graph_past_dense_len(emulated, tmp_path, monkeypatch):
+def test_a_sparse_model_gets_a_second_graph_past_dense_len(emulated, tmp_path, captures):
     from model.synthetic import write_checkpoint
 
     sparse = {"kernel_size": 8, "kernel_stride": 4, "init_blocks": 1, "block_size": 16, "window_size": 32,
               "topk": 3, "use_nope": False, "dense_len": 64}
     path = write_checkpoint(tmp_path / "sparse", "tiny", overrides={"sparse_config": sparse})
     npu = hal.load_model(path, "npu")
-    captures = []
-    begin = emulated_graphs.NPUGraph.capture_begin
-    monkeypatch.setattr(emulated_graphs.NPUGraph, "capture_begin",
-                        lambda self, *a, **k: (captures.append(1), begin(self, *a, **k))[1])
     prompt = [[(37 * i) % 1000 + 3 for i in range(50)]]
     eager = npu.generate(prompt, max_new_tokens=24, do_sample=False, eos_token_id=-1)
     graphed = npu.generate(prompt, max_new_tokens=24, do_sample=False, eos_token_id=-1, decode_graph=True)
