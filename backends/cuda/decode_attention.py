@@ -30,12 +30,14 @@ MAX_SPLITS = 64
 
 @triton.jit
 def _decode_split_kernel(
-    q_ptr, k_ptr, v_ptr, lens_ptr, o_part_ptr, lse_part_ptr,
+    q_ptr, k_ptr, v_ptr, lens_ptr, o_part_ptr, lse_part_ptr, o_ptr,
     stride_qb, stride_qt, stride_qh,
     stride_kb, stride_kc, stride_kh,
     stride_vb, stride_vc, stride_vh,
+    stride_ob, stride_ot, stride_oh,
     T, G, KV_HEADS, SPLITS, scale,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr, IEEE: tl.constexpr,
+    DIRECT: tl.constexpr,
 ):
     pid_bh = tl.program_id(0)
     pid_m = tl.program_id(1)
@@ -86,9 +88,13 @@ def _decode_split_kernel(
     seen_any = l_i > 0
     out = tl.where(seen_any[:, None], acc / tl.where(seen_any, l_i, 1.0)[:, None], 0.0)
     lse = tl.where(seen_any, m_i + tl.log(tl.where(seen_any, l_i, 1.0)), float("-inf"))
-    part = (pid_bh * SPLITS + split) * (T * G) + rows  # scratch `[B * Hk, SPLITS, T * G]`
-    tl.store(o_part_ptr + part[:, None] * HEAD_DIM + dims[None, :], out, mask=row_ok[:, None])
-    tl.store(lse_part_ptr + part, lse, mask=row_ok)
+    if DIRECT:  # one split: the output itself
+        tl.store(o_ptr + b * stride_ob + t[:, None] * stride_ot + h[:, None] * stride_oh + dims[None, :],
+                 out.to(o_ptr.dtype.element_ty), mask=row_ok[:, None])
+    else:
+        part = (pid_bh * SPLITS + split) * (T * G) + rows  # scratch `[B * Hk, SPLITS, T * G]`
+        tl.store(o_part_ptr + part[:, None] * HEAD_DIM + dims[None, :], out, mask=row_ok[:, None])
+        tl.store(lse_part_ptr + part, lse, mask=row_ok)
 
 
 @triton.jit
@@ -96,26 +102,33 @@ def _combine_kernel(
     o_part_ptr, lse_part_ptr, o_ptr,
     stride_ob, stride_ot, stride_oh,
     ROWS, G, KV_HEADS, SPLITS,
-    BLOCK_S: tl.constexpr, HEAD_DIM: tl.constexpr,
+    BLOCK_R: tl.constexpr, HEAD_DIM: tl.constexpr,
 ):
     pid_bh = tl.program_id(0)
-    row = tl.program_id(1)
     b = pid_bh // KV_HEADS
     kh = pid_bh % KV_HEADS
-    splits = tl.arange(0, BLOCK_S)
-    split_ok = splits < SPLITS
+    rows = tl.program_id(1) * BLOCK_R + tl.arange(0, BLOCK_R)
+    row_ok = rows < ROWS
     dims = tl.arange(0, HEAD_DIM)
-    part = (pid_bh * SPLITS + splits) * ROWS + row
-    lse = tl.load(lse_part_ptr + part, mask=split_ok, other=float("-inf"))
-    top = tl.max(lse, axis=0)
-    top_safe = tl.where(top == float("-inf"), 0.0, top)
-    w = tl.exp(lse - top_safe)  # 0 for empty splits
-    total = tl.sum(w, axis=0)
-    parts = tl.load(o_part_ptr + part[:, None] * HEAD_DIM + dims[None, :], mask=split_ok[:, None], other=0.0)
-    out = tl.sum(parts * w[:, None], axis=0) / tl.where(total > 0, total, 1.0)
-    t = row // G
-    h = kh * G + row % G
-    tl.store(o_ptr + b * stride_ob + t * stride_ot + h * stride_oh + dims, out.to(o_ptr.dtype.element_ty))
+    m = tl.full([BLOCK_R], float("-inf"), tl.float32)
+    total = tl.zeros([BLOCK_R], tl.float32)
+    acc = tl.zeros([BLOCK_R, HEAD_DIM], tl.float32)
+    for split in range(0, SPLITS):  # online merge: each split's output weighted by exp(its lse)
+        part = (pid_bh * SPLITS + split) * ROWS + rows
+        lse = tl.load(lse_part_ptr + part, mask=row_ok, other=float("-inf"))
+        o = tl.load(o_part_ptr + part[:, None] * HEAD_DIM + dims[None, :], mask=row_ok[:, None], other=0.0)
+        m_new = tl.maximum(m, lse)
+        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+        alpha = tl.exp(m - m_safe)
+        w = tl.exp(lse - m_safe)  # 0 for a split that saw no key
+        total = total * alpha + w
+        acc = acc * alpha[:, None] + o * w[:, None]
+        m = m_new
+    out = acc / tl.where(total > 0, total, 1.0)[:, None]
+    t = rows // G
+    h = kh * G + rows % G
+    tl.store(o_ptr + b * stride_ob + t[:, None] * stride_ot + h[:, None] * stride_oh + dims[None, :],
+             out.to(o_ptr.dtype.element_ty), mask=row_ok[:, None])
 
 
 def block_rows(rows: int) -> int:
@@ -137,11 +150,22 @@ def combine_splits(o_part: torch.Tensor, lse_part: torch.Tensor, out: torch.Tens
     `[B * Hk, S, T * G]` float32 (its log-sum-exp, -inf when the split saw no key)."""
     programs, splits, rows, dim = o_part.shape
     kv_heads = out.shape[2] // group
-    _combine_kernel[(programs, rows)](
+    block = min(64, max(16, triton.next_power_of_2(rows)))
+    _combine_kernel[(programs, -(-rows // block))](
         o_part, lse_part, out, out.stride(0), out.stride(1), out.stride(2),
         rows, group, kv_heads, splits,
-        BLOCK_S=triton.next_power_of_2(splits), HEAD_DIM=dim,
+        BLOCK_R=block, HEAD_DIM=dim,
     )
+
+
+def split_scratch(programs: int, splits: int, rows: int, dim: int,
+                  device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """float32 (o_part `[P, S, R, D]`, lse_part `[P, S, R]`) for :func:`combine_splits`; one
+    element each when there is a single split (the kernel then writes the output directly)."""
+    if splits == 1:
+        return (torch.empty(1, dtype=torch.float32, device=device),) * 2
+    return (torch.empty(programs, splits, rows, dim, dtype=torch.float32, device=device),
+            torch.empty(programs, splits, rows, dtype=torch.float32, device=device))
 
 
 def check_decode_args(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, kv_lens: torch.Tensor,
@@ -182,16 +206,17 @@ def attention_decode_triton(q: torch.Tensor, k_cache: torch.Tensor, v_cache: tor
     row_blocks = -(-rows // block_m)
     splits = choose_splits(batch * kv_heads * row_blocks, capacity)
     lens = kv_lens.to(device=q.device, dtype=torch.int32)
-    o_part = torch.empty(batch * kv_heads, splits, rows, dim, dtype=torch.float32, device=q.device)
-    lse_part = torch.empty(batch * kv_heads, splits, rows, dtype=torch.float32, device=q.device)
+    o_part, lse_part = split_scratch(batch * kv_heads, splits, rows, dim, q.device)
+    out = torch.empty_like(q, memory_format=torch.contiguous_format)
     _decode_split_kernel[(batch * kv_heads, row_blocks, splits)](
-        q, k_cache, v_cache, lens, o_part, lse_part,
+        q, k_cache, v_cache, lens, o_part, lse_part, out,
         q.stride(0), q.stride(1), q.stride(2),
         k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
         v_cache.stride(0), v_cache.stride(1), v_cache.stride(2),
+        out.stride(0), out.stride(1), out.stride(2),
         new, group, kv_heads, splits, scale,
-        BLOCK_M=block_m, BLOCK_N=BLOCK_N, HEAD_DIM=dim, IEEE=q.dtype == torch.float32,
+        BLOCK_M=block_m, BLOCK_N=BLOCK_N, HEAD_DIM=dim, IEEE=q.dtype == torch.float32, DIRECT=splits == 1,
     )
-    out = torch.empty_like(q, memory_format=torch.contiguous_format)
-    combine_splits(o_part, lse_part, out, group)
+    if splits > 1:
+        combine_splits(o_part, lse_part, out, group)
     return out

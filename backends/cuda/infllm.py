@@ -25,7 +25,7 @@ import triton
 import triton.language as tl
 
 from backends.cpu.infllm import _select
-from backends.cuda.decode_attention import check_decode_args, choose_splits, combine_splits
+from backends.cuda.decode_attention import check_decode_args, choose_splits, combine_splits, split_scratch
 from hal.sparse import InfLLMGeometry
 
 KERNEL_TILE = 64  # kernels per inner step of stage 1
@@ -183,13 +183,15 @@ def infllm_select_blocks_triton(q: torch.Tensor, kernels: torch.Tensor, coarse: 
 
 @triton.jit
 def _block_sparse_kernel(
-    q_ptr, k_ptr, v_ptr, blocks_ptr, lens_ptr, o_part_ptr, lse_part_ptr,
+    q_ptr, k_ptr, v_ptr, blocks_ptr, lens_ptr, o_part_ptr, lse_part_ptr, o_ptr,
     stride_qb, stride_qt, stride_qh,
     stride_kb, stride_kc, stride_kh,
     stride_vb, stride_vc, stride_vh,
+    stride_ob, stride_ot, stride_oh,
     stride_bb, stride_bh, stride_bt,
     T, G, KV_HEADS, CAPACITY, BUDGET, SPLITS, scale,
     BLOCK_M: tl.constexpr, BLOCK_SIZE: tl.constexpr, HEAD_DIM: tl.constexpr, IEEE: tl.constexpr,
+    DIRECT: tl.constexpr,
 ):
     pid_bh = tl.program_id(0)
     t = tl.program_id(1)
@@ -233,9 +235,13 @@ def _block_sparse_kernel(
     seen_any = l_i > 0
     out = tl.where(seen_any[:, None], acc / tl.where(seen_any, l_i, 1.0)[:, None], 0.0)
     lse = tl.where(seen_any, m_i + tl.log(tl.where(seen_any, l_i, 1.0)), float("-inf"))
-    part = (pid_bh * SPLITS + split) * (T * G) + t * G + g  # scratch `[B * Hk, SPLITS, T * G]`
-    tl.store(o_part_ptr + part[:, None] * HEAD_DIM + dims[None, :], out, mask=row_ok[:, None])
-    tl.store(lse_part_ptr + part, lse, mask=row_ok)
+    if DIRECT:  # one split: the output itself
+        tl.store(o_ptr + b * stride_ob + t * stride_ot + (kh * G + g)[:, None] * stride_oh + dims[None, :],
+                 out.to(o_ptr.dtype.element_ty), mask=row_ok[:, None])
+    else:
+        part = (pid_bh * SPLITS + split) * (T * G) + t * G + g  # scratch `[B * Hk, SPLITS, T * G]`
+        tl.store(o_part_ptr + part[:, None] * HEAD_DIM + dims[None, :], out, mask=row_ok[:, None])
+        tl.store(lse_part_ptr + part, lse, mask=row_ok)
 
 
 def block_sparse_attention_triton(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, blocks: torch.Tensor,
@@ -260,25 +266,27 @@ def block_sparse_attention_triton(q: torch.Tensor, k_cache: torch.Tensor, v_cach
     if blocks.shape[:3] != (batch, kv_heads, new):
         raise ValueError(f"cuda.block_sparse_attention: blocks must be [B, Hk, T, K] = {[batch, kv_heads, new, budget]},"
                          f" got {list(blocks.shape)}")
+    if block_size < 16 or block_size & (block_size - 1):
+        raise ValueError(f"cuda.block_sparse_attention: block_size must be a power of two >= 16, got {block_size}")
     group = heads // kv_heads
     out = torch.empty_like(q, memory_format=torch.contiguous_format)
     if budget == 0:
         return out.zero_()
     # split the block list only when rows x queries leave the GPU idle (decode)
     splits = max(1, min(budget, choose_splits(batch * kv_heads * new, budget * block_size)))
-    rows = new * group
-    o_part = torch.empty(batch * kv_heads, splits, rows, dim, dtype=torch.float32, device=q.device)
-    lse_part = torch.empty(batch * kv_heads, splits, rows, dtype=torch.float32, device=q.device)
+    o_part, lse_part = split_scratch(batch * kv_heads, splits, new * group, dim, q.device)
     ids = blocks.to(device=q.device, dtype=torch.int32)
     _block_sparse_kernel[(batch * kv_heads, new, splits)](
-        q, k_cache, v_cache, ids, kv_lens.to(device=q.device, dtype=torch.int32), o_part, lse_part,
+        q, k_cache, v_cache, ids, kv_lens.to(device=q.device, dtype=torch.int32), o_part, lse_part, out,
         q.stride(0), q.stride(1), q.stride(2),
         k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
         v_cache.stride(0), v_cache.stride(1), v_cache.stride(2),
+        out.stride(0), out.stride(1), out.stride(2),
         ids.stride(0), ids.stride(1), ids.stride(2),
         new, group, kv_heads, capacity, budget, splits, scale,
         BLOCK_M=max(16, triton.next_power_of_2(group)), BLOCK_SIZE=block_size, HEAD_DIM=dim,
-        IEEE=q.dtype == torch.float32,
+        IEEE=q.dtype == torch.float32, DIRECT=splits == 1,
     )
-    combine_splits(o_part, lse_part, out, group)
+    if splits > 1:
+        combine_splits(o_part, lse_part, out, group)
     return out
