@@ -108,5 +108,6 @@ def lightning_attention_triton(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor
         o.stride(0), o.stride(1), o.stride(2),
         new, heads, scale,
         BT=chunk_size(new), HEAD_DIM=dim, BV=bv,
+        num_warps=8 if dim > 64 else 4,  # a [D, 64] float32 state plus [64, D] q / k tiles per program
     )
     return o, new_state

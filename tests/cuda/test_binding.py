@@ -12,6 +12,10 @@ from backends.cuda import TRITON_KERNELS, supports
 from backends.cuda.decode_attention import attention_decode_triton
 from hal.registry import bind
 from model.decode_graph import GRAPH_OPS
+from validation.grid import SMALL_GEOMETRY
+from validation.opcheck import case, check, geometry_dims
+
+SMALL = geometry_dims(SMALL_GEOMETRY)
 
 MINICPM4_8B = {"E": 4096, "F": 16384, "V": 73448, "H": 32, "Hk": 2, "D": 128}
 
@@ -69,18 +73,38 @@ def test_decode_attention_replays_from_a_cuda_graph_with_new_lengths():
         assert torch.allclose(out.cpu(), ref, atol=1e-4, rtol=1e-4)
 
 
-def test_decode_attention_reads_no_tensor_value_on_the_host(monkeypatch):
-    """The launcher's grid, split count and scratch sizes come from shapes: with every host read
-    of a tensor value made to raise, the call still runs (the interpreter itself reads memory
-    through numpy, not through these)."""
-    q, k, v, lens = (x.to(DEVICE) for x in _decode_inputs([300, 17], 0))
-    ref = attention_decode_ref(q.cpu(), k.cpu(), v.cpu(), lens.cpu(), 0.125)
+NO_HOST_READ = [
+    case("attention_decode", "float32", ("ragged",), B=2, T=1, S=300, C=384, H=8, Hk=2, D=64),
+    case("infllm_select_blocks", "float32", ("ragged",), B=2, T=2, S=200, C=256, H=4, Hk=2, D=64, **SMALL),
+    case("block_sparse_attention", "float32", ("ragged",), B=2, T=2, S=200, C=256, H=4, Hk=2, D=64, **SMALL),
+    case("lightning_attention", "float32", ("state",), B=2, T=20, H=2, D=64),
+]
+
+
+@pytest.mark.parametrize("c", NO_HOST_READ, ids=lambda c: c.op)
+def test_kernels_read_no_tensor_value_on_the_host(c, monkeypatch):
+    """What a CUDA graph needs (the GPU test above replays one): grids, split counts and scratch
+    sizes come from shapes. With every host read of a tensor value made to raise, each launcher
+    still runs and matches the reference (the interpreter itself reads memory through numpy,
+    not through these)."""
+    fn = bind("cuda", torch.float32, MINICPM4_8B).record[c.op]
+    assert fn.impl == "cuda.triton"
+    kernel = registry_fn(c.op)
 
     def refuse(*_args, **_kwargs):
         raise AssertionError("host read of a tensor value")
 
-    for name in ("item", "tolist", "__bool__", "__int__", "__index__", "__float__"):
-        monkeypatch.setattr(torch.Tensor, name, refuse)
-    out = attention_decode_triton(q, k, v, lens, 0.125)
-    monkeypatch.undo()
-    assert torch.allclose(out.cpu(), ref, atol=1e-4, rtol=1e-4)
+    def guarded(**kwargs):
+        with monkeypatch.context() as patch:
+            for name in ("item", "tolist", "__bool__", "__int__", "__index__", "__float__"):
+                patch.setattr(torch.Tensor, name, refuse)
+            return kernel(**kwargs)
+
+    result = check(c, guarded, "cuda.triton (no host reads)", DEVICE)
+    assert result.status == "ok", result.line() + f" {result.reason}"
+
+
+def registry_fn(op: str):
+    from hal.registry import implementations
+
+    return next(i for i in implementations(op, "cuda") if i.name == "triton").load()
