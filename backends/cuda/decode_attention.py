@@ -39,8 +39,8 @@ def _decode_split_kernel(
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr, IEEE: tl.constexpr,
     DIRECT: tl.constexpr,
 ):
-    pid_bh = tl.program_id(0)
-    pid_m = tl.program_id(1)
+    pid_m = tl.program_id(0)  # axis 0: the only one allowed more than 65535 programs
+    pid_bh = tl.program_id(1)
     split = tl.program_id(2)
     b = pid_bh // KV_HEADS
     kh = pid_bh % KV_HEADS
@@ -104,10 +104,10 @@ def _combine_kernel(
     ROWS, G, KV_HEADS, SPLITS,
     BLOCK_R: tl.constexpr, HEAD_DIM: tl.constexpr,
 ):
-    pid_bh = tl.program_id(0)
+    pid_bh = tl.program_id(1)
     b = pid_bh // KV_HEADS
     kh = pid_bh % KV_HEADS
-    rows = tl.program_id(1) * BLOCK_R + tl.arange(0, BLOCK_R)
+    rows = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
     row_ok = rows < ROWS
     dims = tl.arange(0, HEAD_DIM)
     m = tl.full([BLOCK_R], float("-inf"), tl.float32)
@@ -151,7 +151,7 @@ def combine_splits(o_part: torch.Tensor, lse_part: torch.Tensor, out: torch.Tens
     programs, splits, rows, dim = o_part.shape
     kv_heads = out.shape[2] // group
     block = min(64, max(16, triton.next_power_of_2(rows)))
-    _combine_kernel[(programs, -(-rows // block))](
+    _combine_kernel[(-(-rows // block), programs)](
         o_part, lse_part, out, out.stride(0), out.stride(1), out.stride(2),
         rows, group, kv_heads, splits,
         BLOCK_R=block, HEAD_DIM=dim,
@@ -208,7 +208,7 @@ def attention_decode_triton(q: torch.Tensor, k_cache: torch.Tensor, v_cache: tor
     lens = kv_lens.to(device=q.device, dtype=torch.int32)
     o_part, lse_part = split_scratch(batch * kv_heads, splits, rows, dim, q.device)
     out = torch.empty_like(q, memory_format=torch.contiguous_format)
-    _decode_split_kernel[(batch * kv_heads, row_blocks, splits)](
+    _decode_split_kernel[(row_blocks, batch * kv_heads, splits)](
         q, k_cache, v_cache, lens, o_part, lse_part, out,
         q.stride(0), q.stride(1), q.stride(2),
         k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),

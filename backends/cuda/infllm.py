@@ -49,8 +49,8 @@ def _kernel_scores_kernel(
     KS: tl.constexpr, KR: tl.constexpr, CS: tl.constexpr, CR: tl.constexpr,
     BT: tl.constexpr, GP: tl.constexpr, BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr, IEEE: tl.constexpr,
 ):
-    pid_bh = tl.program_id(0)
-    pid_t = tl.program_id(1)
+    pid_t = tl.program_id(0)
+    pid_bh = tl.program_id(1)
     b = pid_bh // KV_HEADS
     kh = pid_bh % KV_HEADS
     rows = tl.arange(0, BT * GP)
@@ -147,7 +147,7 @@ def kernel_scores_triton(q: torch.Tensor, kernels: torch.Tensor, coarse: torch.T
         return s
     # fine kernels complete at the last position without a coarse kernel (coarse_size - 2)
     fallback = g.kernels(g.coarse_size - 1)
-    _kernel_scores_kernel[(batch * kv_heads, -(-new // bt))](
+    _kernel_scores_kernel[(-(-new // bt), batch * kv_heads)](
         q, kernels, coarse, kv_lens.to(device=q.device, dtype=torch.int32), s,
         q.stride(0), q.stride(1), q.stride(2),
         kernels.stride(0), kernels.stride(1), kernels.stride(2),
@@ -193,8 +193,8 @@ def _block_sparse_kernel(
     BLOCK_M: tl.constexpr, BLOCK_SIZE: tl.constexpr, HEAD_DIM: tl.constexpr, IEEE: tl.constexpr,
     DIRECT: tl.constexpr,
 ):
-    pid_bh = tl.program_id(0)
-    t = tl.program_id(1)
+    t = tl.program_id(0)  # axis 0: the only one allowed more than 65535 programs (prefill queries)
+    pid_bh = tl.program_id(1)
     split = tl.program_id(2)
     b = pid_bh // KV_HEADS
     kh = pid_bh % KV_HEADS
@@ -276,7 +276,7 @@ def block_sparse_attention_triton(q: torch.Tensor, k_cache: torch.Tensor, v_cach
     splits = max(1, min(budget, choose_splits(batch * kv_heads * new, budget * block_size)))
     o_part, lse_part = split_scratch(batch * kv_heads, splits, new * group, dim, q.device)
     ids = blocks.to(device=q.device, dtype=torch.int32)
-    _block_sparse_kernel[(batch * kv_heads, new, splits)](
+    _block_sparse_kernel[(new, batch * kv_heads, splits)](
         q, k_cache, v_cache, ids, kv_lens.to(device=q.device, dtype=torch.int32), o_part, lse_part, out,
         q.stride(0), q.stride(1), q.stride(2),
         k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),

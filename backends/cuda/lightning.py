@@ -99,7 +99,9 @@ def lightning_attention_triton(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor
     state = state.contiguous()
     o = torch.empty(batch, new, heads, dim, dtype=q.dtype, device=q.device)
     new_state = torch.empty_like(state)
-    bv = min(64, dim)
+    # value tiles of 64, or 32 when (row, head, tile) programs would not fill two waves of an
+    # H100's 132 multiprocessors (each program walks all chunks in order)
+    bv = min(dim, 64 if batch * heads * (dim // 64) >= 264 else 32)
     _lightning_kernel[(batch * heads, dim // bv)](
         q, k, v, slopes.to(device=q.device, dtype=torch.float32).contiguous(), state, o, new_state,
         q.stride(0), q.stride(1), q.stride(2),
@@ -108,6 +110,6 @@ def lightning_attention_triton(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor
         o.stride(0), o.stride(1), o.stride(2),
         new, heads, scale,
         BT=chunk_size(new), HEAD_DIM=dim, BV=bv,
-        num_warps=8 if dim > 64 else 4,  # a [D, 64] float32 state plus [64, D] q / k tiles per program
+        num_warps=8 if dim > 64 else 4,  # a [D, BV] float32 state plus [64, D] q / k tiles per program
     )
     return o, new_state
