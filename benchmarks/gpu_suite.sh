@@ -61,6 +61,8 @@ checkpoint() {  # the built-in synthetic checkpoint of a preset (written on firs
     "$PY" -c "from model.synthetic import default_checkpoint; print(default_checkpoint('$1'))" 2>/dev/null | tail -1
 }
 
+# every kernel variant lowered to a cubin (the dry run's only check of the GPU build)
+step compile 200 env -u TRITON_INTERPRET TRITON_DEFAULT_FP_FUSION=1 "$PY" -m backends.cuda.compile_check
 step tests 240 "$PY" -m pytest -q "${TESTS[@]}" -p no:cacheprovider --junitxml="$OUT/tests.xml"
 step compare-tiny 150 "$PY" -m validation.compare --device "$DEVICE" --dtype "$DTYPE" --model "$(checkpoint tiny)" \
     --report-dir "$OUT/compare-tiny"

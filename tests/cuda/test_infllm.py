@@ -1,6 +1,6 @@
 """cuda.triton InfLLM-v2: the stage-1 kernel scores against a float64 computation written here,
 the selected blocks and block-sparse attention against the float32 references, for GQA ratios
-1/2/3/4/8/16 (the official CUDA kernel handles 16 only), head_dim 64/128, odd lengths, batch > 1,
+1/2/3/4/8/16 (the official CUDA kernel handles 16 only), head_dim 32/64/128, odd lengths, batch > 1,
 decode and prefill."""
 from __future__ import annotations
 
@@ -71,7 +71,7 @@ def test_selected_blocks_match_reference(c):
 ATTENTION_CASES = [
     ({"B": 1, "T": 1, "S": 300, "C": 384, "H": 4, "Hk": 2, "D": 64, **SMALL}, ()),
     ({"B": 2, "T": 3, "S": 200, "C": 256, "H": 16, "Hk": 1, "D": 64, **SMALL}, ("ragged",)),
-    ({"B": 1, "T": 9, "S": 100, "C": 128, "H": 6, "Hk": 2, "D": 64, **SMALL}, ()),  # prefill chunk, G = 3
+    ({"B": 1, "T": 9, "S": 100, "C": 128, "H": 6, "Hk": 2, "D": 32, **SMALL}, ()),  # prefill chunk, G = 3, D 32
     # decode over the 8B geometry: 96 blocks of 64 keys split over several programs
     ({"B": 1, "T": 1, "S": 1500, "C": 1536, "H": 16, "Hk": 2, "D": 128, **REAL}, ()),
 ]
