@@ -44,7 +44,7 @@ SCORE_CASES = [(dims, flags) for dims, flags in [
     ({"B": 1, "T": 5, "S": 301, "C": 384, "H": 8, "Hk": 2, "D": 128, **SMALL}, ()),
     ({"B": 1, "T": 2, "S": 250, "C": 256, "H": 16, "Hk": 2, "D": 64, **SMALL}, ()),
     ({"B": 2, "T": 3, "S": 200, "C": 256, "H": 16, "Hk": 1, "D": 64, **SMALL}, ("ragged",)),
-    ({"B": 1, "T": 1, "S": 3000, "C": 3072, "H": 32, "Hk": 2, "D": 128, **REAL}, ()),
+    ({"B": 1, "T": 1, "S": 1200, "C": 1280, "H": 32, "Hk": 2, "D": 128, **REAL}, ()),
 ]]
 
 
@@ -70,10 +70,10 @@ def test_selected_blocks_match_reference(c):
 
 ATTENTION_CASES = [
     ({"B": 1, "T": 1, "S": 300, "C": 384, "H": 4, "Hk": 2, "D": 64, **SMALL}, ()),
-    ({"B": 2, "T": 3, "S": 200, "C": 256, "H": 16, "Hk": 1, "D": 64, **SMALL}, ("ragged",)),
+    ({"B": 2, "T": 2, "S": 200, "C": 256, "H": 16, "Hk": 1, "D": 64, **SMALL}, ("ragged",)),
     ({"B": 1, "T": 9, "S": 100, "C": 128, "H": 6, "Hk": 2, "D": 32, **SMALL}, ()),  # prefill chunk, G = 3, D 32
-    # decode over the 8B geometry: 96 blocks of 64 keys split over several programs
-    ({"B": 1, "T": 1, "S": 1500, "C": 1536, "H": 16, "Hk": 2, "D": 128, **REAL}, ()),
+    # decode over the 8B geometry: the 96-entry block list split over 24 programs, most see only -1
+    ({"B": 1, "T": 1, "S": 700, "C": 768, "H": 16, "Hk": 2, "D": 128, **REAL}, ()),
 ]
 
 
