@@ -10,7 +10,9 @@ Work split (shapes only, never data):
   head g is row ``t * G + g``; rows are tiled in blocks of ``BLOCK_M`` (>= 16 for ``tl.dot``).
 - Row b's ``kv_lens[b]`` keys are cut into ``splits`` equal ranges (a multiple of ``BLOCK_N``
   long, sized on the device from kv_lens), one program each; every split writes its partial
-  output and log-sum-exp to float32 scratch, and :func:`combine_splits` merges them.
+  output and log-sum-exp to float32 scratch, and :func:`combine_splits` merges them (with one
+  split the kernel writes the output itself). The split count depends on C and the program
+  count only, so a captured graph stays valid for any kv_lens.
 - Keys past a row's length are never loaded (masked loads), so stale NaN in unused cache
   positions cannot leak in; a query that sees no key returns zeros.
 

@@ -14,6 +14,13 @@ Per chunk of ``BT`` tokens starting from state ``S`` (``[D_k, D_v]``, decay ``la
 Precision: the state is float32 by contract (NMSE 1e-10 even for bf16 inputs), so every product
 that touches it or the decayed scores runs in IEEE float32; only ``q @ k^T`` of bf16 / fp16
 inputs uses tensor cores (their products are exact in float32).
+
+Why not depend on fla-core (read in fla-core 0.6.0, 2026-12-01; no GPU to measure): its
+``chunk_simple_gla`` raises on ``head_first`` (which the HF SALA code passes), and its forward
+rounds the decayed values to the input dtype before the state product (``common/chunk_h.py``:
+``b_v = (b_v * exp2(...)).to(b_v.dtype)``, per-chunk states stored in the input dtype), so for
+bf16 inputs its state cannot meet the float32 bound above. ``benchmarks/gpu_attention.py`` times
+it beside this kernel and records the NMSE between the two states where fla is installed.
 """
 from __future__ import annotations
 
