@@ -16,7 +16,8 @@ OUT=${OUT:-$PWD/gpu-suite-out}
 mkdir -p "$OUT"
 OUT=$(cd "$OUT" && pwd)
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
-export HAL_CACHE_DIR=${HAL_CACHE_DIR:-$OUT/cache}
+# synthetic checkpoints (the 8b roofline one is ~4 GB) stay out of $OUT, which is copied back
+export HAL_CACHE_DIR=${HAL_CACHE_DIR:-${TMPDIR:-/tmp}/minicpm-hal-gpu-suite}
 PY=${PYTHON:-python}
 
 if [ "${DRY_RUN:-0}" = 1 ]; then
