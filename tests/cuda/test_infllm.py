@@ -40,6 +40,7 @@ def scores_float64(q, kernels, coarse, kv_lens, g: InfLLMGeometry, scale):
 
 SCORE_CASES = [(dims, flags) for dims, flags in [
     ({"B": 1, "T": 1, "S": 300, "C": 384, "H": 4, "Hk": 4, "D": 64, **SMALL}, ()),
+    ({"B": 1, "T": 3, "S": 150, "C": 256, "H": 4, "Hk": 2, "D": 64, **SMALL}, ()),
     ({"B": 2, "T": 40, "S": 90, "C": 128, "H": 6, "Hk": 2, "D": 64, **SMALL}, ("ragged",)),  # G = 3, fallback LSE
     ({"B": 1, "T": 5, "S": 301, "C": 384, "H": 8, "Hk": 2, "D": 128, **SMALL}, ()),
     ({"B": 1, "T": 2, "S": 250, "C": 256, "H": 16, "Hk": 2, "D": 64, **SMALL}, ()),
@@ -63,7 +64,7 @@ def test_stage1_scores_match_float64(c):
     assert (got[expected == 0] == 0).all()  # invisible kernels score exactly 0
 
 
-@pytest.mark.parametrize("c", cases("infllm_select_blocks", SCORE_CASES[:5]))
+@pytest.mark.parametrize("c", cases("infllm_select_blocks", SCORE_CASES[:6]))
 def test_selected_blocks_match_reference(c):
     assert_matches_reference(c, infllm_select_blocks_triton)
 
