@@ -38,6 +38,7 @@ exact sums are equal), tokenizers' float64 sums the other.
 """
 from __future__ import annotations
 
+import importlib
 import os
 from typing import TYPE_CHECKING, Any
 
@@ -52,17 +53,16 @@ SPACE_SYMBOL = "\u2581"
 
 def model_proto_module() -> Any:
     """The ``sentencepiece_model_pb2`` module shipped with ``sentencepiece`` (needs ``protobuf``)."""
-    try:
-        from sentencepiece import sentencepiece_model_pb2 as model_pb2
-    except ImportError:
+    reasons = []
+    for name in ("sentencepiece.sentencepiece_model_pb2", "sentencepiece_model_pb2"):  # older wheels
         try:
-            import sentencepiece_model_pb2 as model_pb2  # older wheels ship it at top level
-        except ImportError as exc:
-            raise ImportError(
-                "reading a SentencePiece model needs the sentencepiece and protobuf packages: "
-                "pip install sentencepiece protobuf"
-            ) from exc
-    return model_pb2
+            return importlib.import_module(name)
+        except Exception as exc:  # ImportError, or protobuf's VersionError for a mismatched runtime
+            reasons.append(" ".join(str(exc).split()))
+    raise ImportError(
+        "reading a SentencePiece model needs the sentencepiece and protobuf packages "
+        f"(pip install sentencepiece protobuf): {reasons[0]}"
+    )
 
 
 def read_model_proto(spm_file: str) -> Any:
@@ -205,7 +205,8 @@ def _crlf_as_sentencepiece_maps_it(spec: Any) -> list[Any]:
     from tokenizers import normalizers
 
     raw_map = spm.SentencePieceNormalizer(
-        normalizer_spec=spec, add_dummy_prefix=False, escape_whitespaces=False, remove_extra_whitespaces=False,
+        normalizer_spec=spec, add_dummy_prefix=False, escape_whitespaces=False,
+        remove_extra_whitespaces=False,
     )
     mapped = raw_map.normalize("\r\n")
     if mapped == "\r\n" or raw_map.normalize(mapped) != mapped:

@@ -8,16 +8,16 @@ from __future__ import annotations
 
 import json
 import random
+import shutil
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+import sentencepiece as spm
 
 from hal.errors import CheckpointError
 from model.sentencepiece_pipeline import model_proto_module, pipeline_from_proto, read_model_proto
 from model.tokenizer import CHATML_TEMPLATE, load_tokenizer, render_chat
-
-spm = pytest.importorskip("sentencepiece")
 
 CORPUS = (
     "The quick brown fox jumps over the lazy dog.",
@@ -48,7 +48,8 @@ TEXTS = (
     "line one\nline two\n", "\n\nleading newlines", "a\n  b\n\n  c", "\r\nwindows\r\n",
     "12345 678.90 and 2024-12-01", "x  1 2  3  456789",
     "    def f(x):\n        return x ** 2  # comment",
-    "你好，世界！今天天气很好。", "日本語のテキストです", "混合 text with 日本語 and Ελληνικά и русский 123",
+    "你好，世界！今天天气很好。", "日本語のテキストです",
+    "混合 text with 日本語 and Ελληνικά и русский 123",
     "emoji 😀👍🏽 🇫🇷 👨\u200d👩\u200d👧 ❤️",
     "unseen: שלום բարեւ ქართული ᚠᚢ ∀x ☃ ꙮ 𝔘𝔫𝔦",
     "Ｆｕｌｌｗｉｄｔｈ ①②③ ﬁ ㎏",
@@ -80,11 +81,14 @@ def _settings() -> Iterator[tuple[str, dict[str, object]]]:
         for rule in ("identity", "nmt_nfkc"):
             for dummy in (True, False):
                 for extra in (True, False):
-                    name = f"{model_type}-{rule}-{'prefix' if dummy else 'noprefix'}-{'strip' if extra else 'keepws'}"
+                    prefix, spaces = ("prefix" if dummy else "noprefix"), ("strip" if extra else "keepws")
+                    name = f"{model_type}-{rule}-{prefix}-{spaces}"
                     yield name, {"model_type": model_type, "normalization_rule_name": rule,
                                  "add_dummy_prefix": dummy, "remove_extra_whitespaces": extra}
     yield "bpe-nfkc_cf-prefix-strip", {"model_type": "bpe", "normalization_rule_name": "nfkc_cf"}
-    yield "unigram-nmt_nfkc_cf-prefix-strip", {"model_type": "unigram", "normalization_rule_name": "nmt_nfkc_cf"}
+    yield "unigram-nmt_nfkc_cf-prefix-strip", {
+        "model_type": "unigram", "normalization_rule_name": "nmt_nfkc_cf",
+    }
     yield "bpe-identity-prefix-keepws-plain", {  # Llama-2 like, without the training-only options
         "model_type": "bpe", "normalization_rule_name": "identity", "remove_extra_whitespaces": False,
         "split_digits": False, "allow_whitespace_only_pieces": False,
@@ -194,6 +198,35 @@ def test_checkpoint_loading_equals_sentencepiece(models: dict[str, Path], name: 
         assert tok.decode(ids[1:]) == sp.decode(expected), text
 
 
+def test_model_tokenizer_from_tokenizer_model_only(tmp_path: Path, tiny_checkpoint: Path) -> None:
+    """End to end through the model: a checkpoint folder whose only tokenizer file is a MiniCPM4-
+    style tokenizer.model; ``model.tokenizer`` encodes a chat prompt as SentencePiece does and
+    decodes generated ids as SentencePiece does."""
+    import hal
+
+    folder = tmp_path / "ckpt"
+    shutil.copytree(tiny_checkpoint, folder)
+    for name in ("tokenizer.json", "added_tokens.json", "special_tokens_map.json"):
+        (folder / name).unlink(missing_ok=True)
+    _train(tmp_path / "spm", **SETTINGS["bpe-identity-noprefix-keepws"],
+           user_defined_symbols=["<|im_start|>", "<|im_end|>"])
+    shutil.copy(tmp_path / "spm" / "tokenizer.model", folder / "tokenizer.model")
+    _checkpoint_folder(folder)
+    sp = spm.SentencePieceProcessor(model_file=str(folder / "tokenizer.model"))
+    model = hal.load_model(folder, "cpu", "float32")
+    tok = model.tokenizer
+    prompt = render_chat(tok, [{"role": "user", "content": "The capital of France is  Paris 2024 😀"}])
+    ids = tok.encode(prompt)
+    assert ids == [sp.bos_id()] + sp.encode(prompt)
+    new = model.generate([ids], max_new_tokens=6, do_sample=False)[0]
+    assert len(new) >= 1 and all(0 <= i < model.config.vocab_size for i in new)
+    # Random weights: keep the ids SentencePiece knows, and no lone byte pieces (whose invalid
+    # UTF-8 runs decode differently, a documented limit).
+    readable = [i for i in new if i < sp.GetPieceSize() and not sp.IsByte(i)]
+    assert tok.decode(readable, skip_special_tokens=True) == sp.decode(readable)
+    assert tok.decode(ids, skip_special_tokens=True) == sp.decode(ids) == prompt
+
+
 def test_minicpm4_settings_keep_the_first_word_and_spaces(models: dict[str, Path]) -> None:
     """The issue's case: no dummy prefix, so "The" is not "▁The", and space runs are kept."""
     folder = models["bpe-identity-noprefix-keepws"].parent
@@ -202,8 +235,10 @@ def test_minicpm4_settings_keep_the_first_word_and_spaces(models: dict[str, Path
     sp = spm.SentencePieceProcessor(model_file=str(folder / "tokenizer.model"))
     pieces = tok.convert_ids_to_tokens(tok.encode("The capital", add_special_tokens=False))
     assert pieces == sp.encode("The capital", out_type=str) and pieces[0].startswith("T")
-    assert "".join(tok.convert_ids_to_tokens(tok.encode("a   b", add_special_tokens=False))) == "a\u2581\u2581\u2581b"
-    assert tok.decode(tok.encode(" lead", add_special_tokens=False)) == " lead" == sp.decode(sp.encode(" lead"))
+    spaced = tok.convert_ids_to_tokens(tok.encode("a   b", add_special_tokens=False))
+    assert "".join(spaced) == "a\u2581\u2581\u2581b"
+    lead = tok.encode(" lead", add_special_tokens=False)
+    assert tok.decode(lead) == " lead" == sp.decode(sp.encode(" lead"))
 
 
 @pytest.mark.parametrize("name", ["bpe-identity-noprefix-keepws", "bpe-identity-prefix-keepws",
@@ -221,7 +256,8 @@ def test_added_and_user_defined_tokens(tmp_path: Path, name: str) -> None:
     (tmp_path / "added_tokens.json").write_text(json.dumps(extra), encoding="utf-8")
     tok = load_tokenizer(tmp_path)
     assert len(tok) == sp.GetPieceSize() + 2
-    assert [tok.convert_tokens_to_ids(t) for t in user + ["<|fim|>"]] == [sp.PieceToId(t) for t in user + ["<|fim|>"]]
+    pieces = user + ["<|fim|>"]
+    assert [tok.convert_tokens_to_ids(t) for t in pieces] == [sp.PieceToId(t) for t in pieces]
     assert sp.IsControl(sp.PieceToId("<|fim|>")) and not sp.IsControl(sp.PieceToId(user[0]))
 
     chat = render_chat(tok, [{"role": "user", "content": "Hello  world 123"}])
@@ -271,10 +307,12 @@ def test_unsupported_models_are_refused_in_one_line(tmp_path: Path) -> None:
     unused = model_pb2.ModelProto.SentencePiece.UNUSED
     cases = {
         "model_type": _train(tmp_path / "word", model_type="word", byte_fallback=False, vocab_size=100),
-        "treat_whitespace_as_suffix": _train(tmp_path / "suffix", model_type="bpe", treat_whitespace_as_suffix=True),
+        "treat_whitespace_as_suffix": _train(tmp_path / "suffix", treat_whitespace_as_suffix=True),
         "UNUSED": _rewrite(base, tmp_path / "unused.model", lambda p: setattr(p.pieces[300], "type", unused)),
-        "denormalizer_spec": _rewrite(base, tmp_path / "denorm.model",
-                                      lambda p: setattr(p.denormalizer_spec, "precompiled_charsmap", nfkc_map)),
+        "denormalizer_spec": _rewrite(
+            base, tmp_path / "denorm.model",
+            lambda p: setattr(p.denormalizer_spec, "precompiled_charsmap", nfkc_map),
+        ),
         "escape_whitespaces": _rewrite(base, tmp_path / "escape.model",
                                        lambda p: setattr(p.normalizer_spec, "escape_whitespaces", False)),
     }
