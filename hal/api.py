@@ -110,13 +110,25 @@ def load_model(path: str | Path, device: str = "auto", dtype: str | torch.dtype 
     from model.gguf_checkpoint import load_gguf_weights
 
     weights = load_gguf_weights(gguf_file, config, torch_dtype, torch_device(kind))
-    del gguf_file  # closes the memory map: the mapped pages leave the process once read
+    tokenizer_loader = _gguf_tokenizer_loader(gguf_file)
+    del gguf_file  # closes the memory map: its pages leave the process
     return MiniCPMForCausalLM(config, weights, ops, torch_device(kind), torch_dtype, path=folder,
-                              generation=generation, tokenizer_loader=lambda: _gguf_tokenizer(folder))
+                              generation=generation, tokenizer_loader=tokenizer_loader)
 
 
-def _gguf_tokenizer(path: Path):
-    from model.gguf_file import GGUFFile
+def _gguf_tokenizer_loader(gguf_file) -> Callable[[], Any]:
+    """Builds the tokenizer now, while the file's metadata is parsed (parsing a 49k-token
+    vocabulary is the slow part of reading a GGUF); a tokenizer error is raised on first use, so
+    a model whose tokenizer is unsupported still gives logits."""
     from model.gguf_tokenizer import load_gguf_tokenizer
 
-    return load_gguf_tokenizer(GGUFFile(path))
+    try:
+        tokenizer = load_gguf_tokenizer(gguf_file)
+    except CheckpointError as exc:
+        error = exc
+
+        def fail():
+            raise error
+
+        return fail
+    return lambda: tokenizer

