@@ -100,7 +100,8 @@ class GGUFFile:
     def integer(self, key: str, default: Any = ...) -> Any:
         value = self.value(key, default)
         if value is not default and (isinstance(value, bool) or not isinstance(value, int)):
-            raise CheckpointError(f"{self.path}: GGUF metadata key '{key}' must be an integer, got {value!r}"[:200])
+            raise CheckpointError(f"{self.path}: GGUF metadata key '{key}' must be an integer, "
+                                  f"got {value!r}"[:200])
         return value
 
     def number(self, key: str, default: Any = ...) -> Any:
