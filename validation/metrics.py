@@ -107,7 +107,8 @@ def summarize(rows: Sequence[PositionMetrics], labels: Sequence[str], k: int) ->
 
     Keys: top1_match_rate, top5_inclusion_rate, top10_overlap_mean (mean count out of ``k``),
     top1_prob_rel_err_mean / _max / _max_prompt, top10_prob_mae / _max_abs_err / _rmse (over
-    the reference's top-k tokens of every row), kl_mean, kl_max, near_ties, positions."""
+    the reference's top-k tokens of every row), kl_mean, kl_max, near_ties, positions,
+    top1_mismatch_rate (mismatches outside near-ties, over all positions)."""
     if len(rows) != len(labels):
         raise ValueError(f"expected one label per row, got {len(labels)} labels for {len(rows)} rows")
     if not rows:
@@ -119,6 +120,7 @@ def summarize(rows: Sequence[PositionMetrics], labels: Sequence[str], k: int) ->
     return {
         "positions": len(rows),
         "top1_match_rate": mean([float(r.top1_match) for r in rows]),
+        "top1_mismatch_rate": mean([float(not r.top1_match and not r.near_tie) for r in rows]),
         "top5_inclusion_rate": mean([float(r.top5_inclusion) for r in rows]),
         "top10_overlap_mean": mean([float(r.topk_overlap) for r in rows]),
         "top1_prob_rel_err_mean": mean(rel),
