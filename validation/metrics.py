@@ -133,3 +133,55 @@ def summarize(rows: Sequence[PositionMetrics], labels: Sequence[str], k: int) ->
         "kl_max": max(kls),
         "near_ties": sum(r.near_tie for r in rows),
     }
+
+
+# -- over a corpus (validation/corpus.py) -------------------------------------------------------
+
+def quantile(values: Sequence[float], q: float) -> float:
+    """The q-quantile (0 <= q <= 1) with linear interpolation between order statistics (numpy's
+    default): sorted x, h = (n - 1) q, x[floor h] + (h - floor h) (x[floor h + 1] - x[floor h])."""
+    if not values:
+        return float("nan")
+    xs = sorted(values)
+    h = (len(xs) - 1) * q
+    low = math.floor(h)
+    high = min(low + 1, len(xs) - 1)
+    return xs[low] + (h - low) * (xs[high] - xs[low])
+
+
+def distribution(values: Sequence[float]) -> dict[str, float]:
+    """mean, median, p99, p99_9 and max of ``values`` (e.g. per-token KL divergences)."""
+    return {"mean": mean(values), "median": quantile(values, 0.5), "p99": quantile(values, 0.99),
+            "p99_9": quantile(values, 0.999), "max": max(values) if values else float("nan")}
+
+
+def perplexity(nll: Sequence[float]) -> float:
+    """exp(mean negative log-likelihood in nats) of the observed tokens."""
+    return math.exp(mean(nll)) if nll else float("nan")
+
+
+@dataclass(frozen=True)
+class TokenScores:
+    """Per scored corpus position (row i predicts token ``target[i]``): each model's NLL of the
+    target, KL(ref || dev), both top-1 ids and the reference top-1 token's probabilities."""
+
+    ref_nll: torch.Tensor
+    dev_nll: torch.Tensor
+    kl: torch.Tensor
+    ref_top1: torch.Tensor
+    dev_top1: torch.Tensor
+    ref_top1_prob: torch.Tensor
+    dev_prob_of_ref_top1: torch.Tensor
+
+
+def token_scores(ref_logits: torch.Tensor, dev_logits: torch.Tensor, target: torch.Tensor) -> TokenScores:
+    """ref_logits / dev_logits `[N, V]` (any float dtype), target `[N]` int64 -> float64 scores `[N]`."""
+    lr = torch.log_softmax(ref_logits.double(), dim=-1)
+    ld = torch.log_softmax(dev_logits.double(), dim=-1)
+    pr = lr.exp()
+    kl = (pr * (lr - ld)).sum(-1).clamp_min(0.0)
+    rows = torch.arange(target.shape[0])
+    ref_top1 = lr.argmax(-1)
+    return TokenScores(ref_nll=-lr[rows, target], dev_nll=-ld[rows, target], kl=kl, ref_top1=ref_top1,
+                       dev_top1=ld.argmax(-1), ref_top1_prob=pr[rows, ref_top1],
+                       dev_prob_of_ref_top1=ld[rows, ref_top1].exp())
