@@ -18,7 +18,7 @@ from hal.api import dtype_name, parse_dtype
 from hal.errors import InputError
 from validation import environment, faults, floor, grid, metrics, opcheck
 from validation.drift import layer_drift, summarize_drift
-from validation.passrule import FLOOR_RULES, Check, Thresholds, seed_rule, verdict
+from validation.passrule import FLOOR_RULES, TIE_FACTOR, Check, Thresholds, seed_rule, tie_margin, verdict
 
 from hal import probing as hal_devices
 
@@ -196,7 +196,7 @@ def run(settings: Settings, progress: Progress = _silent, reuse: dict[Any, Any] 
     end_rows: list[metrics.PositionMetrics] = []
     end_labels: list[str] = []
     floor_rows: dict[str, list[metrics.PositionMetrics]] = {f.name: [] for f in floors}
-    checks: list[Check] = []
+    compared: list[tuple[str, metrics.PositionMetrics, str]] = []
     drifts: list[list[float]] = []
     lengths: list[int] = []
     t1 = time.perf_counter()
@@ -229,8 +229,7 @@ def run(settings: Settings, progress: Progress = _silent, reuse: dict[Any, Any] 
                 end_labels.append(label)
             detail = (f"reference {tok(m.ref_top1)!r} ({m.ref_top1_prob:.4f}) vs device {tok(m.dev_top1)!r} "
                       f"({float(p_dev[m.dev_top1]):.4f})")
-            checks.append(Check(f"prompt {index + 1} position {pos}" + (f" (+{offset})" if offset else ""),
-                                m.top1_match, m.near_tie, detail))
+            compared.append((f"prompt {index + 1} position {pos}" + (f" (+{offset})" if offset else ""), m, detail))
             positions.append({
                 "offset": offset, "position": pos, "teacher_forced": offset > 0,
                 "ref_top1": {"id": m.ref_top1, "token": tok(m.ref_top1), "prob": m.ref_top1_prob},
@@ -260,9 +259,15 @@ def run(settings: Settings, progress: Progress = _silent, reuse: dict[Any, Any] 
     failed_ops = sorted({r.case.op for r in results if not r.passed})
     t_conf = time.perf_counter() - t2
 
+    swing = max((r.top2_swing for floor_list in floor_rows.values() for r in floor_list), default=0.0)
+    margin = tie_margin(thresholds.near_tie_margin, swing)
     summary = metrics.summarize(rows, labels, k)
-    floor_summaries = {name: metrics.summarize(r, labels, k) for name, r in floor_rows.items()}
-    judged = verdict(summary, floor_summaries, thresholds, checks, failed_ops)
+    summary["top1_mismatch_rate"] = metrics.mismatch_rate(rows, margin)
+    floor_summaries = {name: {**metrics.summarize(r, labels, k), "top1_mismatch_rate": metrics.mismatch_rate(r, margin)}
+                       for name, r in floor_rows.items()}
+    checks = [Check(where, m.top1_match, m.ref_margin < margin, detail) for where, m, detail in compared]
+    seed_checks = [Check(where, m.top1_match, m.near_tie, detail) for where, m, detail in compared]
+    judged = verdict(summary, floor_summaries, thresholds, checks, failed_ops, tie=margin)
     drift_summary = summarize_drift(drifts, float(thresholds.drift_rel_l2 or 0.0))
     emulated = is_emulated(kind)
     description = hal_devices.probe(kind).description
@@ -277,9 +282,10 @@ def run(settings: Settings, progress: Progress = _silent, reuse: dict[Any, Any] 
         "passed": judged.passed,
         "verdict": {"passed": judged.passed, "failures": list(judged.failures), "notes": list(judged.notes),
                     "metrics": [m.as_dict() for m in judged.metrics],
+                    "tie_margin": margin, "floor_top2_swing_max": swing, "tie_factor": TIE_FACTOR,
                     "rules": [{"metric": r.metric, "label": r.label, "factor": thresholds.factor(r),
                                "minimum": r.minimum, "rationale": r.rationale} for r in FLOOR_RULES]},
-        "seed_rule": seed_rule(checks, float(summary["top1_prob_rel_err_mean"]), thresholds),
+        "seed_rule": seed_rule(seed_checks, float(summary["top1_prob_rel_err_mean"]), thresholds),
         "floor": [{"name": f.name, "description": f.description,
                    **{key: floor_summaries[f.name][key] for key in FLOOR_KEYS}} for f in floors],
         "fault": settings.fault,
@@ -292,7 +298,8 @@ def run(settings: Settings, progress: Progress = _silent, reuse: dict[Any, Any] 
         "settings": {"top_k": k, "positions": settings.positions, "prompts_file": settings.prompts_file,
                      "allow_fallback": settings.allow_fallback, "thresholds": thresholds.as_dict()},
         **{key: value for key, value in summary.items()},
-        "prompt_end": metrics.summarize(end_rows, end_labels, k),
+        "prompt_end": {**metrics.summarize(end_rows, end_labels, k),
+                       "top1_mismatch_rate": metrics.mismatch_rate(end_rows, margin)},
         "prompts": prompts_out,
         "drift": drift_summary.as_dict(),
         "conformance": {"cases": [r.as_dict() for r in results], "failed_ops": failed_ops,

@@ -40,18 +40,33 @@ class FloorRule:
 
 
 FLOOR_RULES: tuple[FloorRule, ...] = (
-    FloorRule("kl_mean", "KL(ref ‖ dev) mean (nats)", 4.0, 1e-9,
-              "correct implementations reach at most 1.6x the floor, the faults at least 9.3x "
-              "(required ones 30x); 4 leaves 2.5x on the pass side and 2.3x below the weakest catch "
-              "(calibration table, validation/README.md)"),
-    FloorRule("top1_prob_rel_err_mean", "top-1 prob mean relative error", 3.0, 1e-6,
-              "correct implementations reach at most 1.4x the floor; 3 leaves 2.1x on the pass side; "
-              "faults are caught mostly by KL, this metric adds a second, independent view"),
+    FloorRule("kl_mean", "KL(ref ‖ dev) mean (nats)", 5.0, 1e-9,
+              "correct implementations (CPU bf16/fp16, emulated NPU bf16; SmolLM2-135M, tiny and tiny-sala "
+              "seeds 0-4: 33 runs) reach at most 2.17x the floor; the required faults at least 230x "
+              "(282x on SmolLM2), except one that is the identity on a Llama. 5 leaves 2.3x on the pass "
+              "side and 46x below the weakest required catch"),
+    FloorRule("top1_prob_rel_err_mean", "top-1 prob mean relative error", 4.0, 1e-6,
+              "correct implementations reach at most 2.08x the floor; the required faults at least 9.4x. "
+              "4 leaves 1.9x on the pass side and 2.4x below the weakest required catch; KL is the "
+              "sharper metric, this one is the seed's own figure judged against the floor"),
     FloorRule("top1_mismatch_rate", "top-1 mismatch rate outside near-ties", 1.0, 0.0,
-              "a swap of two tokens whose reference margin is >= near_tie_margin is not rounding "
-              "noise unless a floor implementation makes it too: no more than the floor's "
+              "a swap of two tokens further apart than the run's tie margin (TIE_FACTOR) is not "
+              "rounding noise unless a floor implementation makes it too: no more than the floor's "
               "(0 when the floor has none)"),
 )
+
+TIE_FACTOR = 2.0
+"""A top-1 swap counts only where the reference's margin is at least ``near_tie_margin`` and at
+least TIE_FACTOR x the largest top-2 swing of any floor implementation in the run (metrics.py:
+|Δp(top-1)| + |Δp(top-2)|): closer pairs can swap by the dtype's rounding alone. Calibration:
+with the fixed 0.02 alone, 3 of 24 correct runs on tiny / tiny-sala seeds 1-4 failed on swaps at
+reference margins 0.021, 0.024 and 0.032 (validation/README.md)."""
+
+
+def tie_margin(fixed: float, floor_swing: float) -> float:
+    """The run's near-tie margin: max(``fixed``, TIE_FACTOR x ``floor_swing``)."""
+    return max(fixed, TIE_FACTOR * floor_swing)
+
 
 SEED_RULE = ("seed 004's fixed rule: top-1 match at every position outside near-ties and mean top-1 "
              "probability relative error < 1 % (read off BitCPM4-0.5B on a 910B2: 0.84 %, max 3.76 %, "
@@ -166,9 +181,11 @@ def _fmt(value: float) -> str:
 
 def verdict(device: Mapping[str, float], floors: Mapping[str, Mapping[str, float]], thresholds: Thresholds,
             checks: Sequence[Check] = (), failed_ops: Sequence[str] = (),
-            rules: Sequence[FloorRule] = FLOOR_RULES) -> Verdict:
+            rules: Sequence[FloorRule] = FLOOR_RULES, tie: float | None = None) -> Verdict:
     """Judge the device's summary ``device`` (metric -> value) against ``floors`` (floor
-    implementation -> its summary). ``checks`` list the positions (mismatches become notes)."""
+    implementation -> its summary). ``checks`` list the positions (mismatches become notes);
+    ``tie``: the run's near-tie margin (:func:`tie_margin`; default ``near_tie_margin``)."""
+    tie = thresholds.near_tie_margin if tie is None else tie
     failures: list[str] = []
     notes: list[str] = []
     judged = []
@@ -185,7 +202,7 @@ def verdict(device: Mapping[str, float], floors: Mapping[str, Mapping[str, float
             continue
         line = f"top-1 mismatch at {check.where}" + (f": {check.detail}" if check.detail else "")
         if check.near_tie:
-            notes.append(f"near-tie (margin < {thresholds.near_tie_margin:g}), not counted: {line}")
+            notes.append(f"near-tie (margin < {tie:.3g}), not counted: {line}")
         else:
             notes.append(line)
     if failed_ops:

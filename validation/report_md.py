@@ -194,8 +194,10 @@ def _verdict(r: dict[str, Any]) -> list[str]:
     lines = [head, "",
              *_table(["Metric", "Floor", "Floor from", "Device", "Ratio", "Limit", "Verdict"], rows), "",
              "Pass rule: every metric ≤ factor × max(floor, minimum); the floor is the largest value over the "
-             "floor implementations below, never the device's own output. Near-ties: reference top-1 − "
-             f"top-2 < {s['near_tie_margin']:g}.", ""]
+             "floor implementations below, never the device's own output. A top-1 swap counts when the "
+             f"reference's top-1 − top-2 margin is at least {_num(v['tie_margin'])} = max(near_tie_margin "
+             f"{s['near_tie_margin']:g}, {_num(v['tie_factor'])} × the floor's largest top-2 swing "
+             f"{_num(v['floor_top2_swing_max'])}).", ""]
     floor_rows = [[f["name"], f["description"], _num(f["kl_mean"]), _pct(f["top1_prob_rel_err_mean"]),
                    _pct(f["top1_mismatch_rate"])] for f in r["floor"]]
     lines += _table(["Floor implementation", "What", "KL mean", "Top-1 prob rel err", "Top-1 mismatch"],

@@ -8,8 +8,8 @@ import pytest
 import torch
 
 import hal
-from validation import floor
-from validation.passrule import FLOOR_RULES, FloorRule, Thresholds, judge_metric, verdict
+from validation import floor, metrics
+from validation.passrule import TIE_FACTOR, FLOOR_RULES, FloorRule, Thresholds, judge_metric, tie_margin, verdict
 
 RULE = FloorRule("kl_mean", "KL", 4.0, 1e-9, "test")
 
@@ -51,13 +51,27 @@ def test_nan_never_passes():
 
 def test_verdict_fails_on_any_metric_and_overrides_move_the_factor():
     floors = {"rounded-ops": {"kl_mean": 1e-4, "top1_prob_rel_err_mean": 0.01, "top1_mismatch_rate": 0.0}}
-    device = {"kl_mean": 5e-4, "top1_prob_rel_err_mean": 0.01, "top1_mismatch_rate": 0.0}
     kl_factor = next(r.factor for r in FLOOR_RULES if r.metric == "kl_mean")
-    assert kl_factor < 5  # 5e-4 is 5x the floor
+    device = {"kl_mean": 1e-4 * kl_factor * 1.01, "top1_prob_rel_err_mean": 0.01, "top1_mismatch_rate": 0.0}
     v = verdict(device, floors, Thresholds())
     assert not v.passed and len(v.failures) == 1 and v.failures[0].startswith("KL")
     assert [m.metric for m in v.metrics] == [r.metric for r in FLOOR_RULES]
-    assert verdict(device, floors, Thresholds(kl_mean_factor=5.0)).passed
+    assert verdict(device, floors, Thresholds(kl_mean_factor=kl_factor * 1.02)).passed
+
+
+def test_tie_margin_follows_the_floor_swing():
+    assert tie_margin(0.02, 0.004) == 0.02  # the fixed margin when the floor moves little
+    assert tie_margin(0.02, 0.03) == pytest.approx(TIE_FACTOR * 0.03)
+
+
+def test_mismatch_rate_counts_swaps_outside_the_margin_only():
+    def row(match, margin):
+        return metrics.PositionMetrics(0, 0 if match else 1, 0.5, 0.5, match, True, 10, (), 0.0, False, margin)
+
+    rows = [row(True, 0.5), row(False, 0.01), row(False, 0.05), row(False, 0.2)]
+    assert metrics.mismatch_rate(rows, 0.02) == 0.5
+    assert metrics.mismatch_rate(rows, 0.06) == 0.25
+    assert metrics.mismatch_rate(rows, 0.05) == 0.5  # at the margin: counted
 
 
 def test_rounded_ops_round_every_floating_output_but_logits(tiny_checkpoint):
