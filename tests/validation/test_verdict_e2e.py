@@ -42,7 +42,7 @@ def test_unknown_fault_is_a_usage_error(tiny_checkpoint, tmp_path):
 
 def test_trained_model_correct_passes_and_a_fault_fails(trained_gguf):
     reuse: dict = {}
-    prompts = ["The capital of France is", "Machine learning is a"]
+    prompts = ["The capital of France is"]
 
     def judge(fault):
         settings = harness.Settings(model=trained_gguf, device="cpu", dtype="bfloat16", prompts=prompts,
