@@ -37,7 +37,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--report-dir", type=Path, default=None, metavar="DIR",
                    help="where to write the report (default: reports/<device>-<dtype>-<timestamp>/)")
     p.add_argument("--thresholds", action="append", default=[], metavar="KEY=VALUE[,KEY=VALUE]",
-                   help="pass-rule overrides: top1_prob_rel_err_mean, near_tie_margin, drift_rel_l2, "
+                   help="pass-rule overrides: kl_mean_factor, top1_prob_rel_err_factor, top1_mismatch_factor, "
+                        "near_tie_margin, top1_prob_rel_err_mean (the seed rule's limit), drift_rel_l2, "
                         "ops_must_conform")
     p.add_argument("--allow-fallback", action="store_true",
                    help="run ops the device cannot serve on the CPU reference (listed in the report)")

@@ -49,13 +49,19 @@ def run_cached(model: Any, ids: torch.Tensor, prompt_len: int,
     ids `[1, T]` (CPU) -> (logits `[T, V]` float32 on the CPU, L+1 hidden states `[1, T, E]`)."""
     cache = model.new_cache(1, ids.shape[1])
     chunks = [ids[:, :prompt_len]] + [ids[:, t:t + 1] for t in range(prompt_len, ids.shape[1])]
-    logits: list[torch.Tensor] = []
-    hidden: list[list[torch.Tensor]] = []
-    for chunk in chunks:
-        out = model.forward(chunk.to(model.device), cache=cache, output_hidden_states=True)
-        logits.append(out.logits[0].float().cpu())
-        hidden.append([h.cpu() for h in out.hidden_states])
-    return torch.cat(logits, dim=0), [torch.cat([step[i] for step in hidden], dim=1) for i in range(len(hidden[0]))]
+    steps = [_step(model, chunk, cache) for chunk in chunks]
+    return _joined(steps)
+
+
+def _step(model: Any, chunk: torch.Tensor, cache: Any) -> tuple[torch.Tensor, list[torch.Tensor]]:
+    out = model.forward(chunk.to(model.device), cache=cache, output_hidden_states=True)
+    return out.logits[0].float().cpu(), [h.cpu() for h in out.hidden_states]
+
+
+def _joined(steps: list[tuple[torch.Tensor, list[torch.Tensor]]]) -> tuple[torch.Tensor, list[torch.Tensor]]:
+    """Per-step (logits `[t, V]`, states `[1, t, E]`) joined along the sequence."""
+    logits = torch.cat([s[0] for s in steps], dim=0)
+    return logits, [torch.cat([s[1][i] for s in steps], dim=1) for i in range(len(steps[0][1]))]
 
 
 def teacher_force(model: Any, prompt: torch.Tensor, positions: int,
@@ -65,17 +71,13 @@ def teacher_force(model: Any, prompt: torch.Tensor, positions: int,
     logits `[P + positions, V]` float32, L+1 hidden states `[1, P + positions, E]`), all on the CPU."""
     cache = model.new_cache(1, prompt.shape[1] + positions)
     ids = prompt.cpu()
-    chunk = ids
-    logits: list[torch.Tensor] = []
-    hidden: list[list[torch.Tensor]] = []
-    for step in range(positions + 1):
-        out = model.forward(chunk.to(model.device), cache=cache, output_hidden_states=True)
-        logits.append(out.logits[0].float().cpu())
-        hidden.append([h.cpu() for h in out.hidden_states])
-        if step < positions:
-            chunk = logits[-1][-1].argmax().view(1, 1)
-            ids = torch.cat([ids, chunk], dim=1)
-    return ids, torch.cat(logits, dim=0), [torch.cat([s[i] for s in hidden], dim=1) for i in range(len(hidden[0]))]
+    steps = [_step(model, ids, cache)]
+    for _ in range(positions):
+        greedy = steps[-1][0][-1].argmax().view(1, 1)
+        ids = torch.cat([ids, greedy], dim=1)
+        steps.append(_step(model, greedy, cache))
+    logits, states = _joined(steps)
+    return ids, logits, states
 
 
 def _round(value: Any, dtype: torch.dtype) -> Any:
