@@ -39,7 +39,7 @@ def test_stdout_is_the_seed_style_report_and_stderr_has_progress(fp32_run):
 
 def test_report_json_schema(fp32_run):
     r = fp32_run.report
-    assert r["schema_version"] == 1 and r["passed"] is True
+    assert r["schema_version"] == 2 and r["passed"] is True
     assert (r["device"], r["dtype"], r["reference"], r["emulated"]) == ("cpu", "float32", "cpu-fp32", False)
     for key in METRIC_KEYS:
         assert key in r and key in r["prompt_end"]
