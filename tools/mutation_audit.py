@@ -47,6 +47,8 @@ def _m(file: str, old: str, new: str, description: str, *tests: str) -> Mutation
 SPARSE_TESTS = ("tests/test_infllm_independent.py", "tests/test_sparse_model.py", "tests/test_sala.py",
                 "tests/validation/test_compare_sparse.py")
 OP_TESTS = ("tests/ops", "tests/test_tolerances.py")
+INFLLM_OP_TESTS = ("tests/ops/test_infllm_select_blocks.py", "tests/ops/test_infllm_semantics.py",
+                   "tests/test_infllm_independent.py")
 SAMPLE_TESTS = ("tests/test_sampling_distribution.py", "tests/ops/test_sample.py", "tests/test_generation.py")
 METRIC_TESTS = ("tests/validation/test_metrics.py", "tests/validation/test_metrics_asymmetric.py")
 ST_TESTS = ("tests/test_safetensors_library_files.py", "tests/test_checkpoint.py")
@@ -77,18 +79,22 @@ MUTATIONS: tuple[Mutation, ...] = (
     # -- more of the same kind --------------------------------------------------------------------
     _m("backends/cpu/infllm.py", "forced = (c < g.init_blocks) | (c >= qb - g.local_blocks)",
        "forced = (c < g.init_blocks) | (c > qb - g.local_blocks)",
-       "InfLLM-v2 (torch op): one local block too few forced", *SPARSE_TESTS, "tests/ops"),
+       "InfLLM-v2 (torch op): one local block too few forced", *INFLLM_OP_TESTS),
     _m("backends/cpu/reference/infllm.py", "if c < g.init_blocks or c >= qb - g.local_blocks:",
        "if c < g.init_blocks or c > qb - g.local_blocks:",
-       "InfLLM-v2 (reference op): one local block too few forced", "tests/ops"),
+       "InfLLM-v2 (reference op): one local block too few forced", *INFLLM_OP_TESTS),
     _m("backends/cpu/infllm.py", "lse = torch.where(coarse_vis.any(dim=-1), lse_coarse, lse_fine)",
        "lse = lse_fine", "InfLLM-v2 normaliser from the fine kernels instead of the coarse ones",
-       *SPARSE_TESTS, "tests/ops"),
-    _m("backends/cpu/infllm.py", "fine_vis = (fine_end[None, None, :] <= pos[:, :, None])",
-       "fine_vis = (fine_end[None, None, :] < pos[:, :, None])",
-       "InfLLM-v2: a kernel ending at the query's own position is hidden", *SPARSE_TESTS, "tests/ops"),
+       *INFLLM_OP_TESTS),
+    # (the same off-by-one on the fine kernels is an equivalent mutant: a fine kernel ending at
+    # the query's position only scores blocks that are forced anyway)
+    _m("backends/cpu/infllm.py", "coarse_vis = (coarse_end[None, None, :] <= pos[:, :, None])",
+       "coarse_vis = (coarse_end[None, None, :] < pos[:, :, None])",
+       "InfLLM-v2: a coarse kernel ending at the query's own position left out of the normaliser",
+       *INFLLM_OP_TESTS),
     _m("model/minicpm.py", "                ops.infllm_append_kernel(kernels, keys, kv_lens, size, stride)",
-       "                pass", "decode steps never append semantic kernels (stale kernels)", *SPARSE_TESTS),
+       "                pass", "decode steps never append semantic kernels (stale kernels)",
+       "tests/test_infllm_independent.py", "tests/test_sparse_model.py"),
     _m("model/generation.py", "context_len=longest)", "context_len=0)",
        "chunked prefill decides dense/sparse per chunk, not on the whole prompt",
        "tests/test_infllm_independent.py", "tests/test_generation.py", "tests/test_sparse_model.py"),
@@ -160,7 +166,7 @@ def run_tests(copy: Path, tests: tuple[str, ...], timeout: float) -> tuple[int, 
     return proc.returncode, failing, tail
 
 
-def audit(mutation: Mutation, full: bool, timeout: float) -> Outcome:
+def audit(mutation: Mutation, full: bool, timeout: float, tests: tuple[str, ...] | None = None) -> Outcome:
     started = time.perf_counter()
     with tempfile.TemporaryDirectory(prefix="mutation-audit-") as tmp:
         copy = Path(tmp)
@@ -168,7 +174,7 @@ def audit(mutation: Mutation, full: bool, timeout: float) -> Outcome:
         why = apply(mutation, copy)
         if why is not None:
             return Outcome(mutation, "stale", [], 0.0, why)
-        code, failing, tail = run_tests(copy, () if full else mutation.tests, timeout)
+        code, failing, tail = run_tests(copy, () if full else tests or mutation.tests, timeout)
     seconds = time.perf_counter() - started
     if code == 0:
         return Outcome(mutation, "MISSED", [], seconds, tail)
@@ -179,10 +185,13 @@ def audit(mutation: Mutation, full: bool, timeout: float) -> Outcome:
 
 def markdown(outcomes: list[Outcome], full: bool) -> str:
     lines = [f"Mutation audit ({'whole suite' if full else 'chosen tests'} per mutation)", "",
-             "| # | where | injected bug | result | failing tests | s |", "|---|---|---|---|---|---|"]
+             "| # | where | injected bug | result | failing tests (count per file) | s |", "|---|---|---|---|---|---|"]
     for o in outcomes:
         index = MUTATIONS.index(o.mutation) + 1
-        tests = ", ".join(f"`{t}`" for t in o.failing[:4]) + (f" (+{len(o.failing) - 4})" if len(o.failing) > 4 else "")
+        files: dict[str, int] = {}
+        for test in o.failing:
+            files[test.split("::")[0]] = files.get(test.split("::")[0], 0) + 1
+        tests = ", ".join(f"`{f}` ({n})" for f, n in files.items())
         lines.append(f"| {index} | `{o.mutation.file}` | {o.mutation.description} | {o.status} | "
                      f"{tests or o.detail} | {o.seconds:.0f} |")
     caught = sum(o.status == "caught" for o in outcomes)
@@ -194,6 +203,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python tools/mutation_audit.py", description=__doc__.split("\n\n")[0])
     parser.add_argument("--only", help="comma-separated mutation numbers (see --list)")
     parser.add_argument("--full", action="store_true", help="run the whole suite for each mutation")
+    parser.add_argument("--tests", nargs="+", help="run these pytest arguments instead of each mutation's own")
     parser.add_argument("--list", action="store_true", help="list the mutations and exit")
     parser.add_argument("--timeout", type=float, default=1800.0, help="seconds per mutation (default 1800)")
     parser.add_argument("--markdown", type=Path, help="also write the table to this file")
@@ -213,7 +223,7 @@ def main(argv: list[str] | None = None) -> int:
     outcomes = []
     for m in chosen:
         print(f"[audit] {MUTATIONS.index(m) + 1}. {m.description} ...", file=sys.stderr, flush=True)
-        outcome = audit(m, args.full, args.timeout)
+        outcome = audit(m, args.full, args.timeout, tuple(args.tests) if args.tests else None)
         print(f"[audit]    {outcome.status} ({outcome.seconds:.0f} s) {' '.join(outcome.failing[:3])}",
               file=sys.stderr, flush=True)
         outcomes.append(outcome)
