@@ -60,7 +60,7 @@ def load_model(path: str | Path, device: str = "auto", dtype: str | torch.dtype 
     if not folder.is_dir():
         raise CheckpointError(f"{folder}: checkpoint folder not found")
     config = load_config(folder)
-    generation = load_generation_config(folder)
+    generation = load_generation_config(folder, config.vocab_size)
     if dtype is None:
         dtype = "float32" if kind == "cpu" else config.torch_dtype
     torch_dtype = parse_dtype(dtype)

@@ -156,7 +156,10 @@ def run(settings: Settings, progress: Progress = _silent) -> dict[str, Any]:
         ids = torch.tensor([tokenizer(prompt)["input_ids"]], dtype=torch.long)
         if ids.shape[1] == 0:
             raise InputError(f"prompt {index + 1} ({prompt!r}) encodes to no tokens")
-        model.check_input_ids(ids, extra=settings.positions)
+        try:
+            model.check_input_ids(ids, extra=settings.positions)
+        except InputError as exc:
+            raise InputError(f"prompt {index + 1} ({prompt[:40]!r}): {exc}") from None
         length = ids.shape[1]
         for _ in range(settings.positions):  # teacher forcing: append the reference's greedy tokens
             logits, _ = reference.run(ids)
@@ -197,7 +200,7 @@ def run(settings: Settings, progress: Progress = _silent) -> dict[str, Any]:
         progress(f"prompt {index + 1}/{len(settings.prompts)} {prompt!r}: "
                  f"reference {ref1['token']!r} {ref1['prob']:.4f}, "
                  f"device {dev1['token']!r} {dev1['prob']:.4f}, rel err {first['top1_prob_rel_err']:.2%}, "
-                 f"max layer drift {max(d for d in drift if d == d):.2e}")
+                 f"max layer drift {max((d for d in drift if d == d), default=float('nan')):.2e}")
         prompts_out.append({"index": index + 1, "prompt": prompt, "tokens": length,
                             "continuation": tokenizer.decode(ids[0, length:].tolist()),
                             "positions": positions, "layer_drift": drift})
