@@ -220,9 +220,16 @@ class CheckpointReader:
 
 
 def check_finite(path: Path, name: str, tensor: torch.Tensor) -> None:
-    """Refuse a weight holding NaN or Inf (checked on the loaded copy: one fused pass over it, also
-    catching a float16 conversion overflow), naming the tensor, the count and the first index."""
-    if not tensor.is_floating_point() or bool(torch.isfinite(tensor).all()):
+    """Refuse a weight holding NaN or Inf (checked on the loaded copy, so a float16 conversion
+    overflow is caught too), naming the tensor, the count and the first index.
+
+    One pass: the sum. A NaN or Inf anywhere makes it non-finite, so a finite sum proves the
+    tensor finite; only a non-finite sum (or a finite tensor whose sum overflows) pays for the
+    exact ``isfinite`` scan. The sum is ~20x faster than ``isfinite(t).all()`` on the CPU
+    (benchmarks/RESULTS.md)."""
+    if not tensor.is_floating_point() or tensor.numel() == 0:
+        return
+    if bool(torch.isfinite(tensor.sum())) or bool(torch.isfinite(tensor).all()):
         return
     flat = tensor.reshape(-1)
     bad = ~torch.isfinite(flat)
