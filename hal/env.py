@@ -60,11 +60,11 @@ def ensure_cache_dir() -> Path:
     """:func:`cache_dir`, created; a path that is a file (or unwritable) raises :class:`InputError`
     naming the variable."""
     path = cache_dir()
+    if path.exists() and not path.is_dir():
+        raise InputError(f"{cache_source()} {str(path)!r} is a file, not a folder")
     try:
         path.mkdir(parents=True, exist_ok=True)
     except OSError as exc:
         raise InputError(f"{cache_source()} {str(path)!r} cannot be used as a folder: "
                          f"{exc.strerror or exc}") from None
-    if not path.is_dir():
-        raise InputError(f"{cache_source()} {str(path)!r} is not a folder")
     return path
