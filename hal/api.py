@@ -40,7 +40,8 @@ def load_model(path: str | Path, device: str = "auto", dtype: str | torch.dtype 
 
     Args:
         path: checkpoint folder (config.json, model.safetensors or a sharded index, tokenizer).
-        device: ``auto`` (HAL_DEVICE, else npu > cuda > cpu), ``cpu``, ``cuda`` or ``npu``.
+        device: ``auto`` (HAL_DEVICE, else npu > cuda > cpu), ``cpu``, ``cuda`` or ``npu`` (or a
+            ``torch.device`` of those, index 0).
         dtype: ``float32``/``bfloat16``/``float16`` or a torch dtype. Default: float32 on CPU,
             the checkpoint's torch_dtype elsewhere.
         reference: bind the float32 reference ops (CPU only): the judge used by validation.
