@@ -107,7 +107,8 @@ def generate(model, input_ids: torch.Tensor | Sequence[Sequence[int]], max_new_t
         input_ids: `[B, T]` LongTensor, or a list of B prompts of any lengths (left-padded here).
         do_sample / temperature / top_k / top_p: None takes generation_config.json's value;
             greedy when do_sample is false or temperature is 0.
-        eos_token_id: stop ids; None takes generation_config.json's, else config.json's.
+        eos_token_id: stop ids in [0, vocab_size); None takes generation_config.json's, else
+            config.json's; ``[]`` or ``-1`` never stops early.
         seed: seeds the sampling generator (deterministic sampling); an int in [0, 2**64).
         streamer: called as ``streamer(row, token_id)`` for every new token as it is produced.
         use_cache: False recomputes the whole sequence each step (a check of the cache path).
@@ -146,7 +147,7 @@ def generate(model, input_ids: torch.Tensor | Sequence[Sequence[int]], max_new_t
         eos = set(defaults.eos_token_ids or model.config.eos_token_ids)
     else:
         ids_given = [eos_token_id] if not isinstance(eos_token_id, (list, tuple, set, frozenset)) else eos_token_id
-        eos = {_integer("eos_token_id", i, 0, model.config.vocab_size - 1) for i in ids_given}
+        eos = {_integer("eos_token_id", i, -1, model.config.vocab_size - 1) for i in ids_given}
 
     if prefill_chunk < 0:
         raise InputError(f"prefill_chunk must be >= 0 (0: one forward), got {prefill_chunk}")

@@ -6,6 +6,7 @@ plots are rendered from it, so every number a user reads is one a machine can re
 from __future__ import annotations
 
 import datetime as _dt
+import math
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -134,6 +135,9 @@ def run(settings: Settings, progress: Progress = _silent) -> dict[str, Any]:
         raise InputError(f"--positions must be >= 0, got {settings.positions}")
     if not settings.prompts:
         raise InputError("no prompts to compare")
+    for key, value in settings.thresholds.as_dict().items():  # the CLI's parse_overrides checks the same
+        if value is not None and not (isinstance(value, (int, float)) and math.isfinite(value) and value >= 0):
+            raise InputError(f"threshold {key} must be a finite number >= 0, got {value!r}")
     t0 = time.perf_counter()
     reference, model, kind = _load(settings, progress)
     t_load = time.perf_counter() - t0

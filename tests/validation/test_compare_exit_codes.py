@@ -17,7 +17,9 @@ import hal
 from hal import probing
 from model.checkpoint import SINGLE
 from model.safetensors_mmap import SafetensorsFile, write_safetensors
+from hal.errors import InputError
 from validation import compare, harness
+from validation.passrule import Thresholds
 
 
 @pytest.fixture(autouse=True)
@@ -75,6 +77,14 @@ def test_bad_values_exit_2(tmp_path, tiny_checkpoint, args, needle):
     assert run.code == 2 and needle in _one_error_line(run)
     assert not run.report_dir.exists()
     _nothing_left(tmp_path)
+
+
+@pytest.mark.parametrize("thresholds", [Thresholds(near_tie_margin=math.inf),
+                                        Thresholds(top1_prob_rel_err_mean=math.nan)])
+def test_non_finite_thresholds_are_refused_through_the_api(tiny_checkpoint, thresholds):
+    settings = harness.Settings(model=tiny_checkpoint, device="cpu", prompts=["Hi"], thresholds=thresholds)
+    with pytest.raises(InputError, match="must be a finite number >= 0, got (inf|nan)"):
+        harness.run(settings)
 
 
 @pytest.mark.parametrize("corrupt", [_shift_offsets, _nan_weight], ids=["shifted-offsets", "nan-weight"])
