@@ -138,8 +138,8 @@ def resolve(requested: "str | torch.device | None") -> str:
     elif isinstance(requested, str):
         name = requested.strip().lower()
     else:
-        raise InputError(f"device must be a string such as 'auto', 'cpu', 'cuda' or 'npu' (or a torch.device), "
-                         f"got {requested!r}")
+        raise InputError(f"device must be a string such as 'auto', 'cpu', 'cuda' or 'npu' "
+                         f"(or a torch.device), got {requested!r}")
     if not name:
         raise InputError(f"device {requested!r} is empty; choose one of: auto, {', '.join(KINDS)}")
     if name == "auto":

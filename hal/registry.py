@@ -188,7 +188,8 @@ def bind(
     """
     unknown = sorted(set(overrides or {}) - set(CATALOGUE))
     if unknown:
-        raise InputError(f"op_overrides: unknown op {unknown[0]!r}; the catalogue has: {', '.join(CATALOGUE)}")
+        raise InputError(f"op_overrides: unknown op {unknown[0]!r}; "
+                         f"the catalogue has: {', '.join(CATALOGUE)}")
     not_callable = sorted(op for op, fn in (overrides or {}).items() if not callable(fn))
     if not_callable:
         raise InputError(f"op_overrides: {not_callable[0]!r} must map to a callable, "

@@ -39,9 +39,11 @@ def _as_prompts(input_ids: torch.Tensor | Sequence[Sequence[int]]) -> list[list[
     if input_ids and all(isinstance(t, int) for t in input_ids):
         raise InputError(f"input_ids must be a list of prompts, each a list of token ids; got a flat list "
                          f"of ints {list(input_ids)[:8]!r}: wrap one prompt as [[...]]"[:200])
-    if any(isinstance(p, (str, bytes)) or not isinstance(p, (Sequence, torch.Tensor)) for p in input_ids):
-        bad = next(p for p in input_ids if isinstance(p, (str, bytes)) or not isinstance(p, (Sequence, torch.Tensor)))
-        raise InputError(f"input_ids must be a list of prompts, each a list of token ids; got an entry {bad!r}"[:200])
+    bad = next((p for p in input_ids if isinstance(p, (str, bytes))
+                or not isinstance(p, (Sequence, torch.Tensor))), None)
+    if bad is not None:
+        raise InputError(f"input_ids must be a list of prompts, each a list of token ids; "
+                         f"got an entry {bad!r}"[:200])
     prompts = [list(p) for p in input_ids]
     if not prompts or any(not p for p in prompts):
         raise InputError("input_ids must hold at least one non-empty prompt")
@@ -146,7 +148,8 @@ def generate(model, input_ids: torch.Tensor | Sequence[Sequence[int]], max_new_t
     if eos_token_id is None:
         eos = set(defaults.eos_token_ids or model.config.eos_token_ids)
     else:
-        ids_given = [eos_token_id] if not isinstance(eos_token_id, (list, tuple, set, frozenset)) else eos_token_id
+        several = isinstance(eos_token_id, (list, tuple, set, frozenset))
+        ids_given = eos_token_id if several else [eos_token_id]
         eos = {_integer("eos_token_id", i, -1, model.config.vocab_size - 1) for i in ids_given}
 
     if prefill_chunk < 0:

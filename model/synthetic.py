@@ -264,8 +264,8 @@ def default_checkpoint(preset: str = "tiny", seed: int = 0) -> Path:
     """The built-in synthetic checkpoint, generated on first use into the cache folder."""
     path = env.ensure_cache_dir() / f"synthetic-{preset}-seed{seed}"
     if path.exists() and not path.is_dir():
-        raise HalError(f"{path}: the cache entry for the built-in {preset} checkpoint is a file, not a folder "
-                       f"(remove it, or point HAL_CACHE_DIR elsewhere)")
+        raise HalError(f"{path}: the cache entry for the built-in {preset} checkpoint is a file, "
+                       "not a folder (remove it, or point HAL_CACHE_DIR elsewhere)")
     if not (path / "config.json").is_file():
         print(f"[minicpm-hal] writing the built-in synthetic {preset} checkpoint to {path} (first use)",
               file=sys.stderr)

@@ -59,7 +59,8 @@ def test_non_finite_weight_is_refused_naming_the_tensor(tmp_path, tiny_checkpoin
 def test_non_finite_gptq_scale_is_refused(tmp_path):
     ckpt = write_checkpoint(tmp_path / "g", "tiny", seed=0, quantize_gptq=True)
     _rewrite(ckpt, _poke("model.layers.1.mlp.up_proj.scales", 0, float("nan")))
-    with pytest.raises(CheckpointError, match=r"tensor 'model.layers.1.mlp.up_proj.weight' holds \d+ non-finite"):
+    with pytest.raises(CheckpointError,
+                       match=r"tensor 'model.layers.1.mlp.up_proj.weight' holds \d+ non-finite"):
         hal.load_model(ckpt, "cpu", "float32")
 
 
@@ -77,7 +78,8 @@ def test_sharded_tensor_in_two_shards_or_missing_from_the_index(tmp_path, tiny_c
         hal.load_model(twice, "cpu")
     unlisted = _copy(ckpt, tmp_path / "unlisted")
     _rewrite(unlisted, lambda t: t.update({"model.layers.0.mlp.bias": torch.zeros(3)}), first)
-    with pytest.raises(CheckpointError, match="'model.layers.0.mlp.bias' is stored in this shard but not listed"):
+    with pytest.raises(CheckpointError,
+                       match="'model.layers.0.mlp.bias' is stored in this shard but not listed"):
         hal.load_model(unlisted, "cpu")
 
 
@@ -190,7 +192,8 @@ def test_bad_op_overrides(tiny_checkpoint, overrides, needle):
 
 @pytest.mark.parametrize(("field", "value", "needle"), [
     ("temperature", -1, "field 'temperature' must be >= 0, got -1"),
-    ("eos_token_id", [2, 5000], r"field 'eos_token_id' must be < vocab_size=1024 \(config.json\), got \[2, 5000\]"),
+    ("eos_token_id", [2, 5000],
+     r"field 'eos_token_id' must be < vocab_size=1024 \(config.json\), got \[2, 5000\]"),
 ])
 def test_generation_config_errors_name_the_file(tmp_path, tiny_checkpoint, field, value, needle):
     ckpt = _copy(tiny_checkpoint, tmp_path / "c")
@@ -208,11 +211,13 @@ P = torch.tensor([0.5, 0.3, 0.1, 0.05, 0.03, 0.02], dtype=torch.float64)
 NAN = torch.full_like(P, float("nan"))
 
 
-@pytest.mark.parametrize(("ref", "dev"), [(P, NAN), (NAN, NAN), (NAN, P)], ids=["dev-nan", "both-nan", "ref-nan"])
+@pytest.mark.parametrize(("ref", "dev"), [(P, NAN), (NAN, NAN), (NAN, P)],
+                         ids=["dev-nan", "both-nan", "ref-nan"])
 def test_every_metric_fails_on_nan(ref, dev):
     m = metrics.position_metrics(ref, dev, 5, 0.02)
     assert not m.top1_match and not m.top5_inclusion and m.topk_overlap == 0 and not m.near_tie
-    assert m.kl == math.inf and m.top1_prob_rel_err == math.inf and all(e == math.inf for e in m.topk_abs_errors)
+    assert m.kl == math.inf and m.top1_prob_rel_err == math.inf
+    assert all(e == math.inf for e in m.topk_abs_errors)
     summary = metrics.summarize([m, metrics.position_metrics(P, P, 5, 0.02)], ["poisoned", "clean"], 5)
     assert summary["top1_match_rate"] == 0.5 and summary["kl_mean"] == math.inf
     assert summary["top1_prob_rel_err_max_prompt"] == "poisoned"

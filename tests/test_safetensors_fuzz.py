@@ -24,14 +24,16 @@ from model.safetensors_mmap import SafetensorsFile, write_safetensors
 
 SEED = 20261201
 CASES_PER_KIND = 12
-ITEMSIZE = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I16": 2, "I8": 1, "U8": 1, "BOOL": 1}
+ITEMSIZE = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I16": 2, "I8": 1, "U8": 1,
+            "BOOL": 1}
 
 
 def _base(tmp_path: Path) -> tuple[dict, bytes]:
     """A valid file's header dict and data area (several dtypes, one empty tensor)."""
     g = torch.Generator().manual_seed(SEED)
     tensors = {"a": torch.randn(3, 4, generator=g), "b": torch.arange(5, dtype=torch.int64),
-               "c": torch.randn(2, 3, generator=g).to(torch.bfloat16), "d": torch.randn(7, generator=g).half(),
+               "c": torch.randn(2, 3, generator=g).to(torch.bfloat16),
+               "d": torch.randn(7, generator=g).half(),
                "e": torch.zeros(2, 0), "f": torch.randint(0, 255, (9,), generator=g, dtype=torch.uint8)}
     path = tmp_path / "base.safetensors"
     write_safetensors(path, tensors)
@@ -47,7 +49,8 @@ def _pack(header, body: bytes, length: int | None = None) -> bytes:
 
 def _tensors(header: dict) -> list[str]:
     """Tensor names in data order, empty ones excluded (moving an empty tensor changes nothing)."""
-    names = [k for k, v in header.items() if k != "__metadata__" and v["data_offsets"][0] != v["data_offsets"][1]]
+    names = [k for k, v in header.items()
+             if k != "__metadata__" and v["data_offsets"][0] != v["data_offsets"][1]]
     return sorted(names, key=lambda k: header[k]["data_offsets"][0])
 
 
@@ -141,7 +144,8 @@ def bad_json(rng, h, body):
 
 def bad_length(rng, h, body):
     raw = json.dumps(h).encode()
-    length = rng.choice([0, 1, len(raw) - 1, len(raw) + 1, len(raw) + len(body) + 1, 100_000_001, 2**63, 2**64 - 1])
+    length = rng.choice([0, 1, len(raw) - 1, len(raw) + 1, len(raw) + len(body) + 1, 100_000_001, 2**63,
+                         2**64 - 1])
     return _pack(raw, body, length)
 
 
@@ -219,7 +223,8 @@ def test_fuzz_no_corrupt_file_loads_silently(tmp_path):
             for name, tensor in ours.items():
                 ref = expected[name]
                 assert tensor.dtype == ref.dtype and tensor.shape == ref.shape, name
-                assert torch.equal(tensor.reshape(-1).view(torch.uint8), ref.reshape(-1).view(torch.uint8)), name
+                as_bytes = [t.reshape(-1).view(torch.uint8) for t in (tensor, ref)]
+                assert torch.equal(*as_bytes), name
                 has_bad = tensor.is_floating_point() and not bool(torch.isfinite(tensor).all())
                 if has_bad:
                     with pytest.raises(CheckpointError, match=f"tensor '{name}' holds 1 non-finite"):

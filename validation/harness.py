@@ -136,7 +136,8 @@ def run(settings: Settings, progress: Progress = _silent) -> dict[str, Any]:
     if not settings.prompts:
         raise InputError("no prompts to compare")
     for key, value in settings.thresholds.as_dict().items():  # the CLI's parse_overrides checks the same
-        if value is not None and not (isinstance(value, (int, float)) and math.isfinite(value) and value >= 0):
+        usable = isinstance(value, (int, float)) and math.isfinite(value) and value >= 0
+        if value is not None and not usable:
             raise InputError(f"threshold {key} must be a finite number >= 0, got {value!r}")
     t0 = time.perf_counter()
     reference, model, kind = _load(settings, progress)

@@ -197,7 +197,8 @@ def _verdict(r: dict[str, Any]) -> list[str]:
         lines.append(f"- drift: the first hidden state past {r['drift']['threshold']:.0e} is "
                      f"{r['drift']['first_layer_over']}")
     if r["drift"].get("first_layer_non_finite"):
-        lines.append(f"- {BAD} the first hidden state holding NaN/Inf is {r['drift']['first_layer_non_finite']}")
+        broken = r["drift"]["first_layer_non_finite"]
+        lines.append(f"- {BAD} the first hidden state holding NaN/Inf is {broken}")
     if r["fallback_ops"]:
         lines.append("- ops on the CPU fallback: " + ", ".join(r["fallback_ops"]))
     return lines

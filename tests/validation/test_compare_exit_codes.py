@@ -67,7 +67,8 @@ def _nan_weight(ckpt: Path) -> None:
 
 
 @pytest.mark.parametrize(("args", "needle"), [
-    (["--thresholds", "top1_prob_rel_err_mean=nan"], "top1_prob_rel_err_mean must be a finite number >= 0, got 'nan'"),
+    (["--thresholds", "top1_prob_rel_err_mean=nan"],
+     "top1_prob_rel_err_mean must be a finite number >= 0, got 'nan'"),
     (["--thresholds", "near_tie_margin=inf"], "near_tie_margin must be a finite number >= 0, got 'inf'"),
     (["--thresholds", "ops_must_conform=7"], "ops_must_conform must be 0 or 1, got '7'"),
     (["--device", ""], "device '' is empty"),
@@ -106,8 +107,8 @@ def test_report_dir_under_a_file_names_the_file(tmp_path, tiny_checkpoint):
     blocker.write_text("mine")
     run = run_cli(["--device", "cpu", "--model", str(tiny_checkpoint)], blocker / "sub")
     assert run.code == 2
-    assert _one_error_line(run) == f"error: cannot write the report to {blocker / 'sub'}: {blocker} is a file, " \
-                                   "not a folder"
+    expected = f"error: cannot write the report to {blocker / 'sub'}: {blocker} is a file, not a folder"
+    assert _one_error_line(run) == expected
     assert blocker.read_text() == "mine"
 
 
@@ -135,14 +136,16 @@ def test_too_long_prompt_is_named_before_any_model_loads(tmp_path, tiny_checkpoi
                    "--prompts", _prompts(tmp_path, "Hello", long_prompt)], tmp_path / "r")
     line = _one_error_line(run)
     assert run.code == 2
-    assert re.fullmatch(r"error: prompt 2 \('word word .*\.\.\.'\) has \d+ tokens \+ 4 teacher-forced positions, "
+    assert re.fullmatch(r"error: prompt 2 \('word word .*\.\.\.'\) has \d+ tokens "
+                        r"\+ 4 teacher-forced positions, "
                         r"more than max_position_embeddings=4096 of .*config\.json", line), line
     assert not run.report_dir.exists()
 
 
 def test_accuracy_failure_exits_1_and_writes_the_report(tmp_path, tiny_checkpoint):
     """rel err mean < 0 cannot hold, so the pass rule fails: exit 1, the report is kept."""
-    run = run_cli(["--device", "cpu", "--dtype", "float32", "--model", str(tiny_checkpoint), "--positions", "0",
+    run = run_cli(["--device", "cpu", "--dtype", "float32", "--model", str(tiny_checkpoint),
+                   "--positions", "0",
                    "--prompts", _prompts(tmp_path, "Hello"), "--thresholds", "top1_prob_rel_err_mean=0"],
                   tmp_path / "r")
     assert run.code == 1, run.stderr
