@@ -288,4 +288,6 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    from hal.cli import run_main
+
+    sys.exit(run_main(main, None, "benchmarks.cpu_speed"))  # exit codes and signals: hal/cli.py

@@ -131,4 +131,6 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    from hal.cli import run_main
+
+    sys.exit(run_main(main, None, "benchmarks.decode_graph"))  # exit codes and signals: hal/cli.py

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import statistics
+import sys
 import time
 
 import torch
@@ -75,4 +76,6 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    raise SystemExit(main())
+    from hal.cli import run_main
+
+    sys.exit(run_main(main, None, "benchmarks.sparse_decode"))  # exit codes and signals: hal/cli.py

@@ -68,7 +68,8 @@ def load_model(path: str | Path, device: str = "auto", dtype: str | torch.dtype 
         path: checkpoint folder (config.json, model.safetensors or a sharded index, tokenizer), or a
             ``.gguf`` file (architectures ``minicpm`` and ``llama``; weights dequantized into
             ``dtype`` at load, tokenizer and chat template from the file's metadata).
-        device: ``auto`` (HAL_DEVICE, else npu > cuda > cpu), ``cpu``, ``cuda`` or ``npu``.
+        device: ``auto`` (HAL_DEVICE, else npu > cuda > cpu), ``cpu``, ``cuda`` or ``npu`` (or a
+            ``torch.device`` of those, index 0).
         dtype: ``float32``/``bfloat16``/``float16`` or a torch dtype. Default: float32 on CPU,
             the checkpoint's torch_dtype elsewhere (bfloat16 for a quantized GGUF).
         reference: bind the float32 reference ops (CPU only): the judge used by validation.
@@ -95,7 +96,7 @@ def load_model(path: str | Path, device: str = "auto", dtype: str | torch.dtype 
         raise CheckpointError(f"{folder}: checkpoint folder not found")
     else:
         config = load_config(folder)
-        generation = load_generation_config(folder)
+        generation = load_generation_config(folder, config.vocab_size)
     if dtype is None:
         dtype = "float32" if kind == "cpu" else config.torch_dtype
     torch_dtype = parse_dtype(dtype)

@@ -1,8 +1,10 @@
 """Every environment knob the project reads, in one place.
 
-HAL_DEVICE               device used when the caller asks for ``"auto"`` (``cpu``, ``cuda``, ``npu``).
+HAL_DEVICE               device used when the caller asks for ``"auto"`` (``cpu``, ``cuda``, ``npu``);
+                         a bad value is an error that names the variable.
 HAL_DISABLE_BACKENDS     comma-separated backends to ignore when binding ops (e.g. ``npu,cuda``),
-                         to bisect a wrong answer. ``cpu`` cannot be disabled.
+                         to bisect a wrong answer. ``cpu`` cannot be disabled (it is accepted and
+                         ignored); any other name is an error that names the variable.
 HAL_NPU_EMULATE          ``1`` runs the ``npu`` device on an emulator: a pure-torch stand-in for
                          torch_npu (``backends/npu/emulator``) injected as ``torch_npu``, tensors on
                          the CPU. ``hal.devices()`` then reports npu as available with a description
@@ -17,6 +19,10 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
+from hal.errors import InputError
+
+BACKENDS = ("cpu", "cuda", "npu")
+
 
 def device_override() -> str | None:
     value = os.environ.get("HAL_DEVICE", "").strip().lower()
@@ -25,7 +31,12 @@ def device_override() -> str | None:
 
 def disabled_backends() -> frozenset[str]:
     raw = os.environ.get("HAL_DISABLE_BACKENDS", "")
-    return frozenset(part.strip().lower() for part in raw.split(",") if part.strip()) - {"cpu"}
+    names = frozenset(part.strip().lower() for part in raw.split(",") if part.strip())
+    unknown = sorted(names - set(BACKENDS))
+    if unknown:
+        raise InputError(f"HAL_DISABLE_BACKENDS={raw!r}: unknown backend {unknown[0]!r}; "
+                         f"choose from {', '.join(BACKENDS[1:])} (cpu cannot be disabled)")
+    return names - {"cpu"}
 
 
 def npu_emulate() -> bool:
@@ -33,8 +44,28 @@ def npu_emulate() -> bool:
 
 
 def cache_dir() -> Path:
+    """The cache folder (not created here); see :func:`ensure_cache_dir`."""
     explicit = os.environ.get("HAL_CACHE_DIR")
     if explicit:
         return Path(explicit)
     base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
     return Path(base) / "minicpm-hal"
+
+
+def cache_source() -> str:
+    """How the cache folder was chosen, for error messages."""
+    return "HAL_CACHE_DIR" if os.environ.get("HAL_CACHE_DIR") else "the default cache folder"
+
+
+def ensure_cache_dir() -> Path:
+    """:func:`cache_dir`, created; a path that is a file (or unwritable) raises :class:`InputError`
+    naming the variable."""
+    path = cache_dir()
+    if path.exists() and not path.is_dir():
+        raise InputError(f"{cache_source()} {str(path)!r} is a file, not a folder")
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise InputError(f"{cache_source()} {str(path)!r} cannot be used as a folder: "
+                         f"{exc.strerror or exc}") from None
+    return path

@@ -25,3 +25,7 @@ class CheckpointError(HalError, ValueError):
 
 class InputError(HalError, ValueError):
     """Bad call-time input: prompt too long, bad token ids, bad sampling parameters."""
+
+
+class NonFiniteError(HalError, RuntimeError):
+    """A computation produced NaN or Inf (e.g. float16 overflow): the message names dtype and step."""

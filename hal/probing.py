@@ -9,11 +9,12 @@ import importlib
 import importlib.util
 import os
 import re
+import sys
 from dataclasses import dataclass
 from typing import Callable
 
 from hal import env
-from hal.errors import DeviceUnavailable
+from hal.errors import DeviceUnavailable, InputError
 
 KINDS = ("cpu", "cuda", "npu")
 AUTO_ORDER = ("npu", "cuda", "cpu")
@@ -122,23 +123,38 @@ def devices() -> list[Device]:
     return [probe(kind) for kind in KINDS]
 
 
-def resolve(requested: str | None) -> str:
+def resolve(requested: "str | torch.device | None") -> str:
     """Canonical device kind for a user's request, or :class:`DeviceUnavailable` with the reason.
 
     ``auto`` (or None) honours ``HAL_DEVICE`` and then picks npu > cuda > cpu. ``cuda:0`` and
-    ``npu:0`` are accepted as ``cuda`` / ``npu`` (index 0 only).
+    ``npu:0`` are accepted as ``cuda`` / ``npu`` (index 0 only), and so is a ``torch.device``
+    (``torch.device("cpu")``, ``torch.device("cuda", 0)``). Anything else (``""``, ``0``) is an
+    :class:`InputError` naming the value.
     """
-    name = (requested or "auto").strip().lower()
+    if requested is None:
+        name = "auto"
+    elif "torch" in sys.modules and isinstance(requested, sys.modules["torch"].device):
+        name = requested.type if requested.index is None else f"{requested.type}:{requested.index}"
+    elif isinstance(requested, str):
+        name = requested.strip().lower()
+    else:
+        raise InputError(f"device must be a string such as 'auto', 'cpu', 'cuda' or 'npu' "
+                         f"(or a torch.device), got {requested!r}")
+    if not name:
+        raise InputError(f"device {requested!r} is empty; choose one of: auto, {', '.join(KINDS)}")
     if name == "auto":
         override = env.device_override()
         if override and override != "auto":
-            return resolve(override)
+            try:
+                return resolve(override)
+            except DeviceUnavailable as exc:
+                raise DeviceUnavailable(f"HAL_DEVICE={override!r}: {exc}") from None
         return next(kind for kind in AUTO_ORDER if probe(kind).available)
     kind, _, index = name.partition(":")
     if kind not in KINDS:
-        raise DeviceUnavailable(f"unknown device {requested!r}; choose one of: auto, {', '.join(KINDS)}")
+        raise DeviceUnavailable(f"unknown device {str(requested)!r}; choose one of: auto, {', '.join(KINDS)}")
     if index not in ("", "0"):
-        raise DeviceUnavailable(f"device {requested!r}: only index 0 is supported")
+        raise DeviceUnavailable(f"device {str(requested)!r}: only index 0 is supported")
     found = probe(kind)
     if not found.available:
         raise DeviceUnavailable(f"device {kind!r} is not available: {found.reason}")

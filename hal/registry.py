@@ -18,7 +18,7 @@ import torch
 
 from hal import env
 from hal.probing import torch_device
-from hal.errors import UnsupportedOpError
+from hal.errors import InputError, UnsupportedOpError
 from hal.ops import CATALOGUE
 
 log = logging.getLogger("hal")
@@ -186,6 +186,14 @@ def bind(
     Raises:
         UnsupportedOpError: an op has no supporting implementation (all reasons listed).
     """
+    unknown = sorted(set(overrides or {}) - set(CATALOGUE))
+    if unknown:
+        raise InputError(f"op_overrides: unknown op {unknown[0]!r}; "
+                         f"the catalogue has: {', '.join(CATALOGUE)}")
+    not_callable = sorted(op for op, fn in (overrides or {}).items() if not callable(fn))
+    if not_callable:
+        raise InputError(f"op_overrides: {not_callable[0]!r} must map to a callable, "
+                         f"got {overrides[not_callable[0]]!r}"[:200])
     ctx = BindContext(device=device, dtype=dtype, shapes=dict(shapes or {}))
     disabled = env.disabled_backends()
     fns: dict[str, Callable[..., Any]] = {}

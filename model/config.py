@@ -416,7 +416,9 @@ class GenerationDefaults:
     eos_token_ids: tuple[int, ...] = ()
 
 
-def load_generation_config(checkpoint: Path) -> GenerationDefaults:
+def load_generation_config(checkpoint: Path, vocab_size: int | None = None) -> GenerationDefaults:
+    """generation_config.json's sampling defaults, every field checked (the file is named in
+    errors); ``vocab_size``: eos ids must lie below it."""
     path = Path(checkpoint) / "generation_config.json"
     if not path.exists():
         return GenerationDefaults()
@@ -427,10 +429,16 @@ def load_generation_config(checkpoint: Path) -> GenerationDefaults:
     top_p = f.number("top_p", 1.0)
     if top_p > 1.0:
         raise f.fail("top_p", f"must be in (0, 1], got {top_p}")
+    temperature = f.number("temperature", 1.0, positive=False)
+    if temperature < 0:
+        raise f.fail("temperature", f"must be >= 0, got {temperature}")
+    eos = f.token_ids("eos_token_id", ())
+    if vocab_size is not None and any(i >= vocab_size for i in eos):
+        raise f.fail("eos_token_id", f"must be < vocab_size={vocab_size} (config.json), got {list(eos)}")
     return GenerationDefaults(
         do_sample=f.boolean("do_sample", False),
-        temperature=f.number("temperature", 1.0, positive=False),
+        temperature=temperature,
         top_k=f.integer("top_k", 0, minimum=0),
         top_p=top_p,
-        eos_token_ids=f.token_ids("eos_token_id", ()),
+        eos_token_ids=eos,
     )

@@ -13,7 +13,6 @@ import warnings
 from pathlib import Path
 
 from hal.api import MODEL_HELP
-from hal.errors import HalError
 
 
 class _TextStream:
@@ -35,7 +34,7 @@ class _TextStream:
         self.printed = text
 
 
-def main(argv: list[str] | None = None) -> int:
+def _main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m model.generate",
                                      description="Generate text with MiniCPM.")
     parser.add_argument("prompt", help="the prompt (or the user message with --chat)")
@@ -65,38 +64,43 @@ def main(argv: list[str] | None = None) -> int:
     from model.synthetic import default_checkpoint
     from model.tokenizer import render_chat
 
-    try:
-        path = args.model if args.model is not None else default_checkpoint()
-        print(f"[minicpm-hal] loading {path} on {args.device}", file=sys.stderr)
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            model = hal.load_model(path, device=args.device, dtype=args.dtype)
-        tokenizer = model.tokenizer
-        text = args.prompt
-        if args.chat:
-            thinking = False if args.no_think else None
-            text = render_chat(tokenizer, [{"role": "user", "content": args.prompt}],
-                               enable_thinking=thinking)
-        # The ChatML template emits no BOS; add_bos_token in tokenizer_config.json adds it here.
-        prompt_ids = tokenizer(text)["input_ids"]
-        print(f"[minicpm-hal] {model.device} {hal.api.dtype_name(model.dtype)}, "
-              f"prompt {len(prompt_ids)} tokens",
-              file=sys.stderr)
-        stream = _TextStream(tokenizer, sys.stdout)
-        start = time.perf_counter()
-        out = model.generate([prompt_ids], args.max_new_tokens, do_sample=False if args.greedy else None,
-                             temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, seed=args.seed,
-                             streamer=stream, decode_graph=args.decode_graph,
-                             **({} if args.prefill_chunk is None else {"prefill_chunk": args.prefill_chunk}))
-        elapsed = time.perf_counter() - start
-        sys.stdout.write("\n")
-        mode = " (decode graph)" if args.decode_graph else ""
-        print(f"[minicpm-hal] {len(out[0])} tokens in {elapsed:.2f} s ({len(out[0]) / elapsed:.1f} tok/s){mode}",
-              file=sys.stderr)
-    except HalError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
+    path = args.model if args.model is not None else default_checkpoint()
+    print(f"[minicpm-hal] loading {path} on {args.device}", file=sys.stderr)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        model = hal.load_model(path, device=args.device, dtype=args.dtype)
+    tokenizer = model.tokenizer
+    text = args.prompt
+    if args.chat:
+        thinking = False if args.no_think else None
+        text = render_chat(tokenizer, [{"role": "user", "content": args.prompt}],
+                           enable_thinking=thinking)
+    # The ChatML template emits no BOS; add_bos_token in tokenizer_config.json adds it here.
+    prompt_ids = tokenizer(text)["input_ids"]
+    print(f"[minicpm-hal] {model.device} {hal.api.dtype_name(model.dtype)}, "
+          f"prompt {len(prompt_ids)} tokens",
+          file=sys.stderr)
+    stream = _TextStream(tokenizer, sys.stdout)
+    start = time.perf_counter()
+    out = model.generate([prompt_ids], args.max_new_tokens, do_sample=False if args.greedy else None,
+                         temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, seed=args.seed,
+                         streamer=stream, decode_graph=args.decode_graph,
+                         **({} if args.prefill_chunk is None else {"prefill_chunk": args.prefill_chunk}))
+    elapsed = time.perf_counter() - start
+    sys.stdout.write("\n")
+    sys.stdout.flush()  # a closed pipe shows here, inside run_main, not at interpreter exit
+    mode = " (decode graph)" if args.decode_graph else ""
+    print(f"[minicpm-hal] {len(out[0])} tokens in {elapsed:.2f} s ({len(out[0]) / elapsed:.1f} tok/s){mode}",
+          file=sys.stderr)
     return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Exit codes as every CLI (``hal/cli.py``): 2 bad input, 3 internal error, 130 / 143 on
+    SIGINT / SIGTERM; a closed stdout (``| head -c 3``) ends quietly."""
+    from hal.cli import run_main
+
+    return run_main(_main, argv, "model.generate")
 
 
 if __name__ == "__main__":

@@ -2,11 +2,13 @@
 (left-padded), EOS stopping and a streaming callback."""
 from __future__ import annotations
 
-from typing import Callable, Sequence
+import math
+import operator
+from typing import Any, Callable, Sequence
 
 import torch
 
-from hal.errors import InputError
+from hal.errors import InputError, NonFiniteError
 
 Streamer = Callable[[int, int], None]
 PREFILL_CHUNK = 8192
@@ -31,12 +33,57 @@ def _as_prompts(input_ids: torch.Tensor | Sequence[Sequence[int]]) -> list[list[
             raise InputError(f"input_ids must be a LongTensor [batch, seq], got {input_ids.dtype} "
                              f"{list(input_ids.shape)}")
         return input_ids.tolist()
+    if isinstance(input_ids, (str, bytes)) or not isinstance(input_ids, Sequence):
+        raise InputError(f"input_ids must be a LongTensor or a list of prompts (lists of token ids), "
+                         f"got {type(input_ids).__name__}")
+    if input_ids and all(isinstance(t, int) for t in input_ids):
+        raise InputError(f"input_ids must be a list of prompts, each a list of token ids; got a flat list "
+                         f"of ints {list(input_ids)[:8]!r}: wrap one prompt as [[...]]"[:200])
+    bad = next((p for p in input_ids if isinstance(p, (str, bytes))
+                or not isinstance(p, (Sequence, torch.Tensor))), None)
+    if bad is not None:
+        raise InputError(f"input_ids must be a list of prompts, each a list of token ids; "
+                         f"got an entry {bad!r}"[:200])
     prompts = [list(p) for p in input_ids]
     if not prompts or any(not p for p in prompts):
         raise InputError("input_ids must hold at least one non-empty prompt")
     if any(isinstance(t, bool) or not isinstance(t, int) for p in prompts for t in p):
         raise InputError("input_ids must hold integer token ids")
     return prompts
+
+
+SEED_RANGE = (0, 2**64 - 1)
+
+
+def _integer(name: str, value: Any, minimum: int | None = None, maximum: int | None = None) -> int:
+    """``value`` as an int (bools and non-integral numbers refused), optionally in [minimum, maximum]."""
+    if isinstance(value, bool):
+        raise InputError(f"{name} must be an integer, got {value!r}")
+    try:
+        number = operator.index(value)
+    except TypeError:
+        raise InputError(f"{name} must be an integer, got {value!r}") from None
+    if (minimum is not None and number < minimum) or (maximum is not None and number > maximum):
+        bounds = f">= {minimum}" if maximum is None else f"in [{minimum}, {maximum}]"
+        raise InputError(f"{name} must be {bounds}, got {number}")
+    return number
+
+
+def _real(name: str, value: Any) -> float:
+    """``value`` as a finite float (NaN, Inf, bools and strings refused)."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+        raise InputError(f"{name} must be a finite number, got {value!r}")
+    return float(value)
+
+
+def _check_finite_logits(logits: torch.Tensor, step: int, dtype: torch.dtype) -> None:
+    """logits `[B, V]` float32 (CPU). Raises :class:`NonFiniteError` naming the step and dtype."""
+    if bool(torch.isfinite(logits).all()):
+        return
+    what = "NaN" if bool(torch.isnan(logits).any()) else "Inf"
+    hint = "; float16 overflows easily, try bfloat16 or float32" if dtype == torch.float16 else ""
+    raise NonFiniteError(f"generation stopped: the logits turned non-finite ({what}) at step {step} "
+                         f"(0 = the prompt) in {str(dtype).removeprefix('torch.')}{hint}")
 
 
 def _prefill(model, ids: torch.Tensor, cache, kv_start: torch.Tensor | None, chunk: int):
@@ -62,8 +109,9 @@ def generate(model, input_ids: torch.Tensor | Sequence[Sequence[int]], max_new_t
         input_ids: `[B, T]` LongTensor, or a list of B prompts of any lengths (left-padded here).
         do_sample / temperature / top_k / top_p: None takes generation_config.json's value;
             greedy when do_sample is false or temperature is 0.
-        eos_token_id: stop ids; None takes generation_config.json's, else config.json's.
-        seed: seeds the sampling generator (deterministic sampling).
+        eos_token_id: stop ids in [0, vocab_size); None takes generation_config.json's, else
+            config.json's; ``[]`` or ``-1`` never stops early.
+        seed: seeds the sampling generator (deterministic sampling); an int in [0, 2**64).
         streamer: called as ``streamer(row, token_id)`` for every new token as it is produced.
         use_cache: False recomputes the whole sequence each step (a check of the cache path).
         decode_graph: replay every decode step from a device graph (CUDA graph / NPUGraph, see
@@ -74,12 +122,22 @@ def generate(model, input_ids: torch.Tensor | Sequence[Sequence[int]], max_new_t
 
     Returns:
         The new token ids of each prompt (EOS included when it stopped on one).
+
+    Raises:
+        InputError: a bad argument (named with its value). NonFiniteError: the logits turned NaN
+        or Inf (the step and the dtype are named; e.g. a float16 overflow).
     """
     defaults = model.generation_defaults
+    if do_sample is not None and not isinstance(do_sample, bool):
+        raise InputError(f"do_sample must be True, False or None, got {do_sample!r}")
     do_sample = defaults.do_sample if do_sample is None else do_sample
-    temperature = defaults.temperature if temperature is None else float(temperature)
-    top_k = defaults.top_k if top_k is None else int(top_k)
-    top_p = defaults.top_p if top_p is None else float(top_p)
+    temperature = defaults.temperature if temperature is None else _real("temperature", temperature)
+    top_k = defaults.top_k if top_k is None else _integer("top_k", top_k)
+    top_p = defaults.top_p if top_p is None else _real("top_p", top_p)
+    max_new_tokens = _integer("max_new_tokens", max_new_tokens)
+    if seed is not None:
+        seed = _integer("seed", seed, *SEED_RANGE)
+    prefill_chunk = _integer("prefill_chunk", prefill_chunk)
     if max_new_tokens < 1:
         raise InputError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
     if temperature < 0 or not 0 < top_p <= 1 or top_k < 0:
@@ -90,7 +148,9 @@ def generate(model, input_ids: torch.Tensor | Sequence[Sequence[int]], max_new_t
     if eos_token_id is None:
         eos = set(defaults.eos_token_ids or model.config.eos_token_ids)
     else:
-        eos = {eos_token_id} if isinstance(eos_token_id, int) else set(eos_token_id)
+        several = isinstance(eos_token_id, (list, tuple, set, frozenset))
+        ids_given = eos_token_id if several else [eos_token_id]
+        eos = {_integer("eos_token_id", i, -1, model.config.vocab_size - 1) for i in ids_given}
 
     if prefill_chunk < 0:
         raise InputError(f"prefill_chunk must be >= 0 (0: one forward), got {prefill_chunk}")
@@ -118,7 +178,7 @@ def generate(model, input_ids: torch.Tensor | Sequence[Sequence[int]], max_new_t
     sequence = ids
     tokens = None
     with torch.inference_mode():
-        for _ in range(max_new_tokens):
+        for step in range(max_new_tokens):
             if graph is not None and tokens is not None:
                 last = graph.step(tokens).float().cpu()
             else:
@@ -128,6 +188,7 @@ def generate(model, input_ids: torch.Tensor | Sequence[Sequence[int]], max_new_t
                 else:
                     out = model.forward(sequence, kv_start=starts, logits_last_only=True)
                 last = out.logits[:, -1].float().cpu()
+            _check_finite_logits(last, step, model.dtype)
             tokens = model.ops.sample(last, temperature, top_k, top_p, generator).cpu()
             for row, token in enumerate(tokens.tolist()):
                 if finished[row]:

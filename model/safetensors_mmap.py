@@ -2,7 +2,11 @@
 
 File layout: 8-byte little-endian header length N, N bytes of JSON
 ``{name: {"dtype": "BF16", "shape": [...], "data_offsets": [begin, end]}, "__metadata__": {...}}``,
-then the data area; offsets are relative to its start. Tensors come back as zero-copy views of
+then the data area; offsets are relative to its start. Every header is first checked by the
+``safetensors`` library itself (header length, JSON, dtypes, shapes, offsets in bounds,
+contiguous, non-overlapping and covering the data area, byte size = dtype size x elements,
+metadata strings), so a file that library refuses is refused here too, with its reason.
+Tensors come back as zero-copy views of
 a private (copy-on-write) mapping, so loading in the stored dtype costs no second copy. After a
 tensor has been converted or moved, :meth:`SafetensorsFile.release` drops its pages from memory.
 """
@@ -15,6 +19,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+from safetensors import SafetensorError, safe_open
 
 from hal.errors import CheckpointError
 
@@ -23,7 +28,19 @@ DTYPES = {
     "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
     "BOOL": torch.bool,
 }
-_MAX_HEADER = 100 * 1024 * 1024
+_MAX_HEADER = 100_000_000  # the safetensors library's limit
+
+
+def library_check(path: Path) -> None:
+    """Let the safetensors library validate the header (it maps the file, reads no tensor data:
+    well under a millisecond per file, see benchmarks/RESULTS.md). Raises :class:`CheckpointError`
+    with the library's reason, e.g. "invalid offset for tensor `model.norm.weight`"."""
+    try:
+        with safe_open(str(path), framework="pt"):
+            pass
+    except SafetensorError as exc:
+        reason = str(exc).removeprefix("Error while deserializing header: ")
+        raise CheckpointError(f"{path}: malformed safetensors header: {reason}"[:400]) from None
 
 
 @dataclass(frozen=True)
@@ -48,6 +65,7 @@ class SafetensorsFile:
             (header_len,) = struct.unpack("<Q", self._fh.read(8))
             if header_len > min(_MAX_HEADER, size - 8):
                 raise CheckpointError(f"{self.path}: not a safetensors file (header length {header_len})")
+            library_check(self.path)
             header = json.loads(self._fh.read(header_len))
             self._map = mmap.mmap(self._fh.fileno(), 0, access=mmap.ACCESS_COPY) if size > 0 else None
         except OSError as exc:
@@ -58,11 +76,21 @@ class SafetensorsFile:
             raise CheckpointError(f"{self.path}: malformed safetensors header (not an object)")
         self.entries = self._parse(header, 8 + header_len, size)
 
+    def close(self) -> None:
+        """Unmap the file (views taken from it must be gone)."""
+        if self._map is not None:
+            self._map.close()
+            self._map = None
+        self._fh.close()
+
     def _parse(self, header: dict, data_start: int, size: int) -> dict[str, TensorEntry]:
         entries = {}
         for name, info in header.items():
             if name == "__metadata__":
                 continue
+            if isinstance(info, dict) and info.get("dtype") not in DTYPES:
+                raise CheckpointError(f"{self.path}: tensor '{name}' has dtype {info.get('dtype')!r}, "
+                                      f"which is not supported (supported: {', '.join(DTYPES)})"[:300])
             try:
                 dtype = DTYPES[info["dtype"]]
                 shape = tuple(int(d) for d in info["shape"])

@@ -220,6 +220,10 @@ def write_checkpoint(out_dir: str | Path, preset: str = "tiny", seed: int = 0, *
     from model.synthetic_tokenizer import write_tokenizer
 
     out = Path(out_dir)
+    if isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed < 2**64:
+        raise HalError(f"seed must be an integer in [0, 2**64), got {seed!r}")
+    if out.exists() and not out.is_dir():
+        raise HalError(f"{out}: output path exists and is not a folder")
     if out.exists() and any(out.iterdir()):
         raise HalError(f"{out}: output folder exists and is not empty")
     config_dict = _config(preset)
@@ -229,8 +233,11 @@ def write_checkpoint(out_dir: str | Path, preset: str = "tiny", seed: int = 0, *
     config_dict["torch_dtype"] = dtype
     parse_config(config_dict)  # the generator must only write valid checkpoints
     torch_dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[dtype]
-    out.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
+    except OSError as exc:
+        raise HalError(f"cannot write the checkpoint to {out}: {exc.strerror or exc}") from None
     try:
         (staging / "config.json").write_text(json.dumps(config_dict, indent=2) + "\n")
         generation = {"do_sample": True, "temperature": 0.8, "top_p": 0.8, "bos_token_id": 1,
@@ -244,6 +251,9 @@ def write_checkpoint(out_dir: str | Path, preset: str = "tiny", seed: int = 0, *
         if out.exists():
             out.rmdir()
         staging.rename(out)
+    except OSError as exc:  # disk full, permissions: name the destination, not the staging folder
+        shutil.rmtree(staging, ignore_errors=True)
+        raise HalError(f"cannot write the checkpoint to {out}: {exc.strerror or exc}") from None
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise
@@ -252,17 +262,20 @@ def write_checkpoint(out_dir: str | Path, preset: str = "tiny", seed: int = 0, *
 
 def default_checkpoint(preset: str = "tiny", seed: int = 0) -> Path:
     """The built-in synthetic checkpoint, generated on first use into the cache folder."""
-    path = env.cache_dir() / f"synthetic-{preset}-seed{seed}"
+    path = env.ensure_cache_dir() / f"synthetic-{preset}-seed{seed}"
+    if path.exists() and not path.is_dir():
+        raise HalError(f"{path}: the cache entry for the built-in {preset} checkpoint is a file, "
+                       "not a folder (remove it, or point HAL_CACHE_DIR elsewhere)")
     if not (path / "config.json").is_file():
         print(f"[minicpm-hal] writing the built-in synthetic {preset} checkpoint to {path} (first use)",
               file=sys.stderr)
         if path.exists():
-            shutil.rmtree(path)
+            shutil.rmtree(path)  # a folder without config.json: an unfinished copy from an older version
         write_checkpoint(path, preset, seed)
     return path
 
 
-def main(argv: list[str] | None = None) -> int:
+def _main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m model.synthetic", description=__doc__.split("\n\n")[0])
     parser.add_argument("out_dir", type=Path)
     parser.add_argument("--preset", choices=PRESETS, default="tiny")
@@ -272,14 +285,19 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--dtype", choices=("bfloat16", "float16", "float32"), default="bfloat16")
     parser.add_argument("--gptq", action="store_true", help="store the decoder linears as GPTQ int4 (group 128)")
     args = parser.parse_args(argv)
-    try:
-        path = write_checkpoint(args.out_dir, args.preset, args.seed, shards=args.shards, dtype=args.dtype,
-                                quantize_gptq=args.gptq)
-    except (HalError, OSError) as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
+    if args.shards < 0:
+        raise HalError(f"--shards must be >= 0 (0: one per ~2 GiB), got {args.shards}")
+    path = write_checkpoint(args.out_dir, args.preset, args.seed, shards=args.shards, dtype=args.dtype,
+                            quantize_gptq=args.gptq)
     print(f"wrote synthetic {args.preset} checkpoint (seed {args.seed}) to {path}")
     return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Exit codes and signals as every CLI (``hal/cli.py``): SIGINT/SIGTERM leave no staging folder."""
+    from hal.cli import run_main
+
+    return run_main(_main, argv, "model.synthetic")
 
 
 if __name__ == "__main__":

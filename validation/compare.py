@@ -4,7 +4,9 @@ Runs the same prompts through the device under test and the reference, compares 
 distributions at the end of each prompt and at ``--positions`` teacher-forced positions after
 it, measures per-layer drift and checks every bound op on this model's shapes. Prints the
 Markdown report, writes report.md / report.json / top10.png / drift.png, and exits 0 (pass),
-1 (accuracy failure) or 2 (usage error, device unavailable). See validation/README.md.
+1 (accuracy failure), 2 (bad input, device unavailable) or 3 (internal error: one line naming the
+file that holds the traceback); 130 / 143 after SIGINT / SIGTERM, with no report folder left
+behind. See validation/README.md.
 """
 from __future__ import annotations
 
@@ -18,9 +20,9 @@ from pathlib import Path
 from typing import Any
 
 from hal.api import MODEL_HELP, is_gguf
-from hal.errors import HalError, InputError
+from hal.errors import InputError
 
-EXIT_PASS, EXIT_FAIL, EXIT_USAGE = 0, 1, 2
+EXIT_PASS, EXIT_FAIL, EXIT_USAGE = 0, 1, 2  # 3 (internal error) and the signal codes: hal/cli.py
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -134,6 +136,7 @@ def _run(args: argparse.Namespace) -> int:
                                 prompts_file=args.prompts, top_k=args.top_k, positions=args.positions,
                                 thresholds=thresholds, allow_fallback=args.allow_fallback,
                                 reference=args.reference, trust_remote_code=args.trust_remote_code)
+    check_prompt_lengths(model, prompt_list, args.positions)
     label = f"{kind}-emulated" if "emulated" in hal_devices.probe(kind).description else kind
     if args.inject_fault:
         from validation import faults
@@ -146,7 +149,10 @@ def _run(args: argparse.Namespace) -> int:
         else:
             report = harness.run(settings, progress)
             progress("writing the report")
-            names = write_report(report, stage.path)
+            try:
+                names = write_report(report, stage.path)
+            except OSError as exc:  # disk full, quota: name the report folder (the bare errno names no file)
+                raise InputError(f"cannot write the report to {stage.final}: {exc.strerror or exc}") from None
         final = stage.commit()
     except BaseException:
         stage.discard()
@@ -167,12 +173,34 @@ def _run_corpus(args: argparse.Namespace, settings: Any, folder: Path) -> tuple[
     return report, corpus_md.write(report, folder)
 
 
+def check_prompt_lengths(model: Path, prompt_list: list[str], positions: int) -> None:
+    """Before any weight is loaded: every prompt (+ ``positions`` teacher-forced tokens) must fit
+    max_position_embeddings; the error names the prompt by number and text. A GGUF file's
+    tokenizer is built while loading, so there the harness's check (after loading) names it."""
+    if is_gguf(model):
+        return
+    from model.config import load_config
+    from model.tokenizer import load_tokenizer
+
+    config = load_config(model)
+    tokenizer = load_tokenizer(model)
+    for index, prompt in enumerate(prompt_list):
+        count = len(tokenizer(prompt)["input_ids"])
+        if count + max(positions, 0) > config.max_position_embeddings:
+            shown = prompt if len(prompt) <= 40 else prompt[:37] + "..."
+            raise InputError(f"prompt {index + 1} ({shown!r}) has {count} tokens"
+                             + (f" + {positions} teacher-forced positions" if positions > 0 else "")
+                             + f", more than max_position_embeddings={config.max_position_embeddings} "
+                             f"of {model / 'config.json'}")
+
+
 def report_md_text(folder: Path) -> str:
     return (folder / "report.md").read_text(encoding="utf-8")
 
 
-def main(argv: list[str] | None = None) -> int:
+def _main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    emulate_before = os.environ.get("HAL_NPU_EMULATE")
     if args.emulate:
         os.environ["HAL_NPU_EMULATE"] = "1"  # before any device probing
     import torch
@@ -180,12 +208,19 @@ def main(argv: list[str] | None = None) -> int:
     threads = torch.get_num_threads()
     try:
         return _run(args)
-    except (HalError, OSError) as exc:
-        text = str(exc).strip().splitlines()
-        print(f"error: {text[0] if text else type(exc).__name__}", file=sys.stderr)
-        return EXIT_USAGE
     finally:
-        torch.set_num_threads(threads)  # in-process callers (tests) keep their setting
+        torch.set_num_threads(threads)  # in-process callers (tests) keep their setting and environment
+        if emulate_before is None:
+            os.environ.pop("HAL_NPU_EMULATE", None)
+        else:
+            os.environ["HAL_NPU_EMULATE"] = emulate_before
+
+
+def main(argv: list[str] | None = None) -> int:
+    """The exit-code rule of every CLI (``hal/cli.py``), so in-process callers get the same codes."""
+    from hal.cli import run_main
+
+    return run_main(_main, argv, "validation.compare")
 
 
 if __name__ == "__main__":

@@ -8,11 +8,14 @@ import torch
 
 
 def relative_l2(ref: torch.Tensor, dev: torch.Tensor) -> float:
-    """``||dev - ref||_2 / ||ref||_2`` over all elements, computed in float64 on the CPU."""
+    """``||dev - ref||_2 / ||ref||_2`` over all elements, computed in float64 on the CPU; infinite
+    when either state holds NaN or Inf (a non-finite state is a failure, never a skipped one)."""
     if ref.shape != dev.shape:
         raise ValueError(f"shape mismatch: reference {list(ref.shape)} vs device {list(dev.shape)}")
     r = ref.detach().double().cpu()
     d = dev.detach().double().cpu()
+    if not (bool(torch.isfinite(r).all()) and bool(torch.isfinite(d).all())):
+        return float("inf")
     norm = float(r.norm())
     diff = float((d - r).norm())
     if norm == 0.0:
@@ -36,18 +39,21 @@ def layer_drift(ref_states: Sequence[torch.Tensor], dev_states: Sequence[torch.T
 
 @dataclass(frozen=True)
 class DriftSummary:
-    """Per layer: mean and max drift over prompts; the first layer whose max passes the threshold."""
+    """Per layer: mean and max drift over prompts; the first layer whose max passes the threshold,
+    and the first whose hidden state is non-finite (infinite drift) in some prompt."""
 
     names: tuple[str, ...]
     mean: tuple[float, ...]
     max: tuple[float, ...]
     threshold: float
     first_over: str | None
+    first_non_finite: str | None = None
 
     def as_dict(self) -> dict[str, object]:
         return {
             "threshold": self.threshold,
             "first_layer_over": self.first_over,
+            "first_layer_non_finite": self.first_non_finite,
             "layers": [{"name": n, "index": i, "rel_l2_mean": m, "rel_l2_max": x}
                        for i, (n, m, x) in enumerate(zip(self.names, self.mean, self.max))],
         }
@@ -68,4 +74,6 @@ def summarize_drift(per_prompt: Sequence[Sequence[float]], threshold: float) -> 
     maxes = tuple(max(c) if c else float("nan") for c in columns)
     names = tuple(layer_names(count))
     index = first_over(maxes, threshold)
-    return DriftSummary(names, means, maxes, threshold, None if index is None else names[index])
+    broken = next((i for i, m in enumerate(maxes) if m == float("inf")), None)
+    return DriftSummary(names, means, maxes, threshold, None if index is None else names[index],
+                        None if broken is None else names[broken])

@@ -6,6 +6,7 @@ plots are rendered from it, so every number a user reads is one a machine can re
 from __future__ import annotations
 
 import datetime as _dt
+import math
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -174,6 +175,10 @@ def run(settings: Settings, progress: Progress = _silent, reuse: dict[Any, Any] 
         raise InputError(f"--positions must be >= 0, got {settings.positions}")
     if not settings.prompts:
         raise InputError("no prompts to compare")
+    for key, value in settings.thresholds.as_dict().items():  # the CLI's parse_overrides checks the same
+        usable = isinstance(value, (int, float)) and math.isfinite(value) and value >= 0
+        if value is not None and not usable:
+            raise InputError(f"threshold {key} must be a finite number >= 0, got {value!r}")
     t0 = time.perf_counter()
     reuse = {} if reuse is None else reuse
     reference, model, kind = _load(settings, progress, reuse)
@@ -204,7 +209,10 @@ def run(settings: Settings, progress: Progress = _silent, reuse: dict[Any, Any] 
         prompt_ids = torch.tensor([tokenizer(prompt)["input_ids"]], dtype=torch.long)
         if prompt_ids.shape[1] == 0:
             raise InputError(f"prompt {index + 1} ({prompt!r}) encodes to no tokens")
-        model.check_input_ids(prompt_ids, extra=settings.positions)
+        try:
+            model.check_input_ids(prompt_ids, extra=settings.positions)
+        except InputError as exc:
+            raise InputError(f"prompt {index + 1} ({prompt[:40]!r}): {exc}") from None
         length = prompt_ids.shape[1]
         ids, ref_logits, ref_hidden = teacher_force(reference, prompt_ids, settings.positions)
         dev_logits, dev_hidden = floor.run_cached(model, ids, length)
@@ -244,7 +252,7 @@ def run(settings: Settings, progress: Progress = _silent, reuse: dict[Any, Any] 
         progress(f"prompt {index + 1}/{len(settings.prompts)} {prompt!r}: "
                  f"reference {ref1['token']!r} {ref1['prob']:.4f}, "
                  f"device {dev1['token']!r} {dev1['prob']:.4f}, rel err {first['top1_prob_rel_err']:.2%}, "
-                 f"max layer drift {max(d for d in drift if d == d):.2e}")
+                 f"max layer drift {max((d for d in drift if d == d), default=float('nan')):.2e}")
         prompts_out.append({"index": index + 1, "prompt": prompt, "tokens": length,
                             "continuation": tokenizer.decode(ids[0, length:].tolist()),
                             "positions": positions, "layer_drift": drift})

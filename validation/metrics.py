@@ -3,6 +3,10 @@
 A distribution is a float tensor ``[V]`` of probabilities (or logits where named). "ref" is the
 float32 reference, "dev" the device under test. Every per-position metric compares the device
 at the tokens the *reference* ranks highest, so a swapped token is seen as a probability error.
+
+NaN or Inf in either distribution is a failure of every metric, never a dropped entry: no
+match, no inclusion, overlap 0, infinite errors and KL, no near-tie (which would excuse a
+mismatch). A NaN model (poisoned weights, float16 overflow) can therefore never pass.
 """
 from __future__ import annotations
 
@@ -13,6 +17,11 @@ from typing import Sequence
 import torch
 
 
+def finite(*tensors: torch.Tensor) -> bool:
+    """True when every tensor holds only finite values."""
+    return all(bool(torch.isfinite(t).all()) for t in tensors)
+
+
 def softmax64(logits: torch.Tensor) -> torch.Tensor:
     """logits ``[..., V]`` (any float dtype) -> probabilities ``[..., V]`` float64."""
     return torch.softmax(logits.double(), dim=-1)
@@ -20,6 +29,8 @@ def softmax64(logits: torch.Tensor) -> torch.Tensor:
 
 def top1_prob_rel_err(p_ref: float, p_dev: float) -> float:
     """``|p_dev - p_ref| / p_ref``: relative error of the reference top-1 token's probability."""
+    if not (math.isfinite(p_ref) and math.isfinite(p_dev)):
+        return math.inf
     if p_ref <= 0:
         raise ValueError(f"reference probability must be > 0, got {p_ref}")
     return abs(p_dev - p_ref) / p_ref
@@ -27,6 +38,8 @@ def top1_prob_rel_err(p_ref: float, p_dev: float) -> float:
 
 def topk_overlap(ref: torch.Tensor, dev: torch.Tensor, k: int) -> int:
     """Number of tokens in both top-k sets (0..k). ref/dev: ``[V]``."""
+    if not finite(ref, dev):
+        return 0
     a = set(torch.topk(ref, k).indices.tolist())
     b = set(torch.topk(dev, k).indices.tolist())
     return len(a & b)
@@ -34,11 +47,15 @@ def topk_overlap(ref: torch.Tensor, dev: torch.Tensor, k: int) -> int:
 
 def top_inclusion(ref: torch.Tensor, dev: torch.Tensor, k: int = 5) -> bool:
     """Whether the reference top-1 token is among the device's top-k tokens."""
+    if not finite(ref, dev):
+        return False
     return int(ref.argmax()) in torch.topk(dev, k).indices.tolist()
 
 
 def kl_divergence(p_ref: torch.Tensor, p_dev: torch.Tensor, eps: float = 1e-30) -> float:
     """KL(ref || dev) in nats over the full vocabulary. p_ref/p_dev: ``[V]`` probabilities."""
+    if not finite(p_ref, p_dev):
+        return math.inf
     p = p_ref.double()
     q = p_dev.double().clamp_min(eps)
     mask = p > 0
@@ -47,12 +64,16 @@ def kl_divergence(p_ref: torch.Tensor, p_dev: torch.Tensor, eps: float = 1e-30) 
 
 def near_tie(p_ref: torch.Tensor, margin: float) -> bool:
     """True when the reference's top-1 and top-2 probabilities differ by less than ``margin``."""
+    if not finite(p_ref):
+        return False
     top2 = torch.topk(p_ref, 2).values
     return float(top2[0] - top2[1]) < margin
 
 
 def topk_abs_errors(p_ref: torch.Tensor, p_dev: torch.Tensor, k: int) -> list[float]:
     """``|p_dev[t] - p_ref[t]|`` for the reference's top-k tokens t, best first (k values)."""
+    if not finite(p_ref, p_dev):
+        return [math.inf] * k
     idx = torch.topk(p_ref, k).indices
     return (p_dev.double()[idx] - p_ref.double()[idx]).abs().tolist()
 
@@ -90,7 +111,7 @@ def position_metrics(p_ref: torch.Tensor, p_dev: torch.Tensor, k: int, tie_margi
         dev_top1=int(p_dev.argmax()),
         ref_top1_prob=float(p_ref[ref_top1]),
         dev_prob_of_ref_top1=float(p_dev[ref_top1]),
-        top1_match=int(p_dev.argmax()) == ref_top1,
+        top1_match=int(p_dev.argmax()) == ref_top1 and finite(p_ref, p_dev),
         top5_inclusion=top_inclusion(p_ref, p_dev, 5),
         topk_overlap=topk_overlap(p_ref, p_dev, k),
         topk_abs_errors=tuple(topk_abs_errors(p_ref, p_dev, k)),

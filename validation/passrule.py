@@ -120,8 +120,10 @@ def parse_overrides(items: Sequence[str], base: Thresholds | None = None) -> Thr
                 value = float(raw)
             except ValueError:
                 raise InputError(f"--thresholds: {key} must be a number, got {raw.strip()!r}") from None
-            if not value >= 0:
-                raise InputError(f"--thresholds: {key} must be >= 0, got {value}")
+            if not math.isfinite(value) or value < 0:
+                raise InputError(f"--thresholds: {key} must be a finite number >= 0, got {raw.strip()!r}")
+            if key == "ops_must_conform" and value not in (0.0, 1.0):
+                raise InputError(f"--thresholds: ops_must_conform must be 0 or 1, got {raw.strip()!r}")
             values[key] = value
     return replace(base or Thresholds(), **values)
 

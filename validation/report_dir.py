@@ -23,6 +23,9 @@ class StagedDir:
 
     def __init__(self, final: Path):
         self.final = Path(final)
+        blocker = next((p for p in self.final.parents if p.exists() and not p.is_dir()), None)
+        if blocker is not None:
+            raise InputError(f"cannot write the report to {self.final}: {blocker} is a file, not a folder")
         if self.final.exists() and (not self.final.is_dir() or any(self.final.iterdir())):
             raise InputError(f"report folder {self.final} already exists and is not empty")
         try:

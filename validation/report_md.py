@@ -130,14 +130,18 @@ def _summary(r: dict[str, Any]) -> list[str]:
 
 def _drift(r: dict[str, Any]) -> list[str]:
     d = r["drift"]
-    def num(value: float) -> str:
-        return "n/a" if value != value else f"{value:.2e}"
+    def num(value: float | None) -> str:
+        if value is None or value != value:
+            return "n/a"
+        return "non-finite" if value == float("inf") else f"{value:.2e}"
 
     rows = [[layer["name"], num(layer["rel_l2_mean"]), num(layer["rel_l2_max"]),
              BAD if layer["name"] == d["first_layer_over"] else ""] for layer in d["layers"]]
     first = d["first_layer_over"]
     line = (f"First layer past {d['threshold']:.0e}: **{first}**." if first
             else f"No layer passes the drift threshold {d['threshold']:.0e}.")
+    if d.get("first_layer_non_finite"):
+        line += f" First hidden state holding NaN/Inf: **{d['first_layer_non_finite']}**."
     return ["## Per-layer hidden-state drift", "",
             "Relative L2 of the residual stream after the embedding and after each layer, "
             "device vs reference.",
@@ -207,6 +211,9 @@ def _verdict(r: dict[str, Any]) -> list[str]:
     if r["drift"]["first_layer_over"]:
         lines.append(f"- drift: the first hidden state past {r['drift']['threshold']:.0e} is "
                      f"{r['drift']['first_layer_over']}")
+    if r["drift"].get("first_layer_non_finite"):
+        broken = r["drift"]["first_layer_non_finite"]
+        lines.append(f"- {BAD} the first hidden state holding NaN/Inf is {broken}")
     if r["fallback_ops"]:
         lines.append("- ops on the CPU fallback: " + ", ".join(r["fallback_ops"]))
     seed = r["seed_rule"]
