@@ -24,7 +24,7 @@ def _rope(batch: int, new: int, dim: int, offset: int) -> tuple[torch.Tensor, to
     inv = 1.0 / (10000 ** (torch.arange(0, dim, 2).float() / dim))
     pos = torch.arange(offset, offset + new).float()[None].expand(batch, new)
     emb = torch.cat((pos[..., None] * inv, pos[..., None] * inv), dim=-1)
-    return emb.cos() * 1.1, emb.sin() * 1.1
+    return emb.cos(), emb.sin()  # unscaled: npu_rotary_mul takes r1/r2 in [-1, 1]
 
 
 def _cases(op: str, dt: torch.dtype) -> list[tuple[str, tuple]]:
