@@ -62,16 +62,46 @@ def test_generate_with_the_graph_equals_eager_and_captures_once(emulated, d64_ch
     assert captures == [1, 1]  # one capture per generate call, every later step a replay
 
 
-def test_the_graph_binds_only_capturable_implementations(emulated, d64_checkpoint):
+def test_the_graph_captures_fia_and_refreshes_its_lengths(emulated, d64_checkpoint, monkeypatch):
+    """Decode attention stays FIA inside the graph (captured with auto_dispatch_capture, one FIA
+    record per layer), and every replay is preceded by an update with that step's kv lengths."""
     npu = hal.load_model(d64_checkpoint, "npu")
-    assert npu.bound_ops["attention_decode"] == "npu.torch_npu"  # eager decode: FIA
-    graph = DecodeGraph(npu, npu.new_cache(1, 16))
-    assert graph.bound_ops["attention_decode"] == "npu.torch_full"
-    assert graph.bound_ops["kv_write"] == "npu.torch"
-    assert graph.bound_ops["rms_norm"] == "npu.torch_npu"
-    passed = dict(graph.ops.record["attention_decode"].passed_over)
-    assert "not capturable" in passed["npu.torch_npu"]
+    assert npu.bound_ops["attention_decode"] == "npu.torch_npu_bsnd"  # eager decode: FIA, head_dim 64
+    ids, starts = _padded()
+    cache = npu.new_cache(2, ids.shape[1] + 4)
+    logits = npu.forward(ids, cache=cache, kv_start=starts, logits_last_only=True).logits[:, -1]
+    graph = DecodeGraph(npu, cache, starts)
+    assert graph.bound_ops["attention_decode"] == "npu.torch_npu_bsnd"
+    assert graph.bound_ops["kv_write"] == "npu.torch" and graph.bound_ops["rms_norm"] == "npu.torch_npu"
+    assert "auto_dispatch_capture=True" in graph.mode and "npu.torch_npu_bsnd" in graph.mode
+    updates = []
+    real_update = emulated_graphs.NPUGraph.update
+    monkeypatch.setattr(emulated_graphs.NPUGraph, "update",
+                        lambda self, cpu_update_input: (updates.append(cpu_update_input),
+                                                        real_update(self, cpu_update_input))[1])
+    for _ in range(3):
+        logits = graph.step(logits.float().argmax(-1)).clone()
+    real = [len(p) for p in PROMPTS]
+    assert updates == [[{"actual_seq_lengths_kv": [n + step for n in real]}] for step in (1, 2, 3)]
+    (captured, _), = graph._graphs.values()
+    assert captured.update_records == npu.config.num_hidden_layers
     assert graph.runtime.emulated and "EMULATED" in graph.runtime.name
+
+
+def test_torch_full_serves_the_graph_where_fia_cannot(emulated, d64_checkpoint, tiny_checkpoint):
+    """float32 (FIA takes bf16/fp16) and a graph runtime without updates fall back to torch_full."""
+    from hal.registry import bind
+    from model.decode_graph import GRAPH_OPS
+
+    fp32 = hal.load_model(d64_checkpoint, "npu", "float32")
+    graph = DecodeGraph(fp32, fp32.new_cache(1, 16))
+    assert graph.bound_ops["attention_decode"] == "npu.torch_full"
+    shapes = hal.load_model(d64_checkpoint, "npu").ops.context.shapes
+    plain = bind("npu", torch.bfloat16, shapes, capture=GRAPH_OPS)  # no graph_updates
+    record = plain.record["attention_decode"]
+    assert record.impl == "npu.torch_full"
+    assert "NPUGraph.update" in dict(record.passed_over)["npu.torch_npu_bsnd"]
+    assert "not capturable" in dict(record.passed_over)["npu.torch"]
 
 
 def test_step_past_the_cache_capacity_is_refused(emulated, d64_checkpoint):

@@ -118,17 +118,32 @@ def test_op_matches_reference(emulated, op, impl, dtype):
             assert_close(op, name, r, o, dtype, case)
 
 
-def test_fused_attention_binds_for_its_shapes_and_reports_why_not(emulated):
+def test_fused_attention_binds_for_its_shapes_and_reports_why_not(emulated, monkeypatch):
+    """TND for head dim 128, BSND for 64 (with TND's reason in the record), plain torch for float32;
+    HAL_NPU_FIA_LAYOUT forces one layout (the runbook measures both)."""
+    from hal.errors import InputError
     from hal.registry import bind
 
-    ops = bind("npu", torch.bfloat16, SHAPES)
-    assert ops.record["attention_decode"].impl == "npu.torch_npu"
+    d128 = bind("npu", torch.bfloat16, dict(SHAPES, D=128))
+    assert d128.record["attention_prefill"].impl == d128.record["attention_decode"].impl == "npu.torch_npu"
+    d64 = bind("npu", torch.bfloat16, SHAPES)
+    assert d64.record["attention_decode"].impl == d64.record["attention_prefill"].impl == "npu.torch_npu_bsnd"
+    assert "head_dim must be 128 or 192 for FIA TND" in dict(d64.record["attention_decode"].passed_over)[
+        "npu.torch_npu"]
     fp32 = bind("npu", torch.float32, SHAPES)
     assert fp32.record["attention_prefill"].impl == "npu.torch"
     assert ("npu.torch_npu", "npu.attention_prefill: dtype must be bfloat16 or float16 (FIA), got float32") \
         in fp32.record["attention_prefill"].passed_over
-    d32 = bind("npu", torch.bfloat16, dict(SHAPES, D=32))
-    assert "head_dim must be 64 or 128 (FIA TND), got 32" in d32.record["attention_decode"].describe()
+    d24 = bind("npu", torch.bfloat16, dict(SHAPES, D=24))
+    assert "multiple of 16 up to 512 for FIA BSND, got 24" in d24.record["attention_decode"].describe()
+    monkeypatch.setenv("HAL_NPU_FIA_LAYOUT", "BSND")
+    assert bind("npu", torch.bfloat16, dict(SHAPES, D=128)).record["attention_decode"].impl == "npu.torch_npu_bsnd"
+    monkeypatch.setenv("HAL_NPU_FIA_LAYOUT", "TND")
+    forced = bind("npu", torch.bfloat16, SHAPES).record["attention_decode"]
+    assert forced.impl == "npu.torch" and "HAL_NPU_FIA_LAYOUT=TND" in forced.describe()
+    monkeypatch.setenv("HAL_NPU_FIA_LAYOUT", "NZ")
+    with pytest.raises(InputError, match="HAL_NPU_FIA_LAYOUT must be TND or BSND, got 'NZ'"):
+        bind("npu", torch.bfloat16, SHAPES)
 
 
 # -- sample -------------------------------------------------------------------------------------
