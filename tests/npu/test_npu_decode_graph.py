@@ -30,15 +30,19 @@ def _padded() -> tuple[torch.Tensor, torch.Tensor]:
     return ids, torch.tensor([longest - len(p) for p in PROMPTS])
 
 
-def test_replayed_decode_steps_match_the_reference(emulated, d64_checkpoint):
-    """Prefill eagerly, then 6 steps replayed from the graph; each step's logits against the
-    float32 reference run without a cache over each row's real tokens so far."""
-    reference = hal.load_model(d64_checkpoint, "cpu", "float32", reference=True)
-    npu = hal.load_model(d64_checkpoint, "npu")
+@pytest.mark.parametrize(("which", "attention"), [("d64", "npu.torch_npu_bsnd"), ("d128", "npu.torch_npu")])
+def test_replayed_decode_steps_match_the_reference(emulated, request, which, attention):
+    """Prefill eagerly, then 6 steps replayed from the graph (FIA inside it, BSND for head_dim 64,
+    TND for 128); each step's logits against the float32 reference run without a cache over each
+    row's real tokens so far."""
+    path = request.getfixturevalue(f"{which}_checkpoint")
+    reference = hal.load_model(path, "cpu", "float32", reference=True)
+    npu = hal.load_model(path, "npu")
     ids, starts = _padded()
     cache = npu.new_cache(2, ids.shape[1] + 8)
     logits = npu.forward(ids, cache=cache, kv_start=starts, logits_last_only=True).logits[:, -1]
     graph = DecodeGraph(npu, cache, starts)
+    assert graph.bound_ops["attention_decode"] == attention
     rows = [list(p) for p in PROMPTS]
     for step in range(6):
         tokens = logits.float().argmax(-1)
@@ -135,3 +139,25 @@ def test_a_sparse_model_gets_a_second_graph_past_dense_len(emulated, tmp_path, c
     graphed = npu.generate(prompt, max_new_tokens=24, do_sample=False, eos_token_id=-1, decode_graph=True)
     assert graphed == eager
     assert len(captures) == 2  # dense steps, then sparse ones from length 64
+
+
+def test_a_replay_without_the_length_update_reads_the_captured_lengths(emulated, d64_checkpoint, monkeypatch):
+    """The update is what makes FIA in the graph right: with GraphRuntime.refresh switched off,
+    every replay attends over the lengths of the captured step, and the logits leave the eager
+    path's from the second replayed step on."""
+    from hal.graphs import GraphRuntime
+
+    npu = hal.load_model(d64_checkpoint, "npu")
+    ids, starts = _padded()
+
+    def run(refresh: bool) -> list[torch.Tensor]:
+        cache = npu.new_cache(2, ids.shape[1] + 4)
+        npu.forward(ids, cache=cache, kv_start=starts, logits_last_only=True)
+        graph = DecodeGraph(npu, cache, starts)
+        if not refresh:
+            monkeypatch.setattr(GraphRuntime, "refresh", lambda self, graph, kv_lens: None)
+        return [graph.step(torch.tensor([7 + i, 40 + i])).clone() for i in range(3)]
+
+    updated, stale = run(True), run(False)
+    assert torch.equal(updated[0], stale[0])  # the captured step itself
+    assert nmse(updated[2].float(), stale[2].float()) > 1e-3  # later steps: the new keys were not read

@@ -190,3 +190,29 @@ def test_sample_draws_follow_the_reference_distribution(emulated, temperature, t
     assert 0.5 * float((freq - exact).abs().sum()) < 0.04  # total variation distance; noise ~0.015
     again = _sample_impl()(logits, temperature, top_k, top_p, torch.Generator().manual_seed(5))
     assert torch.equal(got, again), "a seeded generator must make sampling deterministic"
+
+
+def test_sample_draws_its_noise_on_the_device_with_the_request_generator(emulated, monkeypatch):
+    """The exponential noise is drawn in place on the tensor the probabilities live on (the NPU),
+    from the request's generator when it has one, from the device's default generator otherwise.
+    Emulated, the device is the CPU: the mirror of a host generator on a real NPU is unverified."""
+    from backends.npu import sample
+
+    drawn = []
+    real = torch.Tensor.exponential_
+    monkeypatch.setattr(torch.Tensor, "exponential_",
+                        lambda self, *a, generator=None, **k: (drawn.append((self.shape, self.device, generator)),
+                                                               real(self, *a, generator=generator, **k))[1])
+    logits = torch.randn(3, 50, generator=torch.Generator().manual_seed(1))
+    seeded = torch.Generator().manual_seed(11)
+    first = sample.sample_npu(logits, 0.8, 10, 0.9, seeded)
+    from backends.npu.runtime import device
+
+    assert drawn == [((3, 50), device(), seeded)]  # one draw, on the probabilities' device
+    assert torch.equal(first, sample.sample_npu(logits, 0.8, 10, 0.9, torch.Generator().manual_seed(11)))
+    torch.manual_seed(5)
+    unseeded = sample.sample_npu(logits, 0.8, 10, 0.9, None)
+    torch.manual_seed(5)
+    assert torch.equal(unseeded, sample.sample_npu(logits, 0.8, 10, 0.9, None)) and drawn[-1][2] is None
+    assert sample.device_generator(None, torch.device("cpu")) is None
+    assert sample.device_generator(seeded, torch.device("cpu")) is seeded
