@@ -10,6 +10,9 @@ HAL_NPU_EMULATE          ``1`` runs the ``npu`` device on an emulator: a pure-to
                          the CPU. ``hal.devices()`` then reports npu as available with a description
                          containing "emulated", and every report says EMULATED. For tests and CI
                          on machines without an Ascend NPU; never hardware numbers.
+HAL_NPU_FIA_LAYOUT       ``TND`` or ``BSND``: bind only that layout's fused attention on the npu device
+                         (default: TND for the head dims its docs give, BSND otherwise). For the
+                         runbook to measure both paths on one model; other values are refused.
 HAL_CACHE_DIR            where the built-in synthetic checkpoint is written, and the trained fixture
                          is fetched (``trained/``, ``python -m model.trained --fetch``).
                          Default: ``$XDG_CACHE_HOME/minicpm-hal`` or ``~/.cache/minicpm-hal``.
@@ -41,6 +44,19 @@ def disabled_backends() -> frozenset[str]:
 
 def npu_emulate() -> bool:
     return os.environ.get("HAL_NPU_EMULATE", "").strip().lower() in ("1", "true", "yes", "on")
+
+
+FIA_LAYOUTS = ("TND", "BSND")
+
+
+def npu_fia_layout() -> str | None:
+    """HAL_NPU_FIA_LAYOUT upper-cased, or None; InputError (one line) for another value."""
+    value = os.environ.get("HAL_NPU_FIA_LAYOUT", "").strip().upper()
+    if value and value not in FIA_LAYOUTS:
+        from hal.errors import InputError
+
+        raise InputError(f"HAL_NPU_FIA_LAYOUT must be TND or BSND, got {value!r}")
+    return value or None
 
 
 def cache_dir() -> Path:

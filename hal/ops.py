@@ -26,8 +26,9 @@ Semantics (what every implementation must compute; the float32 reference in
 
 ``rotary(q [B, T, H, D], k [B, T, Hk, D], cos [B, T, D], sin [B, T, D]) -> (q', k')``
     NeoX ("rotate_half") layout: pairs (i, i + D/2). Computed in float32, returned in the input
-    dtype: ``q' = q*cos + rotate_half(q)*sin``. cos/sin already carry the LongRoPE factors and
-    mscale (see ``model/rope.py``); they are float32.
+    dtype: ``q' = q*cos + rotate_half(q)*sin``. cos/sin carry the LongRoPE factors but not its
+    mscale (the model applies mscale**2 to the attention scales, see ``model/rope.py``): float32,
+    every value in [-1, 1].
 
 ``swiglu(gate [..., F], up [..., F]) -> [..., F]``
     ``silu(gate) * up``.

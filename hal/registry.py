@@ -59,6 +59,9 @@ class Impl:
     priority: lower wins among supported candidates. capturable: safe inside a device graph
     capture (NPUGraph / CUDAGraph): never reads tensor values on the host and its output shapes
     depend on input shapes only (checked for every such impl under the emulated NPUGraph).
+    graph_update: capturable only in a graph whose runtime refreshes the op's host length arguments
+    before each replay (``NPUGraph.update`` after ``auto_dispatch_capture``; the caller gives the
+    lengths at capture through :func:`hal.graphs.host_kv_lens`), see ``GraphRuntime.refresh``.
     """
 
     op: str
@@ -68,6 +71,7 @@ class Impl:
     supports: SupportsFn = always
     priority: int = 0
     capturable: bool = False
+    graph_update: bool = False
 
     @property
     def qualname(self) -> str:
@@ -168,6 +172,7 @@ def bind(
     allow_fallback: bool = False,
     overrides: dict[str, Callable[..., Any]] | None = None,
     capture: frozenset[str] = frozenset(),
+    graph_updates: bool = False,
 ) -> BoundOps:
     """Resolve every catalogue op once.
 
@@ -182,6 +187,8 @@ def bind(
             recorded as ``override``.
         capture: ops that will run inside a graph capture: only ``capturable`` implementations
             may serve them (the others are passed over with that reason).
+        graph_updates: the graph runtime refreshes host lengths before each replay, so
+            ``graph_update`` implementations may serve ``capture`` ops too.
 
     Raises:
         UnsupportedOpError: an op has no supporting implementation (all reasons listed).
@@ -217,6 +224,9 @@ def bind(
             reason = impl.supports(ctx)
             if reason is None and op in capture and not impl.capturable:
                 reason = "not capturable in a device graph (reads tensor values on the host)"
+            if reason is None and op in capture and impl.graph_update and not graph_updates:
+                reason = ("captured only where the graph refreshes its host lengths before each replay "
+                          "(NPUGraph.update); this graph runtime has no update")
             if reason is None and chosen is None:
                 chosen = impl
             elif reason is not None:

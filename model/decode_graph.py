@@ -5,13 +5,17 @@ which a replay removes (one launch per step instead of ~15 per layer).
 What the graph holds fixed, and how each step still differs:
 
 * The ops are bound with ``capture=GRAPH_OPS``: only ``capturable`` implementations (no host
-  read of tensor values). The visible difference from eager decode is attention: it reads the
-  whole cache capacity C with a per-row mask, because the fused NPU kernel (FIA) takes each
-  row's length as a host list, which a replay cannot change. The cost grows with C, not with
-  the row's length; capacity is the prompt plus ``max_new_tokens`` (rounded up to 128).
+  read of tensor values). On the NPU, decode attention stays the fused kernel (FIA), which takes
+  each row's length as a host list: the graph is captured with ``auto_dispatch_capture=True``
+  (the lengths of the captured step come from :func:`hal.graphs.host_kv_lens`) and
+  ``NPUGraph.update`` gives every captured FIA call the step's lengths before each replay
+  (``GraphRuntime.refresh``). Where FIA does not apply (float32, other head dims, a runtime
+  without updates, CUDA), attention reads the whole cache capacity C with a per-row mask
+  (``torch_full``): its cost grows with C, the prompt plus ``max_new_tokens`` (rounded up to 128).
 * Per step the host plans the step as eager decode does (``KVCache.plan``: slots, lengths,
   capacity check) and one copy moves (token, slot, length) per row into the graph's input
-  buffer; then ``replay()``. The positions are the slots (each row's real tokens start at 0).
+  buffer; then the lengths refresh and ``replay()``. The positions are the slots (each row's
+  real tokens start at 0).
 * The graph belongs to one :class:`~model.cache.KVCache` (the addresses of its buffers) and its
   batch size. It is captured on the first step, after a warm-up run of the same step. A model
   with InfLLM-v2 gets a second graph, captured on the first step past ``dense_len`` (the
@@ -22,7 +26,7 @@ from __future__ import annotations
 import torch
 
 from hal.errors import InputError
-from hal.graphs import GraphRuntime, graph_runtime
+from hal.graphs import GraphRuntime, graph_runtime, host_kv_lens
 from hal.registry import bind
 from model.cache import KVCache
 
@@ -48,7 +52,8 @@ class DecodeGraph:
     def __init__(self, model, cache: KVCache, kv_start: torch.Tensor | None = None):
         context = model.ops.context
         self.runtime: GraphRuntime = graph_runtime(context.device)
-        self.ops = bind(context.device, context.dtype, context.shapes, capture=GRAPH_OPS)
+        self.ops = bind(context.device, context.dtype, context.shapes, capture=GRAPH_OPS,
+                        graph_updates=self.runtime.updatable)
         self.model = model
         self.cache = cache
         self.kv_start = None if kv_start is None else kv_start.to("cpu", torch.int64)
@@ -68,6 +73,11 @@ class DecodeGraph:
         """Op name -> implementation inside the graph (``attention_decode -> npu.torch_full``, ...)."""
         return {op: self.ops.record[op].impl for op in sorted(GRAPH_OPS)}
 
+    @property
+    def mode(self) -> str:
+        """One line for reports: the graph runtime, how it is captured and what attention serves."""
+        return f"{self.runtime.name}; {self.runtime.mode}; attention_decode -> {self.bound_ops['attention_decode']}"
+
     def step(self, tokens: torch.Tensor) -> torch.Tensor:
         """tokens: `[B]` int64, each row's newest token -> its next-token logits `[B, V]` float32.
 
@@ -81,9 +91,11 @@ class DecodeGraph:
         self._inputs.copy_(self._host)
         sparse = self.model.config.sparse
         mode = sparse is not None and sparse.applies(int(kv_lens.max()))
+        lengths = [int(n) for n in kv_lens.tolist()]
         if mode not in self._graphs:
-            self._graphs[mode] = self._capture(mode)
+            self._graphs[mode] = self._capture(mode, lengths)
         graph, logits = self._graphs[mode]
+        self.runtime.refresh(graph, lengths)
         graph.replay()
         self.cache.advance(1)
         return logits[:, -1]
@@ -96,17 +108,18 @@ class DecodeGraph:
                              sparse=sparse)
         return out.logits
 
-    def _capture(self, sparse: bool) -> tuple[object, torch.Tensor]:
+    def _capture(self, sparse: bool, lengths: list[int]) -> tuple[object, torch.Tensor]:
         # Warm-up (and the emulated capture) run the step on the inputs of the first replay: their
         # KV writes are the ones the replay makes again, but a lightning state would advance
         # once per run, so those states are put back before the first replay.
         with torch.inference_mode():
             saved = {i: state.clone() for i, state in self.cache.states.items()}
             try:
-                self.runtime.warm_up(lambda: self._step_body(sparse))
-                graph = self.runtime.new_graph()
-                with self.runtime.capture(graph):
-                    logits = self._step_body(sparse)
+                with host_kv_lens(lengths):  # the captured step's lengths, for FIA's host arguments
+                    self.runtime.warm_up(lambda: self._step_body(sparse))
+                    graph = self.runtime.new_graph()
+                    with self.runtime.capture(graph):
+                        logits = self._step_body(sparse)
             finally:  # also when capture fails: a caller falling back to eager decode needs them intact
                 for i, state in saved.items():
                     self.cache.states[i].copy_(state)

@@ -92,7 +92,12 @@ class MiniCPMForCausalLM:
         self.lm_head = self.embed if config.tie_word_embeddings else weights["lm_head.weight"]
         self.layers = _layers(weights, config)
         self.rope = RopeTable(config, device)
-        self.attn_scale = config.head_dim ** -0.5
+        # LongRoPE's mscale is applied here, not in the cos/sin tables (model/rope.py): as mscale**2
+        # on every scale that multiplies a rotated q.k (attention and InfLLM-v2 selection; lightning)
+        rotated = self.rope.qk_scale
+        self.attn_scale = config.head_dim ** -0.5 * (rotated if config.attn_use_rope else 1.0)
+        self.lightning_scale = (config.lightning.scale * (rotated if config.lightning.use_rope else 1.0)
+                                if config.lightning else None)
         # per layer α (μP residual scale); a list so validation/faults.py can drop one layer's
         self.residual_scales = [config.residual_scale] * config.num_hidden_layers
         kv_width = config.num_key_value_heads * config.head_dim
@@ -312,7 +317,7 @@ class MiniCPMForCausalLM:
             state = cache.states[index]
         else:
             state = torch.zeros(batch, heads, d, d, dtype=torch.float32, device=x.device)
-        o, new_state = ops.lightning_attention(q, k, v, self.slopes, state, spec.scale)
+        o, new_state = ops.lightning_attention(q, k, v, self.slopes, state, self.lightning_scale)
         if cache is not None:
             state.copy_(new_state)  # in place: the cache's buffer keeps its address (decode graphs)
         o = o.reshape(batch, new, heads * d)

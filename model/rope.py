@@ -5,10 +5,15 @@
                   else short_factor        (chosen once per model, for every position)
     mscale      = sqrt(1 + ln(s) / ln(original_max_position_embeddings)), s = max_pos / original,
                   1.0 when s <= 1
-    cos, sin    = cos(emb) * mscale, sin(emb) * mscale,  emb = cat(t * inv_freq, t * inv_freq)
+    cos, sin    = cos(emb), sin(emb),  emb = cat(t * inv_freq, t * inv_freq)
 
-The remote code builds its cache at length max_position_embeddings, so the factor set follows
-that length, not the request's. Tables are float32 and grow on demand.
+The remote code multiplies cos and sin by mscale; here the tables stay unscaled (every value in
+[-1, 1], the documented range of ``npu_rotary_mul``'s r1/r2) and the model applies mscale outside
+the rotary op, as ``mscale**2`` in every scale that multiplies a rotated q.k product (attention,
+InfLLM-v2 block selection, lightning attention; see :attr:`RopeTable.qk_scale`): rotating q and k
+by mscale-scaled tables multiplies each q.k by exactly mscale**2, and nothing else reads rotated
+q or k. The remote code builds its cache at length max_position_embeddings, so the factor set
+follows that length, not the request's. Tables are float32 and grow on demand.
 """
 from __future__ import annotations
 
@@ -36,7 +41,8 @@ def rope_parameters(config: MiniCPMConfig) -> tuple[torch.Tensor, float]:
 
 
 class RopeTable:
-    """cos/sin lookup for absolute positions: ``table(positions [B, T]) -> (cos, sin) [B, T, D]``."""
+    """cos/sin lookup for absolute positions: ``table(positions [B, T]) -> (cos, sin) [B, T, D]``,
+    unscaled (|value| <= 1); LongRoPE's mscale is :attr:`mscale`."""
 
     def __init__(self, config: MiniCPMConfig, device: torch.device):
         self.inv_freq, self.mscale = rope_parameters(config)
@@ -50,8 +56,13 @@ class RopeTable:
         t = torch.arange(length, dtype=torch.int64).float()
         freqs = torch.outer(t, self.inv_freq)
         emb = torch.cat((freqs, freqs), dim=-1)
-        self._cos = (emb.cos() * self.mscale).to(self.device)
-        self._sin = (emb.sin() * self.mscale).to(self.device)
+        self._cos = emb.cos().to(self.device)
+        self._sin = emb.sin().to(self.device)
+
+    @property
+    def qk_scale(self) -> float:
+        """mscale**2: the factor LongRoPE's mscale puts on every rotated q.k product."""
+        return self.mscale * self.mscale
 
     def ensure(self, length: int) -> None:
         """Make positions ``0 .. length-1`` available to :meth:`lookup`."""

@@ -76,6 +76,15 @@ def run_tests(device: str, ops: Iterable[str], dtypes: list[str], pattern: str |
     for r in failed:
         detail = f" NMSE {r.error:.2e}" if r.status == "FAIL" else f" {r.reason}"
         print(f"  FAILED: {r.case.label} [{r.impl}] {r.status}{detail}")
+    plain: dict[str, set[str]] = {}
+    for r in results:
+        plain.setdefault(r.impl, set()).update(r.extra.get("plain_ops", ()))
+    if any(plain.values()):  # captured mode: the graph recorded ops that are not torch_npu (aclnn) ops
+        print("\ncapture unverified on hardware (plain torch ops in the graph; only aclnn ops are "
+              "documented to capture):")
+        for impl, ops_seen in sorted(plain.items()):
+            if ops_seen:
+                print(f"  {impl}: {', '.join(sorted(ops_seen))}")
     return 1 if failed else 0
 
 

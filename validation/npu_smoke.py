@@ -7,10 +7,13 @@ Steps, each recorded with its exit code and log in ``OUT/summary.md``:
      (the implementations decode graphs use, captured in a real NPUGraph and replayed);
   3. accuracy: ``python -m validation.compare --device npu`` on a synthetic checkpoint of every
      preset asked for (default: tiny, tiny-sala and 0.5b; add 8b / 4.1-8b / sala), and on
-     ``--model PATH`` when given;
-  4. speed: prefill and decode tokens/s of the bound model on the NPU (synthetic 0.5b, or --model);
-  5. decode graph: the same greedy decode replayed from an NPUGraph (``--decode-graph`` of
-     ``model.generate``): its tokens/s and how many tokens equal the eager run's.
+     ``--model PATH`` when given, once per FIA layout (``HAL_NPU_FIA_LAYOUT=TND`` / ``BSND``:
+     a layout the model's head dim does not take falls back, and the report's bound ops say to what);
+  4. speed, per FIA layout: prefill and decode tokens/s of the bound model on the NPU
+     (synthetic 0.5b, or --model), and the same greedy decode replayed from an NPUGraph: its
+     tokens/s and how many tokens equal the eager run's. Each speed step prints which attention
+     implementation served prefill, decode and the graph's decode, and the graph mode
+     (``auto_dispatch_capture`` with FIA lengths updated before each replay, or plain capture).
 
 Exit 0 when every step passed, 1 when one failed, 2 when the NPU is unavailable (the reason is
 printed in one line). ``--emulate`` runs everything on the torch_npu emulator (labelled
@@ -31,6 +34,7 @@ from pathlib import Path
 
 import hal  # noqa: F401  (first: it turns torch_npu autoload off before anything imports torch)
 from hal.api import MODEL_HELP
+from hal.env import FIA_LAYOUTS
 from model.synthetic import PRESETS
 
 EXIT_PASS, EXIT_FAIL, EXIT_USAGE = 0, 1, 2
@@ -47,6 +51,8 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--dtype", default="bfloat16", help="dtype under test (default: bfloat16)")
     p.add_argument("--new-tokens", type=int, default=32, help="decode steps timed in the speed step")
     p.add_argument("--skip", nargs="*", default=[], choices=("conformance", "compare", "speed", "graph"))
+    p.add_argument("--layouts", nargs="+", choices=FIA_LAYOUTS, default=list(FIA_LAYOUTS),
+                   help="FIA layouts to compare and time (default: TND BSND)")
     p.add_argument("--emulate", action="store_true", help="run on the torch_npu emulator (EMULATED)")
     return p
 
@@ -96,14 +102,40 @@ def _step(name: str, args: list[str], out: Path, env: dict[str, str]) -> dict[st
             "seconds": round(time.perf_counter() - start, 1), "log": f"{name}.log"}
 
 
-def speed(path: Path, dtype: str, new_tokens: int, decode_graph: bool = False) -> dict[str, object]:
+def served(model, decode_graph: bool) -> dict[str, str]:
+    """Which implementation serves attention (eager prefill / decode, and inside a decode graph)
+    and the graph mode, for the report."""
+    info = {"prefill": model.bound_ops["attention_prefill"], "decode": model.bound_ops["attention_decode"]}
+    if decode_graph:
+        from model.decode_graph import DecodeGraph
+
+        graph = DecodeGraph(model, model.new_cache(1, 128))  # binds only; nothing is captured
+        info["graph_decode"] = graph.bound_ops["attention_decode"]
+        info["graph_mode"] = graph.runtime.mode
+    return info
+
+
+def speed(path: Path, dtype: str, new_tokens: int, decode_graph: bool = False,
+          layout: str | None = None) -> dict[str, object]:
     """Prefill (128 tokens) and greedy decode tokens/s of ``path`` on the NPU, device-synchronised;
     with ``decode_graph`` also the decode replayed from an NPUGraph and its agreement with eager
-    (``benchmarks/decode_graph.py``)."""
+    (``benchmarks/decode_graph.py``). layout: HAL_NPU_FIA_LAYOUT while binding (None: default).
+    The result starts with which attention implementations served and the graph mode."""
     import hal
     from benchmarks.decode_graph import measure
 
-    return measure(hal.load_model(path, "npu", dtype), new_tokens, decode_graph)
+    saved = os.environ.get("HAL_NPU_FIA_LAYOUT")
+    if layout:
+        os.environ["HAL_NPU_FIA_LAYOUT"] = layout
+    try:
+        model = hal.load_model(path, "npu", dtype)
+        info = served(model, decode_graph)
+    finally:
+        if saved is None:
+            os.environ.pop("HAL_NPU_FIA_LAYOUT", None)
+        else:
+            os.environ["HAL_NPU_FIA_LAYOUT"] = saved
+    return {**info, **measure(model, new_tokens, decode_graph)}
 
 
 def _summary(out: Path, env_info: dict[str, object], steps: list[dict[str, object]], emulated: bool) -> str:
@@ -154,21 +186,29 @@ def main(argv: list[str] | None = None) -> int:
         targets = [(f"synthetic-{p}", default_checkpoint(p)) for p in args.presets]
         targets += [("model", args.model)] if args.model else []
         for name, path in targets:
-            command = ["validation.compare", "--device", "npu", "--dtype", args.dtype, "--model", str(path),
-                       "--report-dir", str(out / f"compare-{name}"), *emulate]
-            steps.append(_step(f"compare-{name}", command, out, child_env))
+            for layout in args.layouts:
+                command = ["validation.compare", "--device", "npu", "--dtype", args.dtype, "--model", str(path),
+                           "--report-dir", str(out / f"compare-{name}-{layout}"), *emulate]
+                steps.append(_step(f"compare-{name}-{layout}", command, out,
+                                   dict(child_env, HAL_NPU_FIA_LAYOUT=layout)))
     if "speed" not in args.skip:
         path = args.model or default_checkpoint("0.5b" if "0.5b" in args.presets else args.presets[0])
-        start = time.perf_counter()
-        record: dict[str, object] = {"step": f"speed ({path.name})"}
-        try:
-            result = speed(path, args.dtype, args.new_tokens, decode_graph="graph" not in args.skip)
-            record.update(exit=0, result=", ".join(f"{k}={v}" for k, v in result.items()))
-        except (HalError, RuntimeError) as exc:
-            text = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
-            record.update(exit=1, result=f"error: {text}")
-        record["seconds"] = round(time.perf_counter() - start, 1)
-        steps.append(record)
+        for layout in args.layouts:
+            start = time.perf_counter()
+            record: dict[str, object] = {"step": f"speed-{layout} ({path.name})"}
+            try:
+                result = speed(path, args.dtype, args.new_tokens, decode_graph="graph" not in args.skip,
+                               layout=layout)
+                record.update(exit=0, result=", ".join(f"{k}={v}" for k, v in result.items()))
+                served_by = f"attention prefill {result['prefill']}, decode {result['decode']}"
+                if "graph_decode" in result:
+                    served_by += f"; decode graph {result['graph_decode']} ({result['graph_mode']})"
+                _log(f"speed-{layout}: {served_by}")
+            except (HalError, RuntimeError) as exc:
+                text = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+                record.update(exit=1, result=f"error: {text}")
+            record["seconds"] = round(time.perf_counter() - start, 1)
+            steps.append(record)
     print(_summary(out, env_info, steps, args.emulate))
     _log(f"report folder: {out}")
     return EXIT_PASS if all(s["exit"] == 0 for s in steps) else EXIT_FAIL

@@ -75,14 +75,14 @@ def _randn(g: torch.Generator, *shape: int, scale: float = 1.0) -> torch.Tensor:
 
 def _rope(g: torch.Generator, batch: int, new: int, start: int,
           dim: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """cos/sin ``[B, T, D]`` float32 for positions start..start+T-1 with a LongRoPE-like mscale."""
+    """cos/sin ``[B, T, D]`` float32 for positions start..start+T-1 with LongRoPE-like factors
+    (unscaled, in [-1, 1]: mscale is applied outside the rotary op, see model/rope.py)."""
     inv_freq = 1.0 / (10000.0 ** (torch.arange(0, dim, 2).float() / dim))
     inv_freq = inv_freq / (1.0 + torch.rand(dim // 2, generator=g))
     pos = torch.arange(start, start + new).float()
     emb = torch.outer(pos, inv_freq)
     emb = torch.cat((emb, emb), dim=-1)
-    mscale = 1.1
-    return (emb.cos() * mscale).expand(batch, new, dim), (emb.sin() * mscale).expand(batch, new, dim)
+    return emb.cos().expand(batch, new, dim), emb.sin().expand(batch, new, dim)
 
 
 def _kv_start(c: Case, keys: int) -> torch.Tensor | None:

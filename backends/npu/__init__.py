@@ -9,11 +9,13 @@ rotary             npu.torch_npu       npu_rotary_mul ('half', float32)
 swiglu             npu.torch_npu       npu_swiglu ([gate, up])
 linear             npu.torch           (F.linear on the NPU)
 logits             npu.torch           (float32 GEMM over upcast vocabulary chunks, portable torch)
-attention_prefill  npu.torch_npu       npu_fused_infer_attention_score (TND, sparse_mode=3)
+attention_prefill  npu.torch_npu       npu_fused_infer_attention_score (TND, sparse_mode=3; head dim 128/192)
+                   npu.torch_npu_bsnd  FIA in BSND (other head dims that are multiples of 16, e.g. 64)
                    npu.torch           float32 / other head dims
-attention_decode   npu.torch_npu       FIA with block_table over the cache's 128-token page view
+attention_decode   npu.torch_npu       FIA (TND) with block_table over the cache's 128-token page view
+                   npu.torch_npu_bsnd  the same in BSND
                    npu.torch           float32 / other head dims
-                   npu.torch_full      inside a decode graph (whole capacity, no host lengths)
+                   npu.torch_full      in a decode graph when FIA does not apply (whole capacity)
 kv_write           npu.torch_npu       npu_scatter_pa_kv_cache on the same page view
                    npu.torch           float32 and decode graphs (index_put_, portable torch)
 lightning_attention npu.torch          (chunked Simple GLA in plain torch: torch_npu has no lightning op)
@@ -21,9 +23,10 @@ sample             npu.torch_npu       npu_top_k_top_p + exponential race
 infllm_*, block_sparse_attention  npu.torch  (portable torch: no torch_npu op fits InfLLM's 64-token
                                               blocks with causal masking inside them)
 
-Every implementation but FIA attention, npu_scatter_pa_kv_cache (both take host lengths or
-filter slots on the host) and sampling is ``capturable`` inside an NPUGraph (decode graphs,
-``model/decode_graph.py``). With ``HAL_NPU_EMULATE=1`` the same code runs against
+Every implementation but FIA prefill, npu_scatter_pa_kv_cache (host lengths / slots filtered on
+the host) and sampling is ``capturable`` inside an NPUGraph (decode graphs,
+``model/decode_graph.py``); FIA decode only in a graph captured with ``auto_dispatch_capture``
+whose kv lengths ``NPUGraph.update`` refreshes before each replay (``graph_update``). With ``HAL_NPU_EMULATE=1`` the same code runs against
 ``backends/npu/emulator`` on CPU tensors.
 """
 from __future__ import annotations
@@ -44,9 +47,14 @@ register(Impl("rotary", "npu", "torch_npu", f"{_M}.rotary:rotary_npu", supports=
 register(Impl("swiglu", "npu", "torch_npu", f"{_M}.swiglu:swiglu_npu", **_CAPTURABLE))
 register(Impl("linear", "npu", "torch", f"{_M}.dense:linear_npu", **_CAPTURABLE))
 register(Impl("logits", "npu", "torch", "backends.cpu.ops:logits_cpu", **_CAPTURABLE))
+# FIA: TND for the head dims its docs give (128, 192), BSND for the others (64 among them); the decode
+# calls capture in an NPUGraph whose host lengths are refreshed before each replay (graph_update)
 for _op in ("attention_prefill", "attention_decode"):
+    _graph = dict(capturable=True, graph_update=True) if _op == "attention_decode" else {}
     register(Impl(_op, "npu", "torch_npu", f"{_M}.attention:{_op}_npu",
-                  supports=supports.fused_attention(_op), priority=0))
+                  supports=supports.fused_attention(_op, "TND"), priority=0, **_graph))
+    register(Impl(_op, "npu", "torch_npu_bsnd", f"{_M}.attention:{_op}_npu_bsnd",
+                  supports=supports.fused_attention(_op, "BSND"), priority=1, **_graph))
     register(Impl(_op, "npu", "torch", f"{_M}.attention_torch:{_op}_npu_torch", priority=10))
 register(Impl("attention_decode", "npu", "torch_full", f"{_M}.attention_torch:attention_decode_full_npu_torch",
               priority=20, **_CAPTURABLE))

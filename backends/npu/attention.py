@@ -1,11 +1,16 @@
 """attention_prefill / attention_decode / kv_write on the NPU through
 ``npu_fused_infer_attention_score`` (FIA) and ``npu_scatter_pa_kv_cache``.
 
-Both attention calls use ``input_layout="TND"`` (tokens of all sequences packed, cumulative q
-lengths), GQA through ``num_key_value_heads``, ``scale`` passed explicitly (the op's default is
-1.0) and bottom-right causal ``sparse_mode=3`` with the fixed 2048x2048 compressed mask (True =
-masked out). Prefill removes left padding (``kv_start``) by packing only each row's real tokens;
-queries that see no key get zeros, as the catalogue says.
+Two FIA layouts, chosen at bind time by head dim (``supports.py``): ``TND`` (tokens of all
+sequences packed, cumulative q lengths whose last value is T) for the head dims its docs give
+(128, 192), ``BSND`` (`[B, S, N, D]` as the model holds it, per-batch lengths) for the others,
+64 among them. Every call passes GQA through ``num_key_value_heads``, ``scale`` explicitly (the
+op's default is 1.0) and bottom-right causal ``sparse_mode=3`` with the fixed 2048x2048
+compressed mask (True = masked out). TND prefill removes left padding (``kv_start``) by packing
+only each row's real tokens; BSND prefill shifts each row's real tokens to the front (lengths
+count from position 0 there). Queries that see no key get zeros, as the catalogue says: in
+decode FIA gives them (sparse_mode 3 with more queries than keys turns on its row-invalid
+correction), and a row with no key at all is sent with length 1 and zeroed after.
 
 The model's cache (``model/cache.py``) is `[B, C, Hk, D]` with C a multiple of 128 and each row's
 tokens from slot 0 (right-ragged, ``kv_lens``). That buffer *is* a paged cache: viewed as
@@ -19,6 +24,7 @@ from __future__ import annotations
 import torch
 
 from backends.npu.runtime import torch_npu
+from hal.graphs import captured_kv_lens
 
 BLOCK_SIZE = 128  # FIA paged attention: a multiple of 128 in [128, 512] when q length > 1
 _MASKS: dict[torch.device, torch.Tensor] = {}
@@ -73,6 +79,38 @@ def attention_prefill_npu(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kv_
     return _scatter_rows(out, index, batch, new)
 
 
+def _front_aligned(x: torch.Tensor, shift: torch.Tensor) -> torch.Tensor:
+    """`[B, T, ...]` with row b's positions shift[b].. moved to 0.. (the tail repeats the last row)."""
+    new = x.shape[1]
+    index = (torch.arange(new, device=x.device)[None, :] + shift[:, None]).clamp(max=new - 1)
+    return x.gather(1, index.view(*index.shape, *([1] * (x.dim() - 2))).expand(x.shape)).contiguous()
+
+
+def attention_prefill_npu_bsnd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kv_start: torch.Tensor | None,
+                               scale: float) -> torch.Tensor:
+    """attention_prefill in FIA's BSND layout (head dims TND does not take, e.g. 64): the same
+    contract as :func:`attention_prefill_npu`. Left padding: each row's real tokens are moved to
+    the front, FIA reads ``actual_seq_lengths = actual_seq_lengths_kv = T - kv_start[b]`` per row
+    (a fully padded row is sent as length 1 and zeroed), and the output is moved back."""
+    batch, new, heads, _ = q.shape
+    starts = _starts(kv_start, batch)
+    lengths = [max(new - s, 1) for s in starts]
+    if kv_start is not None:
+        shift = kv_start.to(q.device).clamp(max=new - 1)
+        q, k, v = (_front_aligned(t, shift) for t in (q, k, v))
+    out, _ = torch_npu().npu_fused_infer_attention_score(
+        q.contiguous(), k.contiguous(), v.contiguous(), atten_mask=causal_mask(q.device),
+        actual_seq_lengths=lengths, actual_seq_lengths_kv=lengths, num_heads=heads,
+        num_key_value_heads=k.shape[2], scale=scale, input_layout="BSND", sparse_mode=3)
+    if kv_start is None:
+        return out
+    start = kv_start.to(q.device)
+    columns = torch.arange(new, device=q.device)[None, :]
+    back = (columns - start[:, None]).clamp(min=0)
+    out = out.gather(1, back[:, :, None, None].expand(out.shape))
+    return torch.where((columns >= start[:, None])[:, :, None, None], out, torch.zeros((), dtype=out.dtype))
+
+
 def _pages(cache: torch.Tensor) -> torch.Tensor:
     """`[B, C, Hk, D]` cache -> its zero-copy page view `[B*C/128, 128, Hk, D]`."""
     batch, capacity, kv_heads, dim = cache.shape
@@ -111,29 +149,63 @@ def kv_write_npu(k_cache: torch.Tensor, v_cache: torch.Tensor, k: torch.Tensor, 
                                         flat.contiguous(), cache_mode="Norm")
 
 
-def attention_decode_npu(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
-                         kv_lens: torch.Tensor, scale: float) -> torch.Tensor:
-    """New queries against the right-ragged cache that already holds their keys: q `[B, T, H, D]`,
-    k_cache / v_cache `[B, C, Hk, D]` (bf16/fp16, C a multiple of 128), kv_lens `[B]` ->
-    `[B, T, H, D]`. Query t of row b sees keys j <= kv_lens[b] - T + t. FIA reads the cache
-    buffers in place through their page view and ``block_table``."""
+def fia_kv_lengths(lengths: list[int]) -> list[int]:
+    """Per-row ``actual_seq_lengths_kv`` FIA is given: a row with no key is sent as 1 (its output
+    is zeroed after), as vLLM-Ascend pads ``seq_lens`` with 1 in graph mode."""
+    return [max(int(n), 1) for n in lengths]
+
+
+def graph_update(kv_lens: list[int]) -> list[dict[str, list[int]]]:
+    """``NPUGraph.update(cpu_update_input=...)`` for a decode graph's step: every captured FIA call
+    (one per attention layer, all of one batch) reads these kv lengths."""
+    return [{"actual_seq_lengths_kv": fia_kv_lengths(kv_lens)}]
+
+
+def _host_lengths(kv_lens: torch.Tensor) -> list[int]:
+    """The per-row lengths as a host list: given by the graph being captured, else read."""
+    captured = captured_kv_lens()
+    return captured if captured is not None else [int(n) for n in kv_lens.tolist()]
+
+
+def _zero_keyless_rows(out: torch.Tensor, kv_lens: torch.Tensor) -> torch.Tensor:
+    """Rows with kv_lens 0 (sent to FIA as length 1) -> zeros; device-side, so capturable."""
+    has_keys = (kv_lens.to(out.device) > 0)[:, None, None, None]
+    return torch.where(has_keys, out, torch.zeros((), dtype=out.dtype, device=out.device))
+
+
+def _paged_call(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, kv_lens: torch.Tensor,
+                scale: float, layout: str) -> torch.Tensor:
     batch, new, heads, dim = q.shape
     capacity, kv_heads = k_cache.shape[1], k_cache.shape[2]
     k_pages = _pages(k_cache).view(-1, BLOCK_SIZE, kv_heads * dim)  # BnBsH, zero copy
     v_pages = _pages(v_cache).view(-1, BLOCK_SIZE, kv_heads * dim)
-    lengths = [int(n) for n in kv_lens.tolist()]
-    rows = [b for b in range(batch) if lengths[b] > 0]
-    if not rows:
-        return torch.zeros_like(q)
+    lengths = fia_kv_lengths(_host_lengths(kv_lens))
     table = block_table(batch, capacity // BLOCK_SIZE, q.device)
-    if len(rows) < batch:
-        table = table[torch.tensor(rows, device=q.device)]
-    q_lens = [min(new, lengths[b]) for b in rows]  # queries of a short row beyond its keys see none
-    index = torch.cat([torch.arange((b + 1) * new - n, (b + 1) * new) for b, n in zip(rows, q_lens)])
-    index = index.to(q.device)
-    q_t = q.reshape(batch * new, heads, dim)[index].contiguous()
+    if layout == "TND":
+        query = q.reshape(batch * new, heads, dim).contiguous()
+        q_lens = dict(actual_seq_lengths=_cumulative([new] * batch))
+    else:
+        query, q_lens = q.contiguous(), {}
     out, _ = torch_npu().npu_fused_infer_attention_score(
-        q_t, k_pages, v_pages, atten_mask=causal_mask(q.device), block_table=table, block_size=BLOCK_SIZE,
-        actual_seq_lengths=_cumulative(q_lens), actual_seq_lengths_kv=[lengths[b] for b in rows],
-        num_heads=heads, num_key_value_heads=kv_heads, scale=scale, input_layout="TND", sparse_mode=3)
-    return _scatter_rows(out, index, batch, new)
+        query, k_pages, v_pages, atten_mask=causal_mask(q.device), block_table=table, block_size=BLOCK_SIZE,
+        actual_seq_lengths_kv=lengths, num_heads=heads, num_key_value_heads=kv_heads, scale=scale,
+        input_layout=layout, sparse_mode=3, **q_lens)
+    return _zero_keyless_rows(out.view(batch, new, heads, dim), kv_lens)
+
+
+def attention_decode_npu(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
+                         kv_lens: torch.Tensor, scale: float) -> torch.Tensor:
+    """New queries against the right-ragged cache that already holds their keys: q `[B, T, H, D]`,
+    k_cache / v_cache `[B, C, Hk, D]` (bf16/fp16, C a multiple of 128), kv_lens `[B]` ->
+    `[B, T, H, D]`. Query t of row b sees keys j <= kv_lens[b] - T + t. FIA in TND reads the cache
+    buffers in place through their page view and ``block_table``: every row's T queries packed
+    (``actual_seq_lengths = T, 2T, ..``), per-request ``actual_seq_lengths_kv``. No host read but
+    the lengths, which a decode graph supplies (``hal.graphs.host_kv_lens``) and refreshes."""
+    return _paged_call(q, k_cache, v_cache, kv_lens, scale, "TND")
+
+
+def attention_decode_npu_bsnd(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
+                              kv_lens: torch.Tensor, scale: float) -> torch.Tensor:
+    """:func:`attention_decode_npu` in FIA's BSND layout (q as the model holds it, per-request
+    ``actual_seq_lengths_kv``; block size 128 as Q_S > 1 needs)."""
+    return _paged_call(q, k_cache, v_cache, kv_lens, scale, "BSND")

@@ -36,3 +36,13 @@ def d64_checkpoint(tmp_path_factory):
             "long_factor": factors, "short_factor": factors}
     return write_checkpoint(tmp_path_factory.mktemp("npu") / "tiny-d64", "tiny", seed=1,
                             overrides={"hidden_size": 256, "rope_scaling": rope})
+
+
+@pytest.fixture(scope="session")
+def d128_checkpoint(tmp_path_factory):
+    """Tiny preset widened to head_dim 128 (hidden 512, 4 heads, 2 KV heads): FIA's TND head dim."""
+    factors = [1.0 + 0.05 * i for i in range(64)]
+    rope = {"rope_type": "longrope", "original_max_position_embeddings": 2048,
+            "long_factor": factors, "short_factor": factors}
+    return write_checkpoint(tmp_path_factory.mktemp("npu") / "tiny-d128", "tiny", seed=2,
+                            overrides={"hidden_size": 512, "rope_scaling": rope})

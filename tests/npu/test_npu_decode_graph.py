@@ -30,15 +30,19 @@ def _padded() -> tuple[torch.Tensor, torch.Tensor]:
     return ids, torch.tensor([longest - len(p) for p in PROMPTS])
 
 
-def test_replayed_decode_steps_match_the_reference(emulated, d64_checkpoint):
-    """Prefill eagerly, then 6 steps replayed from the graph; each step's logits against the
-    float32 reference run without a cache over each row's real tokens so far."""
-    reference = hal.load_model(d64_checkpoint, "cpu", "float32", reference=True)
-    npu = hal.load_model(d64_checkpoint, "npu")
+@pytest.mark.parametrize(("which", "attention"), [("d64", "npu.torch_npu_bsnd"), ("d128", "npu.torch_npu")])
+def test_replayed_decode_steps_match_the_reference(emulated, request, which, attention):
+    """Prefill eagerly, then 6 steps replayed from the graph (FIA inside it, BSND for head_dim 64,
+    TND for 128); each step's logits against the float32 reference run without a cache over each
+    row's real tokens so far."""
+    path = request.getfixturevalue(f"{which}_checkpoint")
+    reference = hal.load_model(path, "cpu", "float32", reference=True)
+    npu = hal.load_model(path, "npu")
     ids, starts = _padded()
     cache = npu.new_cache(2, ids.shape[1] + 8)
     logits = npu.forward(ids, cache=cache, kv_start=starts, logits_last_only=True).logits[:, -1]
     graph = DecodeGraph(npu, cache, starts)
+    assert graph.bound_ops["attention_decode"] == attention
     rows = [list(p) for p in PROMPTS]
     for step in range(6):
         tokens = logits.float().argmax(-1)
@@ -62,16 +66,46 @@ def test_generate_with_the_graph_equals_eager_and_captures_once(emulated, d64_ch
     assert captures == [1, 1]  # one capture per generate call, every later step a replay
 
 
-def test_the_graph_binds_only_capturable_implementations(emulated, d64_checkpoint):
+def test_the_graph_captures_fia_and_refreshes_its_lengths(emulated, d64_checkpoint, monkeypatch):
+    """Decode attention stays FIA inside the graph (captured with auto_dispatch_capture, one FIA
+    record per layer), and every replay is preceded by an update with that step's kv lengths."""
     npu = hal.load_model(d64_checkpoint, "npu")
-    assert npu.bound_ops["attention_decode"] == "npu.torch_npu"  # eager decode: FIA
-    graph = DecodeGraph(npu, npu.new_cache(1, 16))
-    assert graph.bound_ops["attention_decode"] == "npu.torch_full"
-    assert graph.bound_ops["kv_write"] == "npu.torch"
-    assert graph.bound_ops["rms_norm"] == "npu.torch_npu"
-    passed = dict(graph.ops.record["attention_decode"].passed_over)
-    assert "not capturable" in passed["npu.torch_npu"]
+    assert npu.bound_ops["attention_decode"] == "npu.torch_npu_bsnd"  # eager decode: FIA, head_dim 64
+    ids, starts = _padded()
+    cache = npu.new_cache(2, ids.shape[1] + 4)
+    logits = npu.forward(ids, cache=cache, kv_start=starts, logits_last_only=True).logits[:, -1]
+    graph = DecodeGraph(npu, cache, starts)
+    assert graph.bound_ops["attention_decode"] == "npu.torch_npu_bsnd"
+    assert graph.bound_ops["kv_write"] == "npu.torch" and graph.bound_ops["rms_norm"] == "npu.torch_npu"
+    assert "auto_dispatch_capture=True" in graph.mode and "npu.torch_npu_bsnd" in graph.mode
+    updates = []
+    real_update = emulated_graphs.NPUGraph.update
+    monkeypatch.setattr(emulated_graphs.NPUGraph, "update",
+                        lambda self, cpu_update_input: (updates.append(cpu_update_input),
+                                                        real_update(self, cpu_update_input))[1])
+    for _ in range(3):
+        logits = graph.step(logits.float().argmax(-1)).clone()
+    real = [len(p) for p in PROMPTS]
+    assert updates == [[{"actual_seq_lengths_kv": [n + step for n in real]}] for step in (1, 2, 3)]
+    (captured, _), = graph._graphs.values()
+    assert captured.update_records == npu.config.num_hidden_layers
     assert graph.runtime.emulated and "EMULATED" in graph.runtime.name
+
+
+def test_torch_full_serves_the_graph_where_fia_cannot(emulated, d64_checkpoint, tiny_checkpoint):
+    """float32 (FIA takes bf16/fp16) and a graph runtime without updates fall back to torch_full."""
+    from hal.registry import bind
+    from model.decode_graph import GRAPH_OPS
+
+    fp32 = hal.load_model(d64_checkpoint, "npu", "float32")
+    graph = DecodeGraph(fp32, fp32.new_cache(1, 16))
+    assert graph.bound_ops["attention_decode"] == "npu.torch_full"
+    shapes = hal.load_model(d64_checkpoint, "npu").ops.context.shapes
+    plain = bind("npu", torch.bfloat16, shapes, capture=GRAPH_OPS)  # no graph_updates
+    record = plain.record["attention_decode"]
+    assert record.impl == "npu.torch_full"
+    assert "NPUGraph.update" in dict(record.passed_over)["npu.torch_npu_bsnd"]
+    assert "not capturable" in dict(record.passed_over)["npu.torch"]
 
 
 def test_step_past_the_cache_capacity_is_refused(emulated, d64_checkpoint):
@@ -105,3 +139,25 @@ def test_a_sparse_model_gets_a_second_graph_past_dense_len(emulated, tmp_path, c
     graphed = npu.generate(prompt, max_new_tokens=24, do_sample=False, eos_token_id=-1, decode_graph=True)
     assert graphed == eager
     assert len(captures) == 2  # dense steps, then sparse ones from length 64
+
+
+def test_a_replay_without_the_length_update_reads_the_captured_lengths(emulated, d64_checkpoint, monkeypatch):
+    """The update is what makes FIA in the graph right: with GraphRuntime.refresh switched off,
+    every replay attends over the lengths of the captured step, and the logits leave the eager
+    path's from the second replayed step on."""
+    from hal.graphs import GraphRuntime
+
+    npu = hal.load_model(d64_checkpoint, "npu")
+    ids, starts = _padded()
+
+    def run(refresh: bool) -> list[torch.Tensor]:
+        cache = npu.new_cache(2, ids.shape[1] + 4)
+        npu.forward(ids, cache=cache, kv_start=starts, logits_last_only=True)
+        graph = DecodeGraph(npu, cache, starts)
+        if not refresh:
+            monkeypatch.setattr(GraphRuntime, "refresh", lambda self, graph, kv_lens: None)
+        return [graph.step(torch.tensor([7 + i, 40 + i])).clone() for i in range(3)]
+
+    updated, stale = run(True), run(False)
+    assert torch.equal(updated[0], stale[0])  # the captured step itself
+    assert nmse(updated[2].float(), stale[2].float()) > 1e-3  # later steps: the new keys were not read

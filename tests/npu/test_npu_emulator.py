@@ -59,19 +59,19 @@ def test_fia_layouts_agree():
 
 
 def test_fia_tnd_lengths_are_cumulative_and_paged_kv_lengths_per_request():
-    q, kv = rnd(7, 2, 64), rnd(7, 2, 64)
+    q, kv = rnd(7, 2, 128), rnd(7, 2, 128)
     out, _ = E.npu_fused_infer_attention_score(q, kv, kv, atten_mask=MASK, actual_seq_lengths=[3, 7],
                                                actual_seq_lengths_kv=[3, 7], num_heads=2, input_layout="TND",
                                                sparse_mode=3, scale=0.125)
     second = manual_attention(q[3:], kv[3:], kv[3:], 0.125, causal(4, 4))
     assert torch.allclose(out[3:].float(), second, atol=2e-2)
-    cache = torch.zeros(4, 128, 2, 64, dtype=torch.bfloat16)
+    cache = torch.zeros(4, 128, 2, 128, dtype=torch.bfloat16)
     E.npu_scatter_pa_kv_cache(kv, kv, cache, cache.clone(), torch.tensor([256, 257, 258, 0, 1, 2, 3]),
                               cache_mode="Norm")
     assert torch.equal(cache[2, :3], kv[:3]) and torch.equal(cache[0, :4], kv[3:])
     table = torch.tensor([[2, 3], [0, 1]], dtype=torch.int32)
     paged, _ = E.npu_fused_infer_attention_score(
-        q[[2, 6]].contiguous(), cache.view(4, 128, 128), cache.view(4, 128, 128), block_table=table,
+        q[[2, 6]].contiguous(), cache.view(4, 128, 256), cache.view(4, 128, 256), block_table=table,
         block_size=128,
         actual_seq_lengths=[1, 2], actual_seq_lengths_kv=[3, 4], atten_mask=MASK, sparse_mode=3,
         num_heads=2, input_layout="TND", scale=0.125)
@@ -90,14 +90,14 @@ def test_fia_rejects_what_the_real_op_rejects():
         "must be contiguous": dict(query=q.transpose(1, 2), key=k, value=k, num_heads=4, input_layout="BSND"),
         "TND needs head dim": dict(query=rnd(4, 2, 32), key=rnd(4, 2, 32), value=rnd(4, 2, 32), num_heads=2,
                                    input_layout="TND", actual_seq_lengths=[4], actual_seq_lengths_kv=[4]),
-        "non-decreasing": dict(query=rnd(4, 2, 64), key=rnd(4, 2, 64), value=rnd(4, 2, 64), num_heads=2,
+        "non-decreasing": dict(query=rnd(4, 2, 128), key=rnd(4, 2, 128), value=rnd(4, 2, 128), num_heads=2,
                                input_layout="TND", actual_seq_lengths=[3, 1], actual_seq_lengths_kv=[3, 4]),
-        "block_table dtype": dict(query=rnd(2, 2, 64), key=rnd(2, 128, 128), value=rnd(2, 128, 128),
+        "block_table dtype": dict(query=rnd(2, 2, 128), key=rnd(2, 128, 256), value=rnd(2, 128, 256),
                                   num_heads=2,
                                   input_layout="TND", actual_seq_lengths=[1, 2], actual_seq_lengths_kv=[5, 5],
                                   block_table=torch.zeros(2, 1, dtype=torch.int64), block_size=128),
-        "multiple of 128": dict(query=rnd(4, 2, 64), key=rnd(2, 64, 128), value=rnd(2, 64, 128), num_heads=2,
-                                input_layout="TND", actual_seq_lengths=[4], actual_seq_lengths_kv=[5],
+        "multiple of 128": dict(query=rnd(1, 4, 2, 64), key=rnd(2, 64, 128), value=rnd(2, 64, 128), num_heads=2,
+                                input_layout="BSND", actual_seq_lengths_kv=[5],
                                 block_table=torch.zeros(1, 1, dtype=torch.int32), block_size=64),
     }
     for what, kwargs in cases.items():
@@ -130,7 +130,7 @@ def test_norms_rope_swiglu_match_formulas_and_reject_bad_calls():
     y2, _, total = E.npu_add_rms_norm(x, 2 * x, w)
     assert torch.allclose(total, 3 * x) and torch.allclose(y2, E.npu_rms_norm(3 * x, w)[0], atol=1e-5)
     qr = rnd(1, 2, 3, 8, dtype=torch.float32)
-    cos, sin = rnd(1, 2, 1, 8, dtype=torch.float32), rnd(1, 2, 1, 8, dtype=torch.float32)
+    cos, sin = rnd(1, 2, 1, 8, dtype=torch.float32).tanh(), rnd(1, 2, 1, 8, dtype=torch.float32).tanh()
     half = torch.cat((-qr[..., 4:], qr[..., :4]), -1)
     assert torch.allclose(E.npu_rotary_mul(qr, cos, sin), qr * cos + half * sin)
     with pytest.raises(EmulatedOpError, match="r1 dtype"):

@@ -14,29 +14,29 @@ from backends.npu import attention as npu_attention
 from backends.npu.emulator import EmulatedOpError
 from npu_metrics import mismatch
 
+DIMS = {"TND": 128, "BSND": 64}  # the head dim each FIA layout serves (backends/npu/supports.py)
 D = 64
-SCALE = 1 / math.sqrt(D)
 
 
-def _prefill_inputs():
+def _prefill_inputs(dim: int = D):
     g = torch.Generator().manual_seed(7)
-    q = torch.randn(2, 9, 4, D, generator=g).bfloat16()
-    k = torch.randn(2, 9, 2, D, generator=g).bfloat16()
-    v = torch.randn(2, 9, 2, D, generator=g).bfloat16()
-    return q, k, v, torch.tensor([0, 3]), SCALE
+    q = torch.randn(2, 9, 4, dim, generator=g).bfloat16()
+    k = torch.randn(2, 9, 2, dim, generator=g).bfloat16()
+    v = torch.randn(2, 9, 2, dim, generator=g).bfloat16()
+    return q, k, v, torch.tensor([0, 3]), 1 / math.sqrt(dim)
 
 
-def _decode_inputs():
+def _decode_inputs(dim: int = D):
     """B=2, T=4 against a C=256 cache holding 140 / 129 keys; huge values past each row's length."""
     g = torch.Generator().manual_seed(8)
     lens = [140, 129]
-    q = torch.randn(2, 4, 4, D, generator=g).bfloat16()
-    k = torch.randn(2, 256, 2, D, generator=g)
-    v = torch.randn(2, 256, 2, D, generator=g)
+    q = torch.randn(2, 4, 4, dim, generator=g).bfloat16()
+    k = torch.randn(2, 256, 2, dim, generator=g)
+    v = torch.randn(2, 256, 2, dim, generator=g)
     for b, n in enumerate(lens):
         k[b, n:] *= 1e3
         v[b, n:] *= 1e3
-    return q, k.bfloat16(), v.bfloat16(), torch.tensor(lens), SCALE
+    return q, k.bfloat16(), v.bfloat16(), torch.tensor(lens), 1 / math.sqrt(dim)
 
 
 def _caught(op: str, fn, ref, args) -> bool:
@@ -59,16 +59,22 @@ def _with_fia(monkeypatch, emulator, mutate) -> None:
     monkeypatch.setattr(npu_attention, "torch_npu", lambda: proxy)
 
 
+LAYOUTS = ("TND", "BSND")
+
+
+@pytest.mark.parametrize("layout", LAYOUTS)
 @pytest.mark.parametrize("op", ["attention_prefill", "attention_decode"])
-def test_correct_wrapper_passes(emulated, op):
-    fn, ref, args = _pair(op)
+def test_correct_wrapper_passes(emulated, op, layout):
+    fn, ref, args = _pair(op, layout)
     assert not _caught(op, fn, ref, args)
 
 
-def _pair(op: str):
+def _pair(op: str, layout: str = "TND"):
+    suffix = "" if layout == "TND" else "_bsnd"
     if op == "attention_prefill":
-        return npu_attention.attention_prefill_npu, attention_prefill_ref, _prefill_inputs()
-    return npu_attention.attention_decode_npu, attention_decode_ref, _decode_inputs()
+        return getattr(npu_attention, "attention_prefill_npu" + suffix), attention_prefill_ref, \
+            _prefill_inputs(DIMS[layout])
+    return getattr(npu_attention, "attention_decode_npu" + suffix), attention_decode_ref, _decode_inputs(DIMS[layout])
 
 
 MASK_BUGS = {
@@ -79,11 +85,12 @@ MASK_BUGS = {
 }
 
 
+@pytest.mark.parametrize("layout", LAYOUTS)
 @pytest.mark.parametrize("op", ["attention_prefill", "attention_decode"])
 @pytest.mark.parametrize("bug", sorted(MASK_BUGS))
-def test_wrong_mask_is_caught(emulated, monkeypatch, op, bug):
+def test_wrong_mask_is_caught(emulated, monkeypatch, op, bug, layout):
     monkeypatch.setattr(npu_attention, "causal_mask", MASK_BUGS[bug])
-    assert _caught(op, *_pair(op))
+    assert _caught(op, *_pair(op, layout))
 
 
 def _per_sequence(ends: list[int]) -> list[int]:
@@ -102,14 +109,17 @@ KWARG_BUGS = {
 
 
 # top-left and bottom-right causal agree when q and kv lengths are equal (prefill): decode only
-KWARG_CASES = [(op, bug) for bug in sorted(KWARG_BUGS) for op in ("attention_prefill", "attention_decode")
-               if not (bug.startswith("top-left") and op == "attention_prefill")]
+# (BSND takes per-batch q lengths, and none in decode: the cumulative-lengths bug is TND's alone)
+KWARG_CASES = [(op, bug, layout) for bug in sorted(KWARG_BUGS) for op in ("attention_prefill", "attention_decode")
+               for layout in LAYOUTS
+               if not (bug.startswith("top-left") and op == "attention_prefill")
+               and not (bug.startswith("q lengths") and layout == "BSND")]
 
 
-@pytest.mark.parametrize(("op", "bug"), KWARG_CASES)
-def test_wrong_call_is_caught(emulated, monkeypatch, op, bug):
+@pytest.mark.parametrize(("op", "bug", "layout"), KWARG_CASES)
+def test_wrong_call_is_caught(emulated, monkeypatch, op, bug, layout):
     _with_fia(monkeypatch, emulated, KWARG_BUGS[bug])
-    assert _caught(op, *_pair(op))
+    assert _caught(op, *_pair(op, layout))
 
 
 def test_cumulative_kv_lengths_with_a_paged_cache_are_caught(emulated, monkeypatch):
@@ -121,16 +131,17 @@ def test_cumulative_kv_lengths_with_a_paged_cache_are_caught(emulated, monkeypat
     assert _caught("attention_decode", *_pair("attention_decode"))
 
 
-def test_reading_past_kv_lens_is_caught(emulated, monkeypatch):
+@pytest.mark.parametrize("layout", LAYOUTS)
+def test_reading_past_kv_lens_is_caught(emulated, monkeypatch, layout):
     """FIA told every row is as long as the longest (or as the whole capacity) reads unused slots."""
     def longest(kw):
         lens = kw["actual_seq_lengths_kv"]
         return dict(kw, actual_seq_lengths_kv=[max(lens)] * len(lens))
 
     _with_fia(monkeypatch, emulated, longest)
-    assert _caught("attention_decode", *_pair("attention_decode"))
+    assert _caught("attention_decode", *_pair("attention_decode", layout))
     _with_fia(monkeypatch, emulated, lambda kw: dict(kw, actual_seq_lengths_kv=[256, 256]))
-    assert _caught("attention_decode", *_pair("attention_decode"))
+    assert _caught("attention_decode", *_pair("attention_decode", layout))
 
 
 def _kv_write_inputs():

@@ -28,23 +28,29 @@ def _compare(path, monkeypatch) -> tuple[float, float, float, dict[str, str]]:
     return nmse(ref, got), nmse(ref, base), agree, npu.bound_ops
 
 
-@pytest.mark.parametrize("which", ["d64", "tiny"])
-def test_model_logits_match_reference(emulated, monkeypatch, d64_checkpoint, tiny_checkpoint, which):
-    path = d64_checkpoint if which == "d64" else tiny_checkpoint
+# FIA's layout follows the head dim: TND for 128, BSND for 64 (TND's docs do not give it) and 32
+LAYOUTS = {"d128": "npu.torch_npu", "d64": "npu.torch_npu_bsnd", "tiny": "npu.torch_npu_bsnd"}
+
+
+@pytest.mark.parametrize("which", sorted(LAYOUTS))
+def test_model_logits_match_reference(emulated, monkeypatch, request, which):
+    path = request.getfixturevalue(f"{which}_checkpoint")
     err, baseline, agree, bound = _compare(path, monkeypatch)
-    expect = "npu.torch_npu" if which == "d64" else "npu.torch"  # tiny has head_dim 32: no FIA
-    assert bound["attention_prefill"] == expect and bound["rms_norm"] == "npu.torch_npu"
+    assert bound["attention_prefill"] == LAYOUTS[which] and bound["rms_norm"] == "npu.torch_npu"
     # bf16 through the NPU path must be as close to the fp32 judge as bf16 on the CPU path
     assert err < 2.0 * baseline + 1e-6, f"NPU NMSE {err:.2e} vs CPU bf16 NMSE {baseline:.2e}"
     assert err < 1e-3 and agree >= 0.9, f"NMSE {err:.2e}, top-1 agreement {agree:.2f}"
 
 
-def test_decode_path_with_left_padding_matches_reference(emulated, d64_checkpoint):
+@pytest.mark.parametrize("which", ["d64", "d128"])
+def test_decode_path_with_left_padding_matches_reference(emulated, request, which):
     """Prefill + 4 single-token decode steps through the KV cache (attention_decode on FIA with
-    a block table), batch 2 with left padding, against the reference without a cache."""
-    reference = hal.load_model(d64_checkpoint, "cpu", "float32", reference=True)
-    npu = hal.load_model(d64_checkpoint, "npu")
-    assert npu.device == torch.device("cpu") and npu.bound_ops["attention_decode"] == "npu.torch_npu"
+    a block table, BSND for head_dim 64, TND for 128), batch 2 with left padding, against the
+    reference without a cache."""
+    path = request.getfixturevalue(f"{which}_checkpoint")
+    reference = hal.load_model(path, "cpu", "float32", reference=True)
+    npu = hal.load_model(path, "npu")
+    assert npu.device == torch.device("cpu") and npu.bound_ops["attention_decode"] == LAYOUTS[which]
     ids, starts = PROMPTS.clone(), torch.tensor([0, 5])
     cache = npu.new_cache(2, 24)
     got = [npu.forward(ids[:, :12], cache=cache, kv_start=starts).logits[:, -1]]

@@ -24,7 +24,7 @@ def _rope(batch: int, new: int, dim: int, offset: int) -> tuple[torch.Tensor, to
     inv = 1.0 / (10000 ** (torch.arange(0, dim, 2).float() / dim))
     pos = torch.arange(offset, offset + new).float()[None].expand(batch, new)
     emb = torch.cat((pos[..., None] * inv, pos[..., None] * inv), dim=-1)
-    return emb.cos() * 1.1, emb.sin() * 1.1
+    return emb.cos(), emb.sin()  # unscaled: npu_rotary_mul takes r1/r2 in [-1, 1]
 
 
 def _cases(op: str, dt: torch.dtype) -> list[tuple[str, tuple]]:
@@ -118,17 +118,32 @@ def test_op_matches_reference(emulated, op, impl, dtype):
             assert_close(op, name, r, o, dtype, case)
 
 
-def test_fused_attention_binds_for_its_shapes_and_reports_why_not(emulated):
+def test_fused_attention_binds_for_its_shapes_and_reports_why_not(emulated, monkeypatch):
+    """TND for head dim 128, BSND for 64 (with TND's reason in the record), plain torch for float32;
+    HAL_NPU_FIA_LAYOUT forces one layout (the runbook measures both)."""
+    from hal.errors import InputError
     from hal.registry import bind
 
-    ops = bind("npu", torch.bfloat16, SHAPES)
-    assert ops.record["attention_decode"].impl == "npu.torch_npu"
+    d128 = bind("npu", torch.bfloat16, dict(SHAPES, D=128))
+    assert d128.record["attention_prefill"].impl == d128.record["attention_decode"].impl == "npu.torch_npu"
+    d64 = bind("npu", torch.bfloat16, SHAPES)
+    assert d64.record["attention_decode"].impl == d64.record["attention_prefill"].impl == "npu.torch_npu_bsnd"
+    assert "head_dim must be 128 or 192 for FIA TND" in dict(d64.record["attention_decode"].passed_over)[
+        "npu.torch_npu"]
     fp32 = bind("npu", torch.float32, SHAPES)
     assert fp32.record["attention_prefill"].impl == "npu.torch"
     assert ("npu.torch_npu", "npu.attention_prefill: dtype must be bfloat16 or float16 (FIA), got float32") \
         in fp32.record["attention_prefill"].passed_over
-    d32 = bind("npu", torch.bfloat16, dict(SHAPES, D=32))
-    assert "head_dim must be 64 or 128 (FIA TND), got 32" in d32.record["attention_decode"].describe()
+    d24 = bind("npu", torch.bfloat16, dict(SHAPES, D=24))
+    assert "multiple of 16 up to 512 for FIA BSND, got 24" in d24.record["attention_decode"].describe()
+    monkeypatch.setenv("HAL_NPU_FIA_LAYOUT", "BSND")
+    assert bind("npu", torch.bfloat16, dict(SHAPES, D=128)).record["attention_decode"].impl == "npu.torch_npu_bsnd"
+    monkeypatch.setenv("HAL_NPU_FIA_LAYOUT", "TND")
+    forced = bind("npu", torch.bfloat16, SHAPES).record["attention_decode"]
+    assert forced.impl == "npu.torch" and "HAL_NPU_FIA_LAYOUT=TND" in forced.describe()
+    monkeypatch.setenv("HAL_NPU_FIA_LAYOUT", "NZ")
+    with pytest.raises(InputError, match="HAL_NPU_FIA_LAYOUT must be TND or BSND, got 'NZ'"):
+        bind("npu", torch.bfloat16, SHAPES)
 
 
 # -- sample -------------------------------------------------------------------------------------
@@ -175,3 +190,29 @@ def test_sample_draws_follow_the_reference_distribution(emulated, temperature, t
     assert 0.5 * float((freq - exact).abs().sum()) < 0.04  # total variation distance; noise ~0.015
     again = _sample_impl()(logits, temperature, top_k, top_p, torch.Generator().manual_seed(5))
     assert torch.equal(got, again), "a seeded generator must make sampling deterministic"
+
+
+def test_sample_draws_its_noise_on_the_device_with_the_request_generator(emulated, monkeypatch):
+    """The exponential noise is drawn in place on the tensor the probabilities live on (the NPU),
+    from the request's generator when it has one, from the device's default generator otherwise.
+    Emulated, the device is the CPU: the mirror of a host generator on a real NPU is unverified."""
+    from backends.npu import sample
+
+    drawn = []
+    real = torch.Tensor.exponential_
+    monkeypatch.setattr(torch.Tensor, "exponential_",
+                        lambda self, *a, generator=None, **k: (drawn.append((self.shape, self.device, generator)),
+                                                               real(self, *a, generator=generator, **k))[1])
+    logits = torch.randn(3, 50, generator=torch.Generator().manual_seed(1))
+    seeded = torch.Generator().manual_seed(11)
+    first = sample.sample_npu(logits, 0.8, 10, 0.9, seeded)
+    from backends.npu.runtime import device
+
+    assert drawn == [((3, 50), device(), seeded)]  # one draw, on the probabilities' device
+    assert torch.equal(first, sample.sample_npu(logits, 0.8, 10, 0.9, torch.Generator().manual_seed(11)))
+    torch.manual_seed(5)
+    unseeded = sample.sample_npu(logits, 0.8, 10, 0.9, None)
+    torch.manual_seed(5)
+    assert torch.equal(unseeded, sample.sample_npu(logits, 0.8, 10, 0.9, None)) and drawn[-1][2] is None
+    assert sample.device_generator(None, torch.device("cpu")) is None
+    assert sample.device_generator(seeded, torch.device("cpu")) is seeded

@@ -5,10 +5,20 @@ Implemented: layouts BSH, BSND, BNSD, TND; GQA (``num_key_value_heads``); ``scal
 through ``block_table`` + ``block_size`` with K/V viewed as ``[num_blocks, block_size, Hk*D]``
 (BnBsH) or ``[num_blocks, Hk, block_size, D]`` (BnNBsD); ``actual_seq_lengths`` /
 ``actual_seq_lengths_kv`` as documented (TND: cumulative q ends; TND without cache: cumulative
-kv ends; paged: per-request kv lengths; BSH/BSND/BNSD: per-batch lengths, one value broadcasts);
-``inner_precise`` 2/3 (fully masked rows give zeros; otherwise they are undefined on hardware
-and come out as NaN here); ``softmax_lse_flag``. Quantisation, pse, shared prefixes and rope
-splits are documented options the emulator refuses with :class:`NotEmulatedError`.
+kv ends; paged: per-request kv lengths; BSH/BSND/BNSD: per-batch lengths, one value broadcasts;
+a list longer than the batch is accepted and its first B values are read); fully masked rows
+(zeros with ``sparse_mode=3`` and Q_S > KV_S, where the op turns on its row-invalid correction,
+and with ``inner_precise`` 2/3; otherwise undefined on hardware and NaN here);
+``softmax_lse_flag`` (off: a shape-(1,) zero tensor; on: `(B, N, S, 1)`, TND `(T, N, 1)`).
+Quantisation, pse, shared prefixes and rope splits are documented options the emulator refuses
+with :class:`NotEmulatedError`.
+
+Constraints checked as the op-plugin FIA doc states them (``npu_audit.md``): TND needs the last
+cumulative length equal to T (CANN's "queryT(21) must be equal to the last element of
+actualSequenceLengthQ(20)") and head dim 128 or 192 (the documented TND dims; 64 is unsettled, so
+the backend sends head dim 64 through BSND); other layouts take head dims that are multiples of
+16 up to 512 (an emulator assumption, unverified); paged ``block_size``: a multiple of 16 up to
+1024 in TND, otherwise a multiple of 128 in [128, 512] when Q_S > 1 and in (0, 512] when Q_S = 1.
 """
 from __future__ import annotations
 
@@ -17,10 +27,12 @@ import math
 import torch
 
 from backends.npu.emulator.checks import not_emulated, require, require_contiguous, require_dtype
+from backends.npu.emulator.graphs import aclnn_op
 from backends.npu.emulator.masks import BIG, MASK_DTYPES, check_compressed, visible
 
 OP = "npu_fused_infer_attention_score"
 _LAYOUTS = ("BSH", "BSND", "BNSD", "TND")
+TND_HEAD_DIMS = (128, 192)  # op-plugin FIA doc; a May 2026 CANN tiling error also lists 64 (unsettled)
 _NOT_EMULATED = (
     "pse_shift", "dequant_scale1", "quant_scale1", "dequant_scale2", "quant_scale2", "quant_offset2",
     "antiquant_scale", "antiquant_offset", "key_antiquant_scale", "key_antiquant_offset",
@@ -44,20 +56,23 @@ def _to_heads(t: torch.Tensor, layout: str, heads: int, name: str) -> torch.Tens
 
 
 def _lengths(values, count: int, name: str) -> list[int] | None:
+    """Per-batch lengths: one value for every sequence, or at least ``count`` (the first are read)."""
     if values is None:
         return None
     values = [int(v) for v in values]
-    require(len(values) in (1, count), OP, f"{name} must hold 1 or {count} values, got {len(values)}")
-    return values * count if len(values) == 1 else values
+    require(len(values) == 1 or len(values) >= count, OP,
+            f"{name} must hold 1 or at least {count} values, got {len(values)}")
+    return values * count if len(values) == 1 else values[:count]
 
 
-def _cumulative(values, total: int, name: str) -> list[tuple[int, int]]:
+def _cumulative(values, total: int, name: str, tensor: str) -> list[tuple[int, int]]:
     require(values is not None, OP, f"input_layout TND needs {name} (cumulative end offsets)")
     ends = [int(v) for v in values]
     require(len(ends) >= 1, OP, f"{name} must not be empty")
     require(all(b >= a for a, b in zip([0] + ends, ends)), OP,
             f"{name} must be non-decreasing cumulative ends, got {ends}")
-    require(ends[-1] <= total, OP, f"{name} last value {ends[-1]} exceeds the {total} tokens passed")
+    require(ends[-1] == total, OP,
+            f"when layout is TND, {tensor}T({total}) must be equal to the last element of {name}({ends[-1]})")
     return list(zip([0] + ends[:-1], ends))
 
 
@@ -85,8 +100,9 @@ def _paged_kv(cache: torch.Tensor, block_table: torch.Tensor, block_size: int, k
 
 
 def _attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, keep: torch.Tensor, scale: float,
-            inner_precise: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """q `[Sq, N, D]`, k/v `[Skv, Hk, D]`, keep `[Sq, Skv]` -> out `[Sq, N, D]` f32, lse `[Sq, N]`."""
+            zero_empty: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """q `[Sq, N, D]`, k/v `[Skv, Hk, D]`, keep `[Sq, Skv]` -> out `[Sq, N, D]` f32, lse `[Sq, N]`.
+    Rows that see no key: zeros when ``zero_empty`` (the op corrects them), else NaN (undefined)."""
     group = q.shape[1] // k.shape[1]
     kf = k.float().repeat_interleave(group, dim=1)
     vf = v.float().repeat_interleave(group, dim=1)
@@ -95,12 +111,13 @@ def _attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, keep: torch.Tenso
     lse = torch.logsumexp(scores, dim=-1)
     probs = torch.softmax(scores, dim=-1)
     empty = ~keep.any(dim=-1)
-    fill = 0.0 if inner_precise in (2, 3) else float("nan")
+    fill = 0.0 if zero_empty else float("nan")
     probs = probs.masked_fill(empty[None, :, None], fill)
     out = torch.einsum("nst,tnd->snd", probs, vf)
     return out, lse.transpose(0, 1)
 
 
+@aclnn_op
 def npu_fused_infer_attention_score(
     query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, *, atten_mask: torch.Tensor | None = None,
     actual_seq_lengths=None, actual_seq_lengths_kv=None, block_table: torch.Tensor | None = None,
@@ -114,8 +131,8 @@ def npu_fused_infer_attention_score(
     query: BSH `(B, S, N*D)`, BSND `(B, S, N, D)`, BNSD `(B, N, S, D)` or TND `(T, N, D)`;
     fp16/bf16 (fp32 is rejected), contiguous. key/value: the same layout with Hk heads, or the
     paged cache (see module docstring) when ``block_table`` (int32 `[B, max_blocks]`) is given.
-    Returns (attention_out in query's layout and dtype, softmax_lse float32 `[..., N, 1]` when
-    ``softmax_lse_flag`` else an empty tensor)."""
+    Returns (attention_out in query's layout and dtype, softmax_lse float32: `(B, N, S, 1)` (TND
+    `(T, N, 1)`) when ``softmax_lse_flag``, else a shape-(1,) zero tensor)."""
     for name, value_ in documented_but_not_emulated.items():
         if name not in _NOT_EMULATED:
             raise TypeError(f"{OP}() got an unexpected keyword argument '{name}'")
@@ -141,8 +158,8 @@ def npu_fused_infer_attention_score(
     dim = q.shape[-1]
     require(dim <= 512 and dim % 16 == 0, OP, f"head dim must be a multiple of 16 and <= 512, got {dim}")
     if input_layout == "TND":
-        require(dim in (64, 128), OP,
-                f"TND needs head dim 64 or 128 (docs: 128; vLLM-Ascend runs 64), got {dim}")
+        require(dim in TND_HEAD_DIMS, OP,
+                f"input_layout TND needs head dim 128 or 192 (op-plugin FIA doc), got {dim}")
     compressed = check_compressed(OP, atten_mask, sparse_mode) if sparse_mode in (2, 3, 4) else None
     if sparse_mode == 1:
         require(atten_mask is not None, OP, "sparse_mode=1 needs a full atten_mask")
@@ -154,7 +171,7 @@ def npu_fused_infer_attention_score(
 
     # per-sequence (q [Sq, N, D], start offset into the flat q rows) and kv getters
     if input_layout == "TND":
-        q_spans = _cumulative(actual_seq_lengths, q.shape[1], "actual_seq_lengths")
+        q_spans = _cumulative(actual_seq_lengths, q.shape[1], "actual_seq_lengths", "query")
         batch = len(q_spans)
         q_rows = [(0, a, b) for a, b in q_spans]
     else:
@@ -170,8 +187,10 @@ def npu_fused_infer_attention_score(
                 f"block_table must be (batch={batch}, max_blocks), got {tuple(block_table.shape)}")
         require(key.dim() in (3, 4) and key.shape == value.shape, OP,
                 "paged key/value must be 3-D or 4-D, one shape")
-        any_prefill = any(b - a > 1 for _, a, b in q_rows)
-        if any_prefill:
+        if input_layout == "TND":
+            require(block_size % 16 == 0 and 16 <= block_size <= 1024, OP,
+                    f"paged attention in TND needs block_size a multiple of 16 up to 1024, got {block_size}")
+        elif q.shape[1] > 1:
             require(block_size % 128 == 0 and 128 <= block_size <= 512, OP,
                     "paged attention with query length > 1 needs block_size a multiple of 128 in "
                     f"[128, 512], got {block_size}")
@@ -180,8 +199,9 @@ def npu_fused_infer_attention_score(
         require(actual_seq_lengths_kv is not None, OP,
                 "paged attention needs actual_seq_lengths_kv (per request)")
         kv_lens = [int(n) for n in actual_seq_lengths_kv]
-        require(len(kv_lens) == batch, OP,
-                f"actual_seq_lengths_kv must hold {batch} per-request lengths, got {kv_lens}")
+        require(len(kv_lens) >= batch, OP,
+                f"actual_seq_lengths_kv must hold at least {batch} per-request lengths, got {kv_lens}")
+        kv_lens = kv_lens[:batch]
         kv_of = [(_paged_kv(key, block_table, block_size, kv_heads, dim, b, kv_lens[b], "key"),
                   _paged_kv(value, block_table, block_size, kv_heads, dim, b, kv_lens[b], "value"))
                  for b in range(batch)]
@@ -192,7 +212,7 @@ def npu_fused_infer_attention_score(
                 f"key/value must have {kv_heads} heads of dim {dim}, "
                 f"got {tuple(key.shape)} / {tuple(value.shape)}")
         if input_layout == "TND":
-            spans = _cumulative(actual_seq_lengths_kv, k.shape[1], "actual_seq_lengths_kv")
+            spans = _cumulative(actual_seq_lengths_kv, k.shape[1], "actual_seq_lengths_kv", "key")
             require(len(spans) == batch, OP,
                     f"actual_seq_lengths_kv must hold {batch} values, got {len(spans)}")
             kv_of = [(k[0, a:b], v[0, a:b]) for a, b in spans]
@@ -222,14 +242,17 @@ def npu_fused_infer_attention_score(
                     f"atten_mask {tuple(atten_mask.shape)} is smaller than (Sq={sq}, Skv={skv})")
             full = fm[:sq, :skv]
         keep = visible(sq, skv, sparse_mode, compressed, full, pre_tokens, next_tokens, q.device)
-        o, l = _attend(q[b, start:end], kb, vb, keep, scale, inner_precise)
+        zero_empty = inner_precise in (2, 3) or (sparse_mode == 3 and sq > skv)  # row-invalid correction
+        o, l = _attend(q[b, start:end], kb, vb, keep, scale, zero_empty)
         out[b, start:end] = o
         lse[b, start:end] = l
     if input_layout == "TND":
-        out, lse = out[0], lse[0]
-    elif input_layout == "BSH":
-        out = out.flatten(-2)
-    elif input_layout == "BNSD":
-        out, lse = out.transpose(1, 2), lse.transpose(1, 2)
-    lse_out = lse[..., None] if softmax_lse_flag else torch.empty(0, device=q.device)
+        out, lse = out[0], lse[0]  # lse (T, N)
+    else:
+        lse = lse.transpose(1, 2)  # (B, N, S)
+        if input_layout == "BSH":
+            out = out.flatten(-2)
+        elif input_layout == "BNSD":
+            out = out.transpose(1, 2)
+    lse_out = lse[..., None].contiguous() if softmax_lse_flag else torch.zeros(1, device=q.device)
     return out.to(query.dtype).contiguous(), lse_out

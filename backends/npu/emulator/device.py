@@ -2,7 +2,7 @@
 graphs (``NPUGraph``, ``graph``) and a single synchronous stream."""
 from __future__ import annotations
 
-from backends.npu.emulator.graphs import NPUGraph, graph  # noqa: F401  (torch_npu.npu names)
+from backends.npu.emulator.graphs import NPUGraph, graph, graph_pool_handle  # noqa: F401  (torch_npu.npu names)
 
 NAME = "Ascend910B2 (emulated on CPU)"
 
@@ -19,8 +19,13 @@ def get_device_name(device: object = None) -> str:
     return NAME
 
 
+SOC_VERSION = 221
+"""Ascend910B2 in torch_npu's SoC enum (``NpuVariables.h``: 220 Ascend910B1, 221 Ascend910B2,
+222 Ascend910B2C, 223 Ascend910B3, 224 Ascend910B4)."""
+
+
 def get_soc_version() -> int:
-    return 222  # Ascend910B2 in torch_npu's SoC enum
+    return SOC_VERSION
 
 
 def synchronize(device: object = None) -> None:

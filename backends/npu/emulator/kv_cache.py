@@ -4,10 +4,12 @@ from __future__ import annotations
 import torch
 
 from backends.npu.emulator.checks import not_emulated, require, require_contiguous, require_dtype
+from backends.npu.emulator.graphs import aclnn_op
 
 OP = "npu_scatter_pa_kv_cache"
 
 
+@aclnn_op
 def npu_scatter_pa_kv_cache(key: torch.Tensor, value: torch.Tensor, key_cache: torch.Tensor,
                             value_cache: torch.Tensor, slot_mapping: torch.Tensor, *,
                             compress_lens: torch.Tensor | None = None,

@@ -4,6 +4,7 @@ from __future__ import annotations
 import torch
 
 from backends.npu.emulator.checks import require, require_dtype
+from backends.npu.emulator.graphs import aclnn_op
 
 _F32, _F16, _BF16 = torch.float32, torch.float16, torch.bfloat16
 # (x dtype, gamma dtype) pairs accepted on Atlas A2/A3
@@ -16,6 +17,7 @@ def _normalise(xf: torch.Tensor, gamma: torch.Tensor, epsilon: float) -> tuple[t
     return xf * rstd * gamma.float(), rstd
 
 
+@aclnn_op
 def npu_rms_norm(input: torch.Tensor, gamma: torch.Tensor, epsilon: float = 1e-6
                  ) -> tuple[torch.Tensor, torch.Tensor]:
     """y = x / sqrt(mean(x^2 over gamma's dims) + epsilon) * gamma.
@@ -33,6 +35,7 @@ def npu_rms_norm(input: torch.Tensor, gamma: torch.Tensor, epsilon: float = 1e-6
     return y.to(input.dtype), rstd
 
 
+@aclnn_op
 def npu_add_rms_norm(x1: torch.Tensor, x2: torch.Tensor, gamma: torch.Tensor, epsilon: float = 1e-6
                      ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """x_sum = x1 + x2; y = rms_norm(x_sum) * gamma. Returns (y, rstd float32, x_sum).

@@ -4,8 +4,10 @@ from __future__ import annotations
 import torch
 
 from backends.npu.emulator.checks import require, require_contiguous, require_dtype
+from backends.npu.emulator.graphs import aclnn_op
 
 
+@aclnn_op
 def npu_swiglu(input: torch.Tensor, dim: int = -1) -> torch.Tensor:
     """Split ``input`` in halves A (first) and B (second) along ``dim``; return A*sigmoid(A)*B.
 
