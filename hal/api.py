@@ -36,13 +36,15 @@ def dtype_name(dtype: torch.dtype) -> str:
 def load_model(path: str | Path, device: str = "auto", dtype: str | torch.dtype | None = None, *,
                reference: bool = False, allow_fallback: bool = False,
                op_overrides: dict[str, Callable[..., Any]] | None = None):
-    """Load a MiniCPM checkpoint (Hugging Face layout) and bind it to a device.
+    """Load a MiniCPM checkpoint (Hugging Face layout, or a GGUF file) and bind it to a device.
 
     Args:
-        path: checkpoint folder (config.json, model.safetensors or a sharded index, tokenizer).
+        path: checkpoint folder (config.json, model.safetensors or a sharded index, tokenizer), or a
+            ``.gguf`` file (architectures ``minicpm`` and ``llama``; weights dequantized into
+            ``dtype`` at load, tokenizer and chat template from the file's metadata).
         device: ``auto`` (HAL_DEVICE, else npu > cuda > cpu), ``cpu``, ``cuda`` or ``npu``.
         dtype: ``float32``/``bfloat16``/``float16`` or a torch dtype. Default: float32 on CPU,
-            the checkpoint's torch_dtype elsewhere.
+            the checkpoint's torch_dtype elsewhere (bfloat16 for a quantized GGUF).
         reference: bind the float32 reference ops (CPU only): the judge used by validation.
         allow_fallback: run ops the device cannot serve on the CPU reference (listed in
             ``model.bound_ops``). Default: raise UnsupportedOpError.
@@ -52,15 +54,23 @@ def load_model(path: str | Path, device: str = "auto", dtype: str | torch.dtype 
         DeviceUnavailable, ConfigError, CheckpointError, UnsupportedOpError, InputError.
     """
     from model.checkpoint import load_weights
-    from model.config import load_config, load_generation_config
+    from model.config import GenerationDefaults, load_config, load_generation_config
+    from model.gguf_file import looks_like_gguf
     from model.minicpm import MiniCPMForCausalLM
 
     kind = resolve_device(device)
     folder = Path(path)
-    if not folder.is_dir():
+    gguf_file = None
+    if looks_like_gguf(folder) and not folder.is_dir():
+        from model.gguf_checkpoint import open_gguf
+
+        gguf_file, config = open_gguf(folder)
+        generation = GenerationDefaults()
+    elif not folder.is_dir():
         raise CheckpointError(f"{folder}: checkpoint folder not found")
-    config = load_config(folder)
-    generation = load_generation_config(folder)
+    else:
+        config = load_config(folder)
+        generation = load_generation_config(folder)
     if dtype is None:
         dtype = "float32" if kind == "cpu" else config.torch_dtype
     torch_dtype = parse_dtype(dtype)
@@ -68,6 +78,20 @@ def load_model(path: str | Path, device: str = "auto", dtype: str | torch.dtype 
         raise InputError(f"reference=True binds the CPU float32 reference; device must be cpu, got {kind}")
     ops = bind(kind, torch_dtype, config.shapes(), reference=reference, allow_fallback=allow_fallback,
                overrides=op_overrides)
-    weights = load_weights(folder, config, torch_dtype, torch_device(kind))
+    if gguf_file is None:
+        weights = load_weights(folder, config, torch_dtype, torch_device(kind))
+        return MiniCPMForCausalLM(config, weights, ops, torch_device(kind), torch_dtype, path=folder,
+                                  generation=generation)
+    from model.gguf_checkpoint import load_gguf_weights
+
+    weights = load_gguf_weights(gguf_file, config, torch_dtype, torch_device(kind))
+    del gguf_file  # closes the memory map: the mapped pages leave the process once read
     return MiniCPMForCausalLM(config, weights, ops, torch_device(kind), torch_dtype, path=folder,
-                              generation=generation)
+                              generation=generation, tokenizer_loader=lambda: _gguf_tokenizer(folder))
+
+
+def _gguf_tokenizer(path: Path):
+    from model.gguf_file import GGUFFile
+    from model.gguf_tokenizer import load_gguf_tokenizer
+
+    return load_gguf_tokenizer(GGUFFile(path))

@@ -220,11 +220,18 @@ def load_weights(checkpoint: Path, config: MiniCPMConfig, dtype: torch.dtype,
             for p in gptq.PARTS:
                 reader.release(prefix + p)
         weights[name] = tensor
-        for fused, parts_of in FUSED.items():
-            prefix = name[: -len(parts_of[-1])]
-            if name.endswith(parts_of[-1]) and all(prefix + p in weights for p in parts_of):
-                weights[prefix + fused] = torch.cat([weights.pop(prefix + p) for p in parts_of])
-                for p in parts_of:
-                    if prefix + p in reader.location:
-                        reader.release(prefix + p)
+        for part in fuse_parts(weights, name):
+            if part in reader.location:
+                reader.release(part)
     return weights
+
+
+def fuse_parts(weights: dict[str, torch.Tensor], name: str) -> tuple[str, ...]:
+    """When ``name`` (just added to ``weights``) completes a :data:`FUSED` group, replace the
+    group's parts by their concatenation. Returns the names of the parts fused (empty if none)."""
+    for fused, parts_of in FUSED.items():
+        prefix = name[: -len(parts_of[-1])]
+        if name.endswith(parts_of[-1]) and all(prefix + p in weights for p in parts_of):
+            weights[prefix + fused] = torch.cat([weights.pop(prefix + p) for p in parts_of])
+            return tuple(prefix + p for p in parts_of)
+    return ()

@@ -79,7 +79,8 @@ class MiniCPMForCausalLM:
 
     def __init__(self, config: MiniCPMConfig, weights: dict[str, torch.Tensor], ops: BoundOps,
                  device: torch.device, dtype: torch.dtype, path: Path | None = None,
-                 generation: GenerationDefaults | None = None):
+                 generation: GenerationDefaults | None = None,
+                 tokenizer_loader: Callable[[], object] | None = None):
         self.config = config
         self.ops = ops
         self.device = device
@@ -97,6 +98,7 @@ class MiniCPMForCausalLM:
         self.lightning_layers = frozenset(i for i, layer in enumerate(self.layers) if layer.mixer == "lightning")
         self.slopes = alibi_slopes(config.lightning.heads).to(device) if config.lightning else None
         self._tokenizer = None
+        self._tokenizer_loader = tokenizer_loader  # GGUF: the tokenizer comes from the file's metadata
 
     # -- public API ---------------------------------------------------------------------------
 
@@ -107,6 +109,8 @@ class MiniCPMForCausalLM:
 
     @property
     def tokenizer(self):
+        if self._tokenizer is None and self._tokenizer_loader is not None:
+            self._tokenizer = self._tokenizer_loader()
         if self._tokenizer is None:
             if self.path is None:
                 raise InputError("this model was built without a checkpoint folder, so it has no tokenizer")
