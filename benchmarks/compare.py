@@ -106,14 +106,18 @@ def compare(base: dict[str, dict[str, Any]], new: dict[str, dict[str, Any]], mar
     return lines
 
 
-def main(argv: list[str] | None = None) -> int:
+def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m benchmarks.compare", description=__doc__.split("\n\n")[0])
     p.add_argument("base", type=Path, help="the earlier result (BASE.json)")
     p.add_argument("new", type=Path, help="the result under test (NEW.json)")
     p.add_argument("--margin", type=float, default=DEFAULT_MARGIN,
                    help=f"allowed relative drop of a ratio (default {DEFAULT_MARGIN})")
     p.add_argument("--allow-missing", action="store_true", help="a ratio missing from NEW does not fail")
-    args = p.parse_args(argv)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
     if not 0 <= args.margin < 1:
         print(f"error: --margin must be in [0, 1), got {args.margin}", file=sys.stderr)
         return 2

@@ -266,40 +266,64 @@ def memory(rec: Recorder, engines: list[Any], init_s: dict[str, float], peaks: d
 
 # -- ops ---------------------------------------------------------------------------------------
 
-def op_cases(model, prefill: int = LONG_PROMPT) -> list[tuple[str, Any]]:
-    """(label, opcheck Case) of the model's dense ops on its shapes, prefill (T = ``prefill``) and
-    decode (T = 1, ``prefill`` cached keys), batch 1; the dtype is the model's."""
+PHASES = (("prefill", LONG_PROMPT), ("decode", 1))
+"""Op timing phases: (name, new tokens T); decode reads a cache of LONG_PROMPT + 1 keys."""
+
+# (label, op, phases it runs in, dims from the model's sizes s and the phase's T), in model order
+OP_TABLE: tuple[tuple[str, str, tuple[str, ...], Callable[[dict[str, int], int], dict[str, int]]], ...] = (
+    ("embedding", "embedding", ("prefill", "decode"), lambda s, t: dict(B=1, T=t, V=s["V"], E=s["E"])),
+    ("rms_norm", "rms_norm", ("prefill", "decode"), lambda s, t: dict(B=1, T=t, E=s["E"])),
+    ("add_rms_norm", "add_rms_norm", ("prefill", "decode"), lambda s, t: dict(B=1, T=t, E=s["E"])),
+    ("linear qkv", "linear", ("prefill", "decode"),
+     lambda s, t: dict(B=1, T=t, K=s["E"], O=(s["H"] + 2 * s["Hk"]) * s["D"])),
+    ("rotary", "rotary", ("prefill", "decode"), lambda s, t: dict(B=1, T=t, H=s["H"], Hk=s["Hk"], D=s["D"])),
+    ("kv_write", "kv_write", ("prefill", "decode"), lambda s, t: dict(B=1, T=t, C=s["C"], Hk=s["Hk"], D=s["D"])),
+    ("attention_prefill", "attention_prefill", ("prefill",),
+     lambda s, t: dict(B=1, T=t, H=s["H"], Hk=s["Hk"], D=s["D"])),
+    ("attention_decode", "attention_decode", ("decode",),
+     lambda s, t: dict(B=1, T=1, S=LONG_PROMPT + 1, C=s["C"], H=s["H"], Hk=s["Hk"], D=s["D"])),
+    ("linear o", "linear", ("prefill", "decode"), lambda s, t: dict(B=1, T=t, K=s["H"] * s["D"], O=s["E"])),
+    ("linear gate_up", "linear", ("prefill", "decode"), lambda s, t: dict(B=1, T=t, K=s["E"], O=2 * s["F"])),
+    ("swiglu", "swiglu", ("prefill", "decode"), lambda s, t: dict(B=1, T=t, F=s["F"])),
+    ("linear down", "linear", ("prefill", "decode"), lambda s, t: dict(B=1, T=t, K=s["F"], O=s["E"])),
+    ("logits", "logits", ("prefill", "decode"), lambda s, t: dict(B=1, T=1, E=s["E"], V=s["V"])),
+)
+SDPA_OPS = ("attention_prefill", "attention_decode")
+
+
+def op_labels() -> list[str]:
+    """Every op timing's label (``"<phase> <name>"``), in the order :func:`op_cases` yields them."""
+    return [f"{phase} {label}" for phase, _ in PHASES for label, _, phases, _ in OP_TABLE if phase in phases]
+
+
+def op_cases(model) -> list[tuple[str, Any]]:
+    """(label, opcheck Case) of the model's dense ops on its shapes, batch 1, the model's dtype:
+    prefill T = 252, decode T = 1 against 253 cached keys (logits: the last position only)."""
     from hal.api import dtype_name
     from validation.opcheck import case
 
     cfg = model.config
-    dt = dtype_name(model.dtype)
-    e, f, v, h, hk, d = (cfg.hidden_size, cfg.intermediate_size, cfg.vocab_size, cfg.num_attention_heads,
-                         cfg.num_key_value_heads, cfg.head_dim)
-    capacity = -(-(prefill + 1) // 128) * 128
-    out: list[tuple[str, Any]] = []
-    for phase, t in (("prefill", prefill), ("decode", 1)):
-        out += [
-            (f"{phase} embedding", case("embedding", dt, B=1, T=t, V=v, E=e)),
-            (f"{phase} rms_norm", case("rms_norm", dt, B=1, T=t, E=e)),
-            (f"{phase} add_rms_norm", case("add_rms_norm", dt, B=1, T=t, E=e)),
-            (f"{phase} linear qkv", case("linear", dt, B=1, T=t, K=e, O=(h + 2 * hk) * d)),
-            (f"{phase} rotary", case("rotary", dt, B=1, T=t, H=h, Hk=hk, D=d)),
-            (f"{phase} kv_write", case("kv_write", dt, B=1, T=t, C=capacity, Hk=hk, D=d)),
-        ]
-        if phase == "prefill":
-            out.append((f"{phase} attention_prefill", case("attention_prefill", dt, B=1, T=t, H=h, Hk=hk, D=d)))
-        else:
-            out.append((f"{phase} attention_decode",
-                        case("attention_decode", dt, B=1, T=1, S=prefill + 1, C=capacity, H=h, Hk=hk, D=d)))
-        out += [
-            (f"{phase} linear o", case("linear", dt, B=1, T=t, K=h * d, O=e)),
-            (f"{phase} linear gate_up", case("linear", dt, B=1, T=t, K=e, O=2 * f)),
-            (f"{phase} swiglu", case("swiglu", dt, B=1, T=t, F=f)),
-            (f"{phase} linear down", case("linear", dt, B=1, T=t, K=f, O=e)),
-            (f"{phase} logits", case("logits", dt, B=1, T=1, E=e, V=v)),
-        ]
+    sizes = {"E": cfg.hidden_size, "F": cfg.intermediate_size, "V": cfg.vocab_size, "H": cfg.num_attention_heads,
+             "Hk": cfg.num_key_value_heads, "D": cfg.head_dim, "C": -(-(LONG_PROMPT + 1) // 128) * 128}
+    out = []
+    for phase, t in PHASES:
+        for label, op, phases, dims in OP_TABLE:
+            if phase in phases:
+                out.append((f"{phase} {label}", case(op, dtype_name(model.dtype), **dims(sizes, t))))
     return out
+
+
+def op_call(model, c: Any) -> tuple[Callable[[], Any], Callable[[], Any] | None]:
+    """(the bound op on the case's inputs, torch SDPA doing the same work or None), inputs on the
+    model's device in its dtype."""
+    from validation.opcheck import make_inputs
+
+    args = _on_device(make_inputs(c), model.dtype, model.device)
+    if c.op == "attention_decode":  # keys past kv_lens are NaN / garbage by design; SDPA reads only real ones
+        args["k_cache"] = torch.nan_to_num(args["k_cache"])
+        args["v_cache"] = torch.nan_to_num(args["v_cache"])
+    fn = getattr(model.ops, c.op)
+    return (lambda: fn(**args)), sdpa_baseline(c.op, args)
 
 
 def _on_device(args: dict[str, Any], dtype: torch.dtype, dev: torch.device) -> dict[str, Any]:
@@ -346,21 +370,14 @@ def median_ms(fn: Callable[[], Any], rounds: int, sync: Callable[[], None]) -> f
 def ops(rec: Recorder, model, device: str, plan: Plan) -> None:
     """Median ms of each bound op (``model.ops``) on the model's shapes; torch SDPA beside attention."""
     from benchmarks.engines import synchronizer
-    from validation.opcheck import make_inputs
 
     sync = synchronizer(device)
     bound = model.bound_ops
     for label, c in op_cases(model):
         if c.op not in bound:
             continue
-        args = _on_device(make_inputs(c), model.dtype, model.device)
-        if c.op == "attention_decode":  # keys past kv_lens are NaN / garbage by design; SDPA reads only real ones
-            args["k_cache"] = torch.nan_to_num(args["k_cache"])
-            args["v_cache"] = torch.nan_to_num(args["v_cache"])
-        fn = getattr(model.ops, c.op)
-        rec.add("ops", label, "ours", ms=median_ms(lambda: fn(**args), plan.op_rounds, sync),
-                impl=bound[c.op], shape=c.label)
-        baseline = sdpa_baseline(c.op, args)
+        ours, baseline = op_call(model, c)
+        rec.add("ops", label, "ours", ms=median_ms(ours, plan.op_rounds, sync), impl=bound[c.op], shape=c.label)
         if baseline is not None:
             rec.add("ops", label, "torch-sdpa", ms=median_ms(baseline, plan.op_rounds, sync))
         rec.step(f"ops {label}")
