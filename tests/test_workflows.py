@@ -89,8 +89,10 @@ def _commands(module: str) -> list[list[str]]:
             if at < 0:
                 continue
             command = re.sub(r"\$\{\{[^}]*\}\}", "cpu", line[at:])
-            command = command.replace('"$DEVICE"', "cpu").replace('"$OUT', '"out').split(";")[0]
-            found.append(shlex.split(command)[3:])
+            command = command.replace('"$DEVICE"', "cpu").replace('"$OUT', '"out')
+            words = shlex.split(command)[3:]
+            ends = [i for i, w in enumerate(words) if w in (">", "|", ";", "&&", "||")]  # shell, not arguments
+            found.append(words[:ends[0]] if ends else words)
     return found
 
 
