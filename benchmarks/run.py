@@ -13,6 +13,7 @@ baseline (> 1: ours is better) from the same run; ``python -m benchmarks.compare
 
 Default model: the trained SmolLM2-135M-Instruct where this checkout has it, else the synthetic
 ``tiny`` preset. ``--quick`` shortens every table (a smoke run: under a minute on tiny).
+``--emulate`` runs ``--device npu`` on the emulator: its times are CPU times, labelled EMULATED.
 Exit codes: 0 done, 2 bad input / unavailable device, 3 internal error.
 """
 from __future__ import annotations
@@ -93,8 +94,12 @@ def environment(device: str, argv: list[str]) -> dict[str, Any]:
         from backends.npu.runtime import torch_npu
 
         name = torch_npu().npu.get_device_name(0)
+    from hal import env as hal_env
+
     base = collect(name)
+    emulated = device == "npu" and hal_env.npu_emulate()
     return {
+        "emulated": emulated,
         "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
         "command": "python -m benchmarks.run " + shlex.join(argv),
         "device": device, "device_name": name, "threads": torch.get_num_threads(),
@@ -243,12 +248,16 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--quick", action="store_true", help="shortened tables (smoke run)")
     p.add_argument("--rounds", type=int, default=None, help="timed calls per case, the fastest kept (default 1)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.add_argument("--emulate", action="store_true",
+                   help="--device npu on the torch_npu emulator (times are CPU times: EMULATED, not hardware)")
     return p.parse_args(argv)
 
 
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
     args = parse_args(argv)
+    if args.emulate:
+        os.environ["HAL_NPU_EMULATE"] = "1"
     import torch
 
     from benchmarks import suite
@@ -282,6 +291,9 @@ def main(argv: list[str] | None = None) -> int:
     except HalError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
+    except Exception as exc:  # noqa: BLE001  (a bug here, not bad input: exit 3)
+        print(f"internal error: {type(exc).__name__}: {exc}", file=sys.stderr)
+        return 3
     text = markdown(result)
     print(text)
     if args.json is not None:

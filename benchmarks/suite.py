@@ -98,14 +98,27 @@ def load_average() -> list[float] | None:
         return None
 
 
+def _host_memory(device: str) -> bool:
+    """True where the device's tensors live in host memory (cpu, the emulated NPU)."""
+    from hal import env
+
+    return device == "cpu" or (device == "npu" and env.npu_emulate())
+
+
 def free_memory_bytes(device: str) -> int | None:
     """Free memory for a KV cache now: MemAvailable on the CPU, the allocator's free bytes on a device."""
+    if _host_memory(device):
+        return _mem_available()
     if device == "cuda":
         return int(torch.cuda.mem_get_info()[0])
     if device == "npu":
         from backends.npu.runtime import torch_npu
 
         return int(torch_npu().npu.mem_get_info()[0])
+    return None
+
+
+def _mem_available() -> int | None:
     try:
         with open("/proc/meminfo") as f:
             for line in f:
@@ -118,13 +131,14 @@ def free_memory_bytes(device: str) -> int | None:
 
 def peak_memory_bytes(device: str) -> int:
     """Peak of this process: ru_maxrss on the CPU, the allocator's peak on cuda / npu."""
+    if _host_memory(device):
+        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
     if device == "cuda":
         return int(torch.cuda.max_memory_allocated())
     if device == "npu":
         from backends.npu.runtime import torch_npu
 
-        return int(torch_npu().npu.max_memory_allocated())
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    return int(torch_npu().npu.max_memory_allocated())
 
 
 @dataclass

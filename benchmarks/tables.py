@@ -90,7 +90,9 @@ def environment_markdown(result: dict[str, Any]) -> list[str]:
     env = result["environment"]
     model = result["model"]
     versions = ", ".join(f"{k} {v}" for k, v in env["versions"].items() if v)
-    return [
+    emulated = ["- **EMULATED**: the NPU ran on the torch_npu emulator; every time below is a CPU time, "
+                "not a hardware number"] if env.get("emulated") else []
+    return emulated + [
         f"- **Date:** {env['date']}  **Command:** `{env['command']}`",
         f"- **Device:** {env['device']} ({env['device_name']}), {env['threads']} torch threads, "
         f"{env['cpu_count']} CPUs, {env['memory_gib']} GiB RAM, {env['cpu_model']}",
