@@ -16,6 +16,7 @@ import time
 from pathlib import Path
 from typing import Callable
 
+from hal.api import MODEL_HELP
 from hal.errors import InputError
 
 PROMPT_TOKENS = 128
@@ -101,7 +102,7 @@ def measure(model, new_tokens: int, decode_graph: bool = True) -> dict[str, obje
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m benchmarks.decode_graph", description=__doc__.split("\n\n")[0])
     p.add_argument("--device", required=True, choices=("cuda", "npu"))
-    p.add_argument("--model", type=Path, default=None, help="checkpoint folder (default: the synthetic --preset)")
+    p.add_argument("--model", type=Path, default=None, help=f"{MODEL_HELP} (default: the synthetic --preset)")
     p.add_argument("--preset", default="0.5b", help="synthetic checkpoint when no --model (default: 0.5b)")
     p.add_argument("--dtype", default="bfloat16")
     p.add_argument("--new-tokens", type=int, default=64)

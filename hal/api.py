@@ -33,6 +33,32 @@ def dtype_name(dtype: torch.dtype) -> str:
     return str(dtype).removeprefix("torch.")
 
 
+MODEL_HELP = "checkpoint folder (Hugging Face layout) or a .gguf file (llama.cpp; architectures minicpm, llama)"
+"""The help text of every CLI's ``--model`` option."""
+
+
+def is_gguf(path: str | Path) -> bool:
+    """True when ``path`` names a GGUF file rather than a checkpoint folder."""
+    from model.gguf_file import looks_like_gguf
+
+    return not Path(path).is_dir() and looks_like_gguf(path)
+
+
+def checkpoint_config(path: str | Path):
+    """The validated :class:`model.config.MiniCPMConfig` of a checkpoint folder or GGUF file,
+    without loading weights. Raises CheckpointError / ConfigError."""
+    if is_gguf(path):
+        from model.gguf_checkpoint import load_gguf_config
+        from model.gguf_file import GGUFFile
+
+        return load_gguf_config(GGUFFile(path))
+    from model.config import load_config
+
+    if not Path(path).is_dir():
+        raise CheckpointError(f"{path}: checkpoint folder not found")
+    return load_config(Path(path))
+
+
 def load_model(path: str | Path, device: str = "auto", dtype: str | torch.dtype | None = None, *,
                reference: bool = False, allow_fallback: bool = False,
                op_overrides: dict[str, Callable[..., Any]] | None = None):
@@ -55,13 +81,12 @@ def load_model(path: str | Path, device: str = "auto", dtype: str | torch.dtype 
     """
     from model.checkpoint import load_weights
     from model.config import GenerationDefaults, load_config, load_generation_config
-    from model.gguf_file import looks_like_gguf
     from model.minicpm import MiniCPMForCausalLM
 
     kind = resolve_device(device)
     folder = Path(path)
     gguf_file = None
-    if looks_like_gguf(folder) and not folder.is_dir():
+    if is_gguf(folder):
         from model.gguf_checkpoint import open_gguf
 
         gguf_file, config = open_gguf(folder)
@@ -85,13 +110,25 @@ def load_model(path: str | Path, device: str = "auto", dtype: str | torch.dtype 
     from model.gguf_checkpoint import load_gguf_weights
 
     weights = load_gguf_weights(gguf_file, config, torch_dtype, torch_device(kind))
-    del gguf_file  # closes the memory map: the mapped pages leave the process once read
+    tokenizer_loader = _gguf_tokenizer_loader(gguf_file)
+    del gguf_file  # closes the memory map: its pages leave the process
     return MiniCPMForCausalLM(config, weights, ops, torch_device(kind), torch_dtype, path=folder,
-                              generation=generation, tokenizer_loader=lambda: _gguf_tokenizer(folder))
+                              generation=generation, tokenizer_loader=tokenizer_loader)
 
 
-def _gguf_tokenizer(path: Path):
-    from model.gguf_file import GGUFFile
+def _gguf_tokenizer_loader(gguf_file) -> Callable[[], Any]:
+    """Builds the tokenizer now, while the file's metadata is parsed (parsing a 49k-token
+    vocabulary is the slow part of reading a GGUF); a tokenizer error is raised on first use, so
+    a model whose tokenizer is unsupported still gives logits."""
     from model.gguf_tokenizer import load_gguf_tokenizer
 
-    return load_gguf_tokenizer(GGUFFile(path))
+    try:
+        tokenizer = load_gguf_tokenizer(gguf_file)
+    except CheckpointError as exc:
+        error = exc
+
+        def fail():
+            raise error
+
+        return fail
+    return lambda: tokenizer

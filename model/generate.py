@@ -12,6 +12,7 @@ import time
 import warnings
 from pathlib import Path
 
+from hal.api import MODEL_HELP
 from hal.errors import HalError
 
 
@@ -39,7 +40,7 @@ def main(argv: list[str] | None = None) -> int:
                                      description="Generate text with MiniCPM.")
     parser.add_argument("prompt", help="the prompt (or the user message with --chat)")
     parser.add_argument("--model", type=Path, default=None,
-                        help="checkpoint folder (default: the built-in synthetic tiny checkpoint)")
+                        help=f"{MODEL_HELP} (default: the built-in synthetic tiny checkpoint)")
     parser.add_argument("--device", default="auto", help="auto, cpu, cuda or npu (default: auto)")
     parser.add_argument("--dtype", default=None,
                         help="float32, bfloat16 or float16 "

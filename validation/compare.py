@@ -17,6 +17,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+from hal.api import MODEL_HELP, is_gguf
 from hal.errors import HalError, InputError
 
 EXIT_PASS, EXIT_FAIL, EXIT_USAGE = 0, 1, 2
@@ -27,8 +28,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", default="auto", help="device under test: auto, cpu, cuda, npu (default: auto)")
     p.add_argument("--dtype", default="bfloat16", help="float32, bfloat16 or float16 (default: bfloat16)")
     p.add_argument("--model", type=Path, default=None,
-                   help="checkpoint folder (Hugging Face layout); "
-                        "default: the built-in synthetic tiny checkpoint")
+                   help=f"{MODEL_HELP}; default: the built-in synthetic tiny checkpoint")
     p.add_argument("--prompts", default=None, metavar="FILE",
                    help="prompts: one per line, or a .json list; default: the seven prompts of seed 004")
     p.add_argument("--top-k", type=int, default=10, help="size of the compared top-k sets (default: 10)")
@@ -94,9 +94,9 @@ def _set_threads(requested: int | None, model: Path) -> None:
             raise InputError(f"--threads must be >= 1, got {requested}")
         torch.set_num_threads(requested)
         return
-    from model.config import load_config
+    from hal.api import checkpoint_config
 
-    if load_config(model).hidden_size <= SMALL_HIDDEN:
+    if checkpoint_config(model).hidden_size <= SMALL_HIDDEN:
         torch.set_num_threads(1)
 
 
@@ -118,8 +118,8 @@ def _run(args: argparse.Namespace) -> int:
         model = default_checkpoint()
     else:
         model = args.model
-        if not model.is_dir():
-            raise InputError(f"--model {model}: checkpoint folder not found")
+        if not model.is_dir() and not is_gguf(model):
+            raise InputError(f"--model {model}: checkpoint folder or .gguf file not found")
     _set_threads(args.threads, model)
     settings = harness.Settings(model=model, device=kind, dtype=dtype, prompts=prompt_list,
                                 prompts_file=args.prompts, top_k=args.top_k, positions=args.positions,

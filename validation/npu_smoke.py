@@ -30,6 +30,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 
 import hal  # noqa: F401  (first: it turns torch_npu autoload off before anything imports torch)
+from hal.api import MODEL_HELP
 from model.synthetic import PRESETS
 
 EXIT_PASS, EXIT_FAIL, EXIT_USAGE = 0, 1, 2
@@ -39,7 +40,7 @@ def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m validation.npu_smoke", description=__doc__.split("\n\n")[0])
     p.add_argument("--out", type=Path, default=None,
                    help="report folder (default: reports/npu-smoke-<time>/)")
-    p.add_argument("--model", type=Path, default=None, help="also check this real checkpoint folder")
+    p.add_argument("--model", type=Path, default=None, help=f"also check this real checkpoint: {MODEL_HELP}")
     p.add_argument("--presets", nargs="+", choices=PRESETS, default=["tiny", "tiny-sala", "0.5b"],
                    help="synthetic checkpoints to compare on (default: tiny tiny-sala 0.5b; 8b and sala "
                         "need ~50 GB RAM)")
