@@ -151,3 +151,17 @@ def test_bad_input_is_one_line_exit_2(capsys, tmp_path):
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 3 and all(line.startswith("error: ") for line in err)
     assert "absent: model not found" in err[0] and "unknown preset 'huge'" in err[1]
+
+
+def test_default_model_is_the_trained_gguf_where_fetched_else_tiny(tmp_path, monkeypatch):
+    from benchmarks.run import default_model
+    from model.trained import trained_gguf_path
+
+    monkeypatch.setenv("HAL_CACHE_DIR", str(tmp_path))
+    path, name = default_model()
+    assert name == "synthetic tiny" and (path / "config.json").is_file() and path.parent == tmp_path
+    fetched = trained_gguf_path()
+    assert fetched.parent.parent == tmp_path
+    fetched.parent.mkdir(parents=True)
+    fetched.write_bytes(b"GGUF")  # only presence decides the default; loading checks the file
+    assert default_model() == (fetched, "SmolLM2-135M-Instruct (trained)")
