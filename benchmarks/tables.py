@@ -101,8 +101,9 @@ def environment_markdown(result: dict[str, Any]) -> list[str]:
         f"- **Model:** {model['name']} ({model['path']}), {model['dtype']}, "
         f"max_position_embeddings {model['max_position_embeddings']}"
         + (", QUICK plan (shortened)" if result["plan"]["quick"] else ""),
-        "",
-    ]
+    ] + (["- **llama.cpp** runs the GGUF file's own tensor types (quantised); ours and transformers run the "
+          f"dequantised weights in {model['dtype']}"]
+         if any(r["engine"] == "llama.cpp" and "metrics" in r for r in result["rows"]) else []) + [""]
 
 
 def markdown(result: dict[str, Any]) -> str:
