@@ -1,7 +1,9 @@
-"""pytest-benchmark plumbing for ``benchmarks/``: shared runners, and a closing table of
-tokens/s ratios ours/transformers (from each benchmark's best round).
+"""pytest-benchmark plumbing for ``benchmarks/``: shared runners, the per-device benchmark model
+(``bench_model``: test_bench_ops.py, test_bench_e2e.py), and a closing table of tokens/s ratios
+ours/transformers (from each benchmark's best round).
 
-Run with ``python -m pytest benchmarks --benchmark-only`` (not part of the default test run)."""
+Run with ``python -m pytest benchmarks --benchmark-only`` (not part of the default test run);
+``--bench-device cpu|cuda|npu|all`` picks the device (absent devices skip with the reason)."""
 from __future__ import annotations
 
 from typing import Any
@@ -63,7 +65,7 @@ def record_rss():
 
 
 def pytest_addoption(parser) -> None:
-    parser.addoption("--bench-device", default="cpu", help="device of test_device_decode.py: cpu, cuda, npu, auto")
+    parser.addoption("--bench-device", default="cpu", help="device of the device benchmarks: cpu, cuda, npu, auto (test_bench_*.py: also all)")
     parser.addoption("--bench-preset", default="0.5b", help="synthetic checkpoint of the decode-graph benchmark")
 
 

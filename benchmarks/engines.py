@@ -54,16 +54,17 @@ def weight_bytes(tensors: list[torch.Tensor]) -> int:
 
 
 class OursEngine:
-    """This project's model, loaded once; ``load_s`` is the time of ``hal.load_model``."""
+    """This project's model, loaded once (or an already ``loaded`` one); ``load_s`` is the time of
+    ``hal.load_model``."""
 
     name = "ours"
     label = "minicpm-hal"
 
-    def __init__(self, path: Path, device: str, dtype: str):
+    def __init__(self, path: Path, device: str, dtype: str, loaded: Any = None):
         import hal
 
         start = time.perf_counter()
-        self.model = hal.load_model(path, device=device, dtype=dtype)
+        self.model = loaded if loaded is not None else hal.load_model(path, device=device, dtype=dtype)
         self.load_s = time.perf_counter() - start
         self.device = device
         self.max_positions = self.model.config.max_position_embeddings

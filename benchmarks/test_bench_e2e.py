@@ -24,8 +24,7 @@ def _engine(bench_model, device: str, impl: str):
         from benchmarks.run import default_model
 
         if impl == "ours":
-            engine = OursEngine.__new__(OursEngine)
-            engine.model, engine.device, engine.load_s = model, device, 0.0
+            engine = OursEngine(default_model()[0], device, model.dtype, loaded=model)
         else:
             engine = TransformersEngine(default_model()[0], device, model.dtype)
         _ENGINES[(device, impl)] = engine
