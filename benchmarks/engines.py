@@ -184,6 +184,29 @@ class TransformersEngine:
         return Generation(tokens, end - start, (clock.first or end) - start)
 
 
+_SMOKE = """
+import sys, llama_cpp
+llm = llama_cpp.Llama(model_path=sys.argv[1], n_ctx=64, n_threads=1, verbose=False)
+llm.eval([1, 2, 3, 4])
+"""
+
+
+def _smoke_test(path: Path) -> None:
+    """Loads the GGUF and evaluates 4 tokens in a child process first: a llama.cpp build that
+    crashes (a native segfault) takes the child down, not the benchmark."""
+    import subprocess
+    import sys
+
+    try:
+        done = subprocess.run([sys.executable, "-c", _SMOKE, str(path)], capture_output=True, timeout=300)
+    except subprocess.TimeoutExpired:
+        raise Unavailable("llama-cpp-python did not evaluate 4 tokens within 300 s") from None
+    if done.returncode != 0:
+        how = f"signal {-done.returncode}" if done.returncode < 0 else f"exit {done.returncode}"
+        raise Unavailable(f"llama-cpp-python {llama_cpp_version()} crashed evaluating 4 tokens of this model "
+                          f"({how})")
+
+
 def llama_cpp_version() -> str | None:
     from validation.environment import package_version
 
@@ -206,6 +229,7 @@ class LlamaCppEngine:
             import llama_cpp
         except ImportError:
             raise Unavailable("not installed (pip install llama-cpp-python)") from None
+        _smoke_test(path)
         start = time.perf_counter()
         self.llm = llama_cpp.Llama(model_path=str(path), n_ctx=context, n_threads=threads,
                                    n_threads_batch=threads, n_batch=512, verbose=False)
