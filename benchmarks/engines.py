@@ -12,6 +12,7 @@ when the first new token was available, so prefill and decode are told apart fro
 """
 from __future__ import annotations
 
+import contextlib
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -184,27 +185,62 @@ class TransformersEngine:
         return Generation(tokens, end - start, (clock.first or end) - start)
 
 
+@contextlib.contextmanager
+def _plain_cpu_buffers(enabled: bool):
+    """While constructing a ``Llama``: weights in the plain CPU buffer, no extra buffer types
+    (``use_extra_bufts = False``). ggml's AMX weight repacking crashes in ``llama_decode`` on
+    some AMX CPUs (tile permission requested on the main thread only: llama.cpp PR #26954);
+    llama-cpp-python exposes the flag only through the default model params."""
+    import llama_cpp
+    import llama_cpp.llama as high_level
+
+    if not enabled:
+        yield
+        return
+    original = llama_cpp.llama_model_default_params
+
+    def params():
+        p = original()
+        p.use_extra_bufts = False
+        return p
+
+    high_level.llama_cpp.llama_model_default_params = params
+    try:
+        yield
+    finally:
+        high_level.llama_cpp.llama_model_default_params = original
+
+
 _SMOKE = """
-import sys, llama_cpp
-llm = llama_cpp.Llama(model_path=sys.argv[1], n_ctx=64, n_threads=1, verbose=False)
+import sys
+from pathlib import Path
+import llama_cpp
+from benchmarks.engines import _plain_cpu_buffers
+with _plain_cpu_buffers(sys.argv[2] == "plain"):
+    llm = llama_cpp.Llama(model_path=sys.argv[1], n_ctx=64, n_threads=1, verbose=False)
 llm.eval([1, 2, 3, 4])
 """
 
 
-def _smoke_test(path: Path) -> None:
-    """Loads the GGUF and evaluates 4 tokens in a child process first: a llama.cpp build that
-    crashes (a native segfault) takes the child down, not the benchmark."""
+def _smoke_test(path: Path) -> bool:
+    """Whether llama.cpp needs plain CPU buffers for this model: loads the GGUF and evaluates 4
+    tokens in a child process, with the default buffers and, if that crashes (a native
+    segfault takes the child down, not the benchmark), with plain ones. Unavailable if both fail."""
     import subprocess
     import sys
 
-    try:
-        done = subprocess.run([sys.executable, "-c", _SMOKE, str(path)], capture_output=True, timeout=300)
-    except subprocess.TimeoutExpired:
-        raise Unavailable("llama-cpp-python did not evaluate 4 tokens within 300 s") from None
-    if done.returncode != 0:
+    root = Path(__file__).resolve().parent.parent
+    how = ""
+    for mode in ("default", "plain"):
+        try:
+            done = subprocess.run([sys.executable, "-c", _SMOKE, str(path), mode], capture_output=True,
+                                  timeout=300, cwd=root)
+        except subprocess.TimeoutExpired:
+            raise Unavailable("llama-cpp-python did not evaluate 4 tokens within 300 s") from None
+        if done.returncode == 0:
+            return mode == "plain"
         how = f"signal {-done.returncode}" if done.returncode < 0 else f"exit {done.returncode}"
-        raise Unavailable(f"llama-cpp-python {llama_cpp_version()} crashed evaluating 4 tokens of this model "
-                          f"({how})")
+    raise Unavailable(f"llama-cpp-python {llama_cpp_version()} crashed evaluating 4 tokens of this model ({how})")
 
 
 def llama_cpp_version() -> str | None:
@@ -215,7 +251,8 @@ def llama_cpp_version() -> str | None:
 
 class LlamaCppEngine:
     """llama.cpp (llama-cpp-python) on a GGUF file, CPU, one sequence per call, greedy
-    (``temp=0``, no repeat penalty)."""
+    (``temp=0``, no repeat penalty). ``plain_buffers``: the weights stay in plain CPU buffers
+    because repacked ones crashed here (see :func:`_smoke_test`)."""
 
     name = "llama.cpp"
     label = "llama.cpp"
@@ -229,10 +266,11 @@ class LlamaCppEngine:
             import llama_cpp
         except ImportError:
             raise Unavailable("not installed (pip install llama-cpp-python)") from None
-        _smoke_test(path)
+        self.plain_buffers = _smoke_test(path)
         start = time.perf_counter()
-        self.llm = llama_cpp.Llama(model_path=str(path), n_ctx=context, n_threads=threads,
-                                   n_threads_batch=threads, n_batch=512, verbose=False)
+        with _plain_cpu_buffers(self.plain_buffers):
+            self.llm = llama_cpp.Llama(model_path=str(path), n_ctx=context, n_threads=threads,
+                                       n_threads_batch=threads, n_batch=512, verbose=False)
         self.load_s = time.perf_counter() - start
         self.size = path.stat().st_size
 

@@ -203,6 +203,7 @@ def measure(path: Path, name: str, device: str, dtype: str | None, plan, argv: l
         "model": {"name": name, "path": str(path), "dtype": dtype,
                   "max_position_embeddings": cfg.max_position_embeddings, "bound_ops": ours.model.bound_ops},
         "plan": plan_dict,
+        "llama_cpp_plain_buffers": next((e.plain_buffers for e in baselines if e.name == "llama.cpp"), None),
         "rows": rec.rows,
         "greedy": rec.greedy,
         "ratios": suite.ratios(rec.rows),

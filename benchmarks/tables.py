@@ -102,7 +102,9 @@ def environment_markdown(result: dict[str, Any]) -> list[str]:
         f"max_position_embeddings {model['max_position_embeddings']}"
         + (", QUICK plan (shortened)" if result["plan"]["quick"] else ""),
     ] + (["- **llama.cpp** runs the GGUF file's own tensor types (quantised); ours and transformers run the "
-          f"dequantised weights in {model['dtype']}"]
+          f"dequantised weights in {model['dtype']}"
+          + ("; its weights stay in plain CPU buffers (use_extra_bufts off: the repacked AMX buffers "
+             "crashed on this CPU)" if result.get("llama_cpp_plain_buffers") else "")]
          if any(r["engine"] == "llama.cpp" and "metrics" in r for r in result["rows"]) else []) + [""]
 
 
