@@ -54,8 +54,10 @@ _PASSED_KEYS = (
 def load_tokenizer(path: str | os.PathLike[str]) -> PreTrainedTokenizerBase:
     """Load the tokenizer of a Hugging Face-layout checkpoint folder.
 
-    Uses ``tokenizer.json`` through ``PreTrainedTokenizerFast``; without it, converts a Llama-style
-    SentencePiece ``tokenizer.model`` (needs the ``sentencepiece`` package). Never runs remote code.
+    Uses ``tokenizer.json`` through ``PreTrainedTokenizerFast``; without it, converts a SentencePiece
+    ``tokenizer.model`` (BPE or Unigram; needs the ``sentencepiece`` and ``protobuf`` packages) into
+    a pipeline that encodes and decodes text as ``SentencePieceProcessor`` does, following the
+    model's normalizer spec. Never runs remote code.
     Honours ``tokenizer_config.json`` (special tokens, ``add_bos_token``/``add_eos_token``,
     ``chat_template``, ``clean_up_tokenization_spaces``), then ``special_tokens_map.json`` and a
     ``chat_template.jinja`` file. Raises ``CheckpointError`` naming the file when no tokenizer
@@ -200,51 +202,48 @@ def _read_settings(folder: str) -> dict[str, Any]:
 
 def _tokenizer_from_sentencepiece(
     spm_file: str, settings: Mapping[str, Any]
-) -> tuple[Tokenizer, dict[str, str]]:
-    """A ``tokenizers`` BPE equivalent to a Llama-style (BPE, byte fallback) SentencePiece model,
+) -> tuple[Tokenizer, dict[str, Any]]:
+    """A ``tokenizers`` pipeline that encodes and decodes like ``SentencePieceProcessor`` on
+    ``spm_file`` (``model.sentencepiece_pipeline``), with the checkpoint's special tokens added,
     and the model's own unk/bos/eos tokens as defaults for the settings.
 
-    transformers 5's own conversion (``LlamaTokenizer`` from ``tokenizer.model``) needs protobuf
-    and silently tries a TikToken reading when it fails; this one needs only ``sentencepiece``.
+    Special tokens (CONTROL and UNKNOWN pieces, the config's bos/eos/unk/pad, ``added_tokens.json``)
+    and USER_DEFINED pieces are matched in the raw text; the text between two of them is encoded as
+    SentencePiece encodes that text alone (so with a dummy prefix each piece of text gets one, as
+    transformers' ``legacy`` Llama tokenizer does). Needs the ``sentencepiece`` and ``protobuf``
+    packages; transformers' own conversion is avoided because it silently tries a TikToken reading
+    when it fails.
     """
+    folder = os.path.dirname(spm_file)
     try:
         import sentencepiece as spm
     except ImportError as exc:
-        folder = os.path.dirname(spm_file)
         message = f"only tokenizer.model in {folder}, and the sentencepiece package is missing"
         raise CheckpointError(message) from exc
-    from tokenizers import AddedToken, Tokenizer, decoders, normalizers, processors
-    from tokenizers.models import BPE
-    from transformers.tokenization_utils_base import generate_merges
+    from tokenizers import AddedToken, processors
+
+    from model.sentencepiece_pipeline import pipeline_from_proto, read_model_proto, user_defined_pieces
 
     sp = spm.SentencePieceProcessor()
     try:
         sp.Load(spm_file)
     except Exception as exc:
         raise CheckpointError(f"tokenizer.model is not a SentencePiece model ({spm_file}): {exc}") from exc
+    proto = read_model_proto(spm_file)
+    backend = pipeline_from_proto(proto, f"tokenizer.model ({spm_file})")
     size = sp.GetPieceSize()
-    vocab = {sp.IdToPiece(i): i for i in range(size)}
-    scores = {sp.IdToPiece(i): sp.GetScore(i) for i in range(size)}
-    unk = sp.IdToPiece(sp.unk_id()) if sp.unk_id() >= 0 else None
-    has_bytes = all(f"<0x{b:02X}>" in vocab for b in range(256))
-    merges = generate_merges(vocab, scores)
-    model = BPE(vocab=vocab, merges=merges, unk_token=unk, fuse_unk=True, byte_fallback=has_bytes)
-    backend = Tokenizer(model)
-    backend.normalizer = normalizers.Sequence(
-        [normalizers.Prepend("\u2581"), normalizers.Replace(" ", "\u2581")]
-    )
-    backend.decoder = decoders.Sequence([
-        decoders.Replace("\u2581", " "), decoders.ByteFallback(), decoders.Fuse(), decoders.Strip(" ", 1, 0),
-    ])
     own_ids = {"unk_token": sp.unk_id(), "bos_token": sp.bos_id(), "eos_token": sp.eos_id()}
-    defaults = {key: sp.IdToPiece(i) for key, i in own_ids.items() if 0 <= i < size}
-    added = _added_tokens_of(os.path.dirname(spm_file))
+    defaults: dict[str, Any] = {key: sp.IdToPiece(i) for key, i in own_ids.items() if 0 <= i < size}
+    # SentencePiece's decode never tidies spaces around punctuation.
+    defaults["clean_up_tokenization_spaces"] = False
+    added = _added_tokens_of(folder)
     specials = [sp.IdToPiece(i) for i in range(size) if sp.IsControl(i) or sp.IsUnknown(i)]
     specials += [str(settings.get(k) or defaults.get(k) or "") for k in _SPECIAL_KEYS]
     specials += [token for token, _ in added]
-    backend.add_special_tokens(
-        [AddedToken(t, special=True, normalized=False) for t in dict.fromkeys(specials) if t]
-    )
+    specials = [t for t in dict.fromkeys(specials) if t]
+    backend.add_special_tokens([AddedToken(t, special=True, normalized=False) for t in specials])
+    plain = [t for t in user_defined_pieces(proto) if t not in set(specials)]
+    backend.add_tokens([AddedToken(t, special=False, normalized=False) for t in plain])
     for token, token_id in added:
         if backend.token_to_id(token) != token_id:
             raise CheckpointError(
