@@ -16,9 +16,15 @@ ENGINES = ("ours", "transformers-sdpa", "transformers-eager", "llama.cpp")
 
 @pytest.fixture(scope="module")
 def quick(tmp_path_factory):
+    import torch
+
     out = tmp_path_factory.mktemp("bench")
-    code = run(["--device", "cpu", "--preset", "tiny", "--quick", "--no-progress", "--threads", "2",
-                "--json", str(out / "bench.json"), "--markdown", str(out / "bench.md")])
+    threads = torch.get_num_threads()
+    try:
+        code = run(["--device", "cpu", "--preset", "tiny", "--quick", "--no-progress", "--threads", "2",
+                    "--json", str(out / "bench.json"), "--markdown", str(out / "bench.md")])
+    finally:
+        torch.set_num_threads(threads)  # --threads sets the process-wide count; later tests keep theirs
     assert code == 0
     return json.loads((out / "bench.json").read_text()), (out / "bench.md").read_text(), out / "bench.json"
 
