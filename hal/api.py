@@ -109,8 +109,9 @@ def load_model(path: str | Path, device: str = "auto", dtype: str | torch.dtype 
                                   generation=generation)
     from model.gguf_checkpoint import load_gguf_weights
 
-    weights = load_gguf_weights(gguf_file, config, torch_dtype, torch_device(kind))
     tokenizer_loader = _gguf_tokenizer_loader(gguf_file)
+    gguf_file.forget_vocabulary()  # before the weights: the parsed vocabulary is not kept beside them
+    weights = load_gguf_weights(gguf_file, config, torch_dtype, torch_device(kind))
     del gguf_file  # closes the memory map: its pages leave the process
     return MiniCPMForCausalLM(config, weights, ops, torch_device(kind), torch_dtype, path=folder,
                               generation=generation, tokenizer_loader=tokenizer_loader)

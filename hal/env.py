@@ -8,7 +8,8 @@ HAL_NPU_EMULATE          ``1`` runs the ``npu`` device on an emulator: a pure-to
                          the CPU. ``hal.devices()`` then reports npu as available with a description
                          containing "emulated", and every report says EMULATED. For tests and CI
                          on machines without an Ascend NPU; never hardware numbers.
-HAL_CACHE_DIR            where the built-in synthetic checkpoint is written.
+HAL_CACHE_DIR            where the built-in synthetic checkpoint is written, and the trained fixture
+                         is fetched (``trained/``, ``python -m model.trained --fetch``).
                          Default: ``$XDG_CACHE_HOME/minicpm-hal`` or ``~/.cache/minicpm-hal``.
 """
 from __future__ import annotations

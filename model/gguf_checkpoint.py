@@ -98,7 +98,8 @@ def config_dict(file: GGUFFile) -> dict[str, Any]:
         data["scale_depth"] = file.number(k(keys.LLM.RESIDUAL_SCALE)) * math.sqrt(layers)
         logit_scale = file.number(k(keys.LLM.LOGIT_SCALE))
         if logit_scale <= 0:
-            raise CheckpointError(f"{file.path}: GGUF key '{k(keys.LLM.LOGIT_SCALE)}' must be > 0, got {logit_scale}")
+            raise CheckpointError(f"{file.path}: GGUF key '{k(keys.LLM.LOGIT_SCALE)}' must be > 0, "
+                                  f"got {logit_scale}")
         data["dim_model_base"] = hidden / logit_scale
     else:
         data.update(scale_emb=1.0, scale_depth=math.sqrt(layers), dim_model_base=float(hidden))

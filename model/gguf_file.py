@@ -7,6 +7,7 @@ lists it that way in ``ReaderTensor.shape``. Everything this module returns is i
 """
 from __future__ import annotations
 
+import mmap
 from pathlib import Path
 from typing import Any
 
@@ -16,6 +17,8 @@ import torch
 from hal.errors import CheckpointError
 
 MAGIC = b"GGUF"
+CHUNK_BYTES = 16 << 20
+"""float32 bytes dequantized at a time (per tensor: whole rows)."""
 
 
 def looks_like_gguf(path: str | Path) -> bool:
@@ -97,7 +100,8 @@ class GGUFFile:
     def integer(self, key: str, default: Any = ...) -> Any:
         value = self.value(key, default)
         if value is not default and (isinstance(value, bool) or not isinstance(value, int)):
-            raise CheckpointError(f"{self.path}: GGUF metadata key '{key}' must be an integer, got {value!r}"[:200])
+            raise CheckpointError(f"{self.path}: GGUF metadata key '{key}' must be an integer, "
+                                  f"got {value!r}"[:200])
         return value
 
     def number(self, key: str, default: Any = ...) -> Any:
@@ -128,8 +132,10 @@ class GGUFFile:
         return self.tensors[name].tensor_type.name
 
     def tensor(self, name: str, dtype: torch.dtype) -> torch.Tensor:
-        """Tensor ``name`` dequantized (``gguf.quants.dequantize``, float32 numpy) and cast to
-        ``dtype`` on the CPU: one float32 copy of this tensor exists at a time."""
+        """Tensor ``name`` dequantized (``gguf.quants.dequantize``) into ``dtype`` on the CPU. Rows
+        are dequantized in chunks of about :data:`CHUNK_BYTES` of float32 (a row holds whole
+        quantization blocks), so the float32 intermediate never holds the whole tensor; the
+        tensor's mapped file pages are released afterwards."""
         from gguf import quants
 
         if name not in self.tensors:
@@ -139,18 +145,49 @@ class GGUFFile:
         if info.data.nbytes != info.n_bytes:
             raise CheckpointError(f"{self.path}: tensor '{name}' is truncated ({info.data.nbytes} of "
                                   f"{info.n_bytes} bytes present)")
+        rows = shape[0] if len(shape) > 1 else 1
+        data = info.data.reshape(rows, -1)
+        out = torch.empty(shape, dtype=dtype).reshape(rows, -1)
+        step = max(1, CHUNK_BYTES // max(1, 4 * out.shape[1]))
+        for first in range(0, rows, step):
+            values = self._dequantize(quants, name, info.tensor_type, data[first:first + step])
+            if values.size != out[first:first + step].numel():
+                raise CheckpointError(f"{self.path}: tensor '{name}' of type {info.tensor_type.name} does "
+                                      f"not dequantize to its shape {list(shape)}")
+            if not values.flags.writeable:  # F32: a view of the read-only memory map
+                values = values.copy()
+            out[first:first + step] = torch.from_numpy(values.reshape(-1, out.shape[1]))
+        self.release(name)
+        return out.reshape(shape)
+
+    def _dequantize(self, quants, name: str, kind, data: np.ndarray) -> np.ndarray:
         try:
-            values = quants.dequantize(info.data, info.tensor_type)
+            values = quants.dequantize(data, kind)
         except NotImplementedError:
             raise CheckpointError(f"{self.path}: tensor '{name}' has unsupported GGUF tensor type "
-                                  f"{info.tensor_type.name}") from None
+                                  f"{kind.name}") from None
         except Exception as exc:
-            raise CheckpointError(f"{self.path}: tensor '{name}' ({info.tensor_type.name}) cannot be "
-                                  f"dequantized: {exc}") from None
-        if values.dtype != np.float32 or values.size != int(np.prod(shape, dtype=np.int64)):
-            raise CheckpointError(f"{self.path}: tensor '{name}' of type {info.tensor_type.name} holds "
-                                  f"{values.size} values of {values.dtype}, expected {list(shape)} floats")
-        if not values.flags.writeable:  # F32: a view of the read-only memory map
-            values = values.copy()
-        out = torch.from_numpy(values.reshape(shape))
-        return out if dtype == torch.float32 else out.to(dtype)
+            raise CheckpointError(f"{self.path}: tensor '{name}' ({kind.name}) cannot be dequantized: "
+                                  f"{exc}") from None
+        if values.dtype != np.float32:
+            raise CheckpointError(f"{self.path}: tensor '{name}' of type {kind.name} dequantized to "
+                                  f"{values.dtype}, expected float32")
+        return values
+
+    def release(self, name: str) -> None:
+        """Drop the mapped file pages of tensor ``name`` from the process (they were copied)."""
+        info = self.tensors[name]
+        mapping = getattr(self.reader.data, "_mmap", None)  # numpy.memmap's mmap.mmap
+        first = -(-info.data_offset // mmap.PAGESIZE) * mmap.PAGESIZE
+        last = ((info.data_offset + info.n_bytes) // mmap.PAGESIZE) * mmap.PAGESIZE
+        if mapping is not None and last > first and hasattr(mmap, "MADV_DONTNEED"):
+            mapping.madvise(mmap.MADV_DONTNEED, first, last - first)
+
+    def forget_vocabulary(self) -> None:
+        """Drop the parsed token arrays (``tokenizer.ggml.*`` lists: ~150 MB of reader objects for
+        a 49k vocabulary) once the tokenizer and the config are built."""
+        import gguf
+
+        keys = gguf.Keys.Tokenizer
+        for key in (keys.LIST, keys.MERGES, keys.SCORES, keys.TOKEN_TYPE):
+            self.reader.fields.pop(key, None)

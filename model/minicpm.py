@@ -93,6 +93,8 @@ class MiniCPMForCausalLM:
         self.layers = _layers(weights, config)
         self.rope = RopeTable(config, device)
         self.attn_scale = config.head_dim ** -0.5
+        # per layer α (μP residual scale); a list so validation/faults.py can drop one layer's
+        self.residual_scales = [config.residual_scale] * config.num_hidden_layers
         kv_width = config.num_key_value_heads * config.head_dim
         self.qkv_sizes = (config.num_attention_heads * config.head_dim, kv_width, kv_width)
         self.lightning_layers = frozenset(i for i, layer in enumerate(self.layers) if layer.mixer == "lightning")
@@ -227,8 +229,8 @@ class MiniCPMForCausalLM:
         hidden: list[torch.Tensor] | None = [h] if output_hidden_states else None
         residual = h
         x = ops.rms_norm(h, self.layers[0].input_norm, cfg.rms_norm_eps)
-        alpha = cfg.residual_scale
         for index, layer in enumerate(self.layers):
+            alpha = self.residual_scales[index]
             if layer.mixer == "lightning":
                 attn = self._lightning(ops, index, layer, x, cos, sin, cache, real)
             else:

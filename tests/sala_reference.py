@@ -1,7 +1,9 @@
 """An independent MiniCPM-SALA forward in float64 plain torch, written from
 research/sala_spec.md §3-§5 (not from model/ or the op catalogue): weights read with the
 ``safetensors`` package, softmax layers dense and causal (valid below dense_len, or when the
-sparse budget covers every block), lightning layers as the token-by-token recurrence."""
+sparse budget covers every block) or, with ``sparse=True``, the independent InfLLM-v2 of
+tests/infllm_reference.py on the un-rotated (NoPE) q/k; lightning layers as the token-by-token
+recurrence."""
 from __future__ import annotations
 
 import json
@@ -9,6 +11,7 @@ import math
 from pathlib import Path
 
 import torch
+from infllm_reference import Selection, Sparse, infllm_attention
 from safetensors.torch import load_file
 
 
@@ -30,8 +33,10 @@ def _slopes(n: int) -> list[float]:  # ALiBi, power-of-two head counts (what the
     return [2.0 ** (-8.0 * (h + 1) / n) for h in range(n)]
 
 
-def sala_logits(folder: Path, ids: list[int]) -> torch.Tensor:
-    """Next-token logits `[T, V]` (float64) of one prompt."""
+def sala_logits(folder: Path, ids: list[int], sparse: bool = False,
+                log: list[Selection] | None = None) -> torch.Tensor:
+    """Next-token logits `[T, V]` (float64) of one prompt; ``sparse``: every softmax layer
+    attends with InfLLM-v2 (what the model does once the sequence reaches dense_len)."""
     cfg = json.loads((folder / "config.json").read_text())
     w = {k: v.double() for k, v in load_file(str(folder / "model.safetensors")).items()}
     e, heads, kv_heads = cfg["hidden_size"], cfg["num_attention_heads"], cfg["num_key_value_heads"]
@@ -49,10 +54,13 @@ def sala_logits(folder: Path, ids: list[int]) -> torch.Tensor:
         if cfg["mixer_types"][i] == "minicpm4":  # NoPE softmax attention, GQA, output gate
             k, v = k.view(t, kv_heads, d), v.view(t, kv_heads, d)
             group = heads // kv_heads
-            o = torch.empty(t, heads, d, dtype=torch.float64)
-            for head in range(heads):
-                s = (q[:, head] @ k[:, head // group].T) / math.sqrt(d)
-                o[:, head] = torch.softmax(s.masked_fill(~causal, -math.inf), -1) @ v[:, head // group]
+            if sparse:
+                o = infllm_attention(q, k, v, Sparse.from_config(cfg), 1 / math.sqrt(d), log)
+            else:
+                o = torch.empty(t, heads, d, dtype=torch.float64)
+                for head in range(heads):
+                    s = (q[:, head] @ k[:, head // group].T) / math.sqrt(d)
+                    o[:, head] = torch.softmax(s.masked_fill(~causal, -math.inf), -1) @ v[:, head // group]
             o = o.reshape(t, e) * torch.sigmoid(x @ w[p + "self_attn.o_gate.weight"].T)
         else:  # lightning: q/k RMSNorm per head, RoPE, S = lambda S + k^T v, o = (q / sqrt(d)) S
             k, v = k.view(t, heads, d), v.view(t, heads, d)

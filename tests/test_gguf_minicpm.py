@@ -109,7 +109,8 @@ def test_convert_round_trip_of_a_minicpm_gguf(tiny_f32, tmp_path):
 
     path = write_minicpm_gguf(tiny_f32, tmp_path / "m.gguf", write_original_context=True)
     out = convert(path, tmp_path / "hf")
-    assert torch.equal(hal.load_model(out, "cpu", "float32").logits(IDS), hal.load_model(path, "cpu", "float32").logits(IDS))
+    converted = hal.load_model(out, "cpu", "float32")
+    assert torch.equal(converted.logits(IDS), hal.load_model(path, "cpu", "float32").logits(IDS))
 
 
 # -- bad files: one line naming the problem ---------------------------------------------------
@@ -144,7 +145,8 @@ def test_missing_key(tiny_f32, tmp_path):
 
 def test_unsupported_tensor_type(tiny_f32, tmp_path):
     path = write_minicpm_gguf(tiny_f32, tmp_path / "m.gguf",
-                              tensor_type=lambda name: (gguf.GGMLQuantizationType.Q8_1 if name == "blk.1.ffn_up.weight"
+                              tensor_type=lambda name: (gguf.GGMLQuantizationType.Q8_1
+                                                        if name == "blk.1.ffn_up.weight"
                                                         else gguf.GGMLQuantizationType.F32))
     with pytest.raises(CheckpointError) as info:
         hal.load_model(path, "cpu", "float32")

@@ -37,7 +37,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--report-dir", type=Path, default=None, metavar="DIR",
                    help="where to write the report (default: reports/<device>-<dtype>-<timestamp>/)")
     p.add_argument("--thresholds", action="append", default=[], metavar="KEY=VALUE[,KEY=VALUE]",
-                   help="pass-rule overrides: top1_prob_rel_err_mean, near_tie_margin, drift_rel_l2, "
+                   help="pass-rule overrides: kl_mean_factor, top1_prob_rel_err_factor, top1_mismatch_factor, "
+                        "near_tie_margin, top1_prob_rel_err_mean (the seed rule's limit), drift_rel_l2, "
                         "ops_must_conform")
     p.add_argument("--allow-fallback", action="store_true",
                    help="run ops the device cannot serve on the CPU reference (listed in the report)")
@@ -52,6 +53,14 @@ def build_parser() -> argparse.ArgumentParser:
                         "matmuls lose more to thread synchronisation than they gain; else torch's default)")
     p.add_argument("--emulate", action="store_true",
                    help="use the torch_npu emulator for --device npu (reports say EMULATED)")
+    p.add_argument("--corpus", nargs="?", const="builtin", default=None, metavar="FILE",
+                   help="corpus mode: teacher-force --tokens tokens of FILE (or 'builtin', the default "
+                        "without FILE) and report perplexities and KL statistics instead of the prompt verdict")
+    p.add_argument("--tokens", type=int, default=1024, metavar="N",
+                   help="corpus mode: positions to score (default: 1024)")
+    p.add_argument("--inject-fault", default=None, metavar="NAME",
+                   help="developer option: inject a fault of validation/faults.py into the device "
+                        "(e.g. rotary-interleaved) to see the verdict catch it")
     return p
 
 
@@ -126,18 +135,36 @@ def _run(args: argparse.Namespace) -> int:
                                 thresholds=thresholds, allow_fallback=args.allow_fallback,
                                 reference=args.reference, trust_remote_code=args.trust_remote_code)
     label = f"{kind}-emulated" if "emulated" in hal_devices.probe(kind).description else kind
+    if args.inject_fault:
+        from validation import faults
+
+        settings.fault = faults.get(args.inject_fault).name
     stage = report_dir.StagedDir(args.report_dir or report_dir.default_dir(label, dtype))
     try:
-        report = harness.run(settings, progress)
-        progress("writing the report")
-        names = write_report(report, stage.path)
+        if args.corpus is not None:
+            report, names = _run_corpus(args, settings, stage.path)
+        else:
+            report = harness.run(settings, progress)
+            progress("writing the report")
+            names = write_report(report, stage.path)
         final = stage.commit()
     except BaseException:
         stage.discard()
         raise
     print(report_md_text(final))
     print(f"Report: {final}/ ({', '.join(names)}) in {time.perf_counter() - started:.1f} s")
-    return EXIT_PASS if report["passed"] else EXIT_FAIL
+    return EXIT_PASS if report.get("passed", True) else EXIT_FAIL  # corpus mode reports, it does not judge
+
+
+def _run_corpus(args: argparse.Namespace, settings: Any, folder: Path) -> tuple[dict[str, Any], list[str]]:
+    from validation import corpus, corpus_md
+
+    report = corpus.run(corpus.CorpusSettings(
+        model=settings.model, corpus=args.corpus, tokens=args.tokens, device=settings.device,
+        dtype=settings.dtype, reference=settings.reference, trust_remote_code=settings.trust_remote_code,
+        allow_fallback=settings.allow_fallback, fault=settings.fault), progress)
+    progress("writing the report")
+    return report, corpus_md.write(report, folder)
 
 
 def report_md_text(folder: Path) -> str:

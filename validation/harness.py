@@ -16,23 +16,28 @@ import torch
 import hal
 from hal.api import dtype_name, parse_dtype
 from hal.errors import InputError
-from validation import environment, grid, metrics, opcheck
+from validation import environment, faults, floor, grid, metrics, opcheck
 from validation.drift import layer_drift, summarize_drift
-from validation.passrule import Check, Thresholds, verdict
+from validation.passrule import FLOOR_RULES, TIE_FACTOR, Check, Thresholds, seed_rule, tie_margin, verdict
 
 from hal import probing as hal_devices
 
 SCHEMA = "minicpm-hal/validation-report"
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
 
 Progress = Callable[[str], None]
+
+FLOOR_KEYS = ("kl_mean", "kl_max", "top1_prob_rel_err_mean", "top1_mismatch_rate", "top1_match_rate",
+              "top10_prob_mae")
+"""The summary keys each floor implementation reports (report.json ``floor[]``)."""
 
 
 @dataclass
 class Settings:
     """Everything a comparison depends on (the CLI fills it; tests build it directly).
 
-    op_overrides: op -> callable for the device model (fault injection)."""
+    op_overrides: op -> callable for the device model (fault injection). fault: the name of a
+    ``validation/faults.py`` fault to inject into the device model (developer option)."""
 
     model: Path
     device: str = "auto"
@@ -46,6 +51,7 @@ class Settings:
     reference: str = "cpu-fp32"
     trust_remote_code: bool = False
     op_overrides: dict[str, Callable[..., Any]] | None = None
+    fault: str | None = None
 
 
 class OurReference:
@@ -62,6 +68,24 @@ class OurReference:
         """ids `[1, T]` -> (logits `[T, V]` float32, L+1 hidden states `[1, T, E]`)."""
         out = self.model.forward(ids, output_hidden_states=True)
         return out.logits[0].float(), list(out.hidden_states)
+
+    def teacher_force(self, prompt: torch.Tensor, positions: int):
+        """The deployment protocol (prefill, then one decode step per greedy token): see
+        :func:`validation.floor.teacher_force`."""
+        return floor.teacher_force(self.model, prompt, positions)
+
+
+def teacher_force(reference: Any, prompt: torch.Tensor, positions: int):
+    """(ids `[1, P + positions]`, logits `[T, V]`, hidden states) of the reference's greedy
+    continuation; a reference without a KV cache (transformers) recomputes the sequence per token."""
+    if hasattr(reference, "teacher_force"):
+        return reference.teacher_force(prompt, positions)
+    ids = prompt
+    for _ in range(positions):
+        logits, _ = reference.run(ids)
+        ids = torch.cat([ids, logits[-1].argmax().view(1, 1)], dim=1)
+    logits, hidden = reference.run(ids)
+    return ids, logits, hidden
 
 
 def _silent(_: str) -> None:
@@ -100,10 +124,7 @@ def _top_table(p_ref: torch.Tensor, p_dev: torch.Tensor, k: int,
              "dev_prob_of_ref_token": float(p_dev[ref_ids[r]])} for r in range(k)]
 
 
-def _load(settings: Settings, progress: Progress) -> tuple[Any, Any, str]:
-    kind = hal_devices.resolve(settings.device)
-    dtype = dtype_name(parse_dtype(settings.dtype))
-    started = time.perf_counter()
+def _load_reference(settings: Settings, progress: Progress) -> Any:
     if settings.reference == "hf":
         from validation.hf_reference import HFReference, check_remote_code
 
@@ -117,15 +138,34 @@ def _load(settings: Settings, progress: Progress) -> tuple[Any, Any, str]:
                                  settings.reference)
     else:
         raise InputError(f"unknown reference {settings.reference!r}; choose cpu-fp32, cpu-fp32-torch or hf")
-    progress(f"loading the device under test ({kind}, {dtype})")
+    return reference
+
+
+def _load(settings: Settings, progress: Progress, reuse: dict[Any, Any] | None) -> tuple[Any, Any, str]:
+    kind = hal_devices.resolve(settings.device)
+    dtype = dtype_name(parse_dtype(settings.dtype))
+    started = time.perf_counter()
+    reuse = {} if reuse is None else reuse
+    key = ("reference", str(settings.model), settings.reference)
+    if key not in reuse:
+        reuse[key] = _load_reference(settings, progress)
+    reference = reuse[key]
+    fault = faults.get(settings.fault) if settings.fault else None
+    overrides = {**(settings.op_overrides or {}), **(fault.overrides() if fault else {})} or None
+    progress(f"loading the device under test ({kind}, {dtype})" + (f", fault {fault.name} injected" if fault else ""))
     device_model = hal.load_model(settings.model, kind, dtype, allow_fallback=settings.allow_fallback,
-                                  op_overrides=settings.op_overrides)
+                                  op_overrides=overrides)
+    if fault is not None:
+        fault.install(device_model)
     progress(f"models loaded in {time.perf_counter() - started:.1f} s")
     return reference, device_model, kind
 
 
-def run(settings: Settings, progress: Progress = _silent) -> dict[str, Any]:
+def run(settings: Settings, progress: Progress = _silent, reuse: dict[Any, Any] | None = None) -> dict[str, Any]:
     """Compare the device under test with the reference; return the report dict (report.json).
+
+    reuse: a dict kept between calls (calibration runs many cases on one model): the reference
+    and the floor implementations are loaded once per model and dtype and kept there.
 
     Raises HalError subclasses for user errors (bad model, device unavailable, bad prompt)."""
     if settings.top_k < 5:
@@ -135,9 +175,16 @@ def run(settings: Settings, progress: Progress = _silent) -> dict[str, Any]:
     if not settings.prompts:
         raise InputError("no prompts to compare")
     t0 = time.perf_counter()
-    reference, model, kind = _load(settings, progress)
-    t_load = time.perf_counter() - t0
+    reuse = {} if reuse is None else reuse
+    reference, model, kind = _load(settings, progress, reuse)
     dtype = dtype_name(model.dtype)
+    key = ("floors", str(settings.model), settings.reference, dtype, kind == "cpu")
+    if key not in reuse:
+        judge = reference.model if isinstance(reference, OurReference) else \
+            hal.load_model(settings.model, "cpu", "float32", reference=True)
+        reuse[key] = floor.build(judge, settings.model, kind, dtype, settings.allow_fallback, progress)
+    floors = reuse[key]
+    t_load = time.perf_counter() - t0
     thresholds = settings.thresholds.for_dtype(dtype)
     tokenizer = model.tokenizer
     k = min(settings.top_k, model.config.vocab_size)
@@ -148,24 +195,22 @@ def run(settings: Settings, progress: Progress = _silent) -> dict[str, Any]:
     labels: list[str] = []
     end_rows: list[metrics.PositionMetrics] = []
     end_labels: list[str] = []
-    checks: list[Check] = []
+    floor_rows: dict[str, list[metrics.PositionMetrics]] = {f.name: [] for f in floors}
+    compared: list[tuple[str, metrics.PositionMetrics, str]] = []
     drifts: list[list[float]] = []
     lengths: list[int] = []
     t1 = time.perf_counter()
     for index, prompt in enumerate(settings.prompts):
-        ids = torch.tensor([tokenizer(prompt)["input_ids"]], dtype=torch.long)
-        if ids.shape[1] == 0:
+        prompt_ids = torch.tensor([tokenizer(prompt)["input_ids"]], dtype=torch.long)
+        if prompt_ids.shape[1] == 0:
             raise InputError(f"prompt {index + 1} ({prompt!r}) encodes to no tokens")
-        model.check_input_ids(ids, extra=settings.positions)
-        length = ids.shape[1]
-        for _ in range(settings.positions):  # teacher forcing: append the reference's greedy tokens
-            logits, _ = reference.run(ids)
-            ids = torch.cat([ids, logits[-1].argmax().view(1, 1)], dim=1)
-        ref_logits, ref_hidden = reference.run(ids)
-        out = model.forward(ids.to(model.device), output_hidden_states=True)
-        dev_logits = out.logits[0].float().cpu()
+        model.check_input_ids(prompt_ids, extra=settings.positions)
+        length = prompt_ids.shape[1]
+        ids, ref_logits, ref_hidden = teacher_force(reference, prompt_ids, settings.positions)
+        dev_logits, dev_hidden = floor.run_cached(model, ids, length)
+        floor_logits = {f.name: floor.run_cached(f.model, ids, length)[0] for f in floors}
         lengths += [length, ids.shape[1]]
-        drift = layer_drift(ref_hidden, out.hidden_states)
+        drift = layer_drift(ref_hidden, dev_hidden)
         drifts.append(drift)
         positions = []
         for offset in range(settings.positions + 1):
@@ -173,6 +218,9 @@ def run(settings: Settings, progress: Progress = _silent) -> dict[str, Any]:
             p_ref = metrics.softmax64(ref_logits[pos])
             p_dev = metrics.softmax64(dev_logits[pos])
             m = metrics.position_metrics(p_ref, p_dev, k, thresholds.near_tie_margin)
+            for name, logits in floor_logits.items():
+                floor_rows[name].append(metrics.position_metrics(p_ref, metrics.softmax64(logits[pos]), k,
+                                                                 thresholds.near_tie_margin))
             label = prompt if offset == 0 else f"{prompt} [+{offset}]"
             rows.append(m)
             labels.append(label)
@@ -181,8 +229,7 @@ def run(settings: Settings, progress: Progress = _silent) -> dict[str, Any]:
                 end_labels.append(label)
             detail = (f"reference {tok(m.ref_top1)!r} ({m.ref_top1_prob:.4f}) vs device {tok(m.dev_top1)!r} "
                       f"({float(p_dev[m.dev_top1]):.4f})")
-            checks.append(Check(f"prompt {index + 1} position {pos}" + (f" (+{offset})" if offset else ""),
-                                m.top1_match, m.near_tie, detail))
+            compared.append((f"prompt {index + 1} position {pos}" + (f" (+{offset})" if offset else ""), m, detail))
             positions.append({
                 "offset": offset, "position": pos, "teacher_forced": offset > 0,
                 "ref_top1": {"id": m.ref_top1, "token": tok(m.ref_top1), "prob": m.ref_top1_prob},
@@ -212,8 +259,15 @@ def run(settings: Settings, progress: Progress = _silent) -> dict[str, Any]:
     failed_ops = sorted({r.case.op for r in results if not r.passed})
     t_conf = time.perf_counter() - t2
 
+    swing = max((r.top2_swing for floor_list in floor_rows.values() for r in floor_list), default=0.0)
+    margin = tie_margin(thresholds.near_tie_margin, swing)
     summary = metrics.summarize(rows, labels, k)
-    judged = verdict(checks, float(summary["top1_prob_rel_err_mean"]), thresholds, failed_ops)
+    summary["top1_mismatch_rate"] = metrics.mismatch_rate(rows, margin)
+    floor_summaries = {name: {**metrics.summarize(r, labels, k), "top1_mismatch_rate": metrics.mismatch_rate(r, margin)}
+                       for name, r in floor_rows.items()}
+    checks = [Check(where, m.top1_match, m.ref_margin < margin, detail) for where, m, detail in compared]
+    seed_checks = [Check(where, m.top1_match, m.near_tie, detail) for where, m, detail in compared]
+    judged = verdict(summary, floor_summaries, thresholds, checks, failed_ops, tie=margin)
     drift_summary = summarize_drift(drifts, float(thresholds.drift_rel_l2 or 0.0))
     emulated = is_emulated(kind)
     description = hal_devices.probe(kind).description
@@ -226,7 +280,15 @@ def run(settings: Settings, progress: Progress = _silent) -> dict[str, Any]:
         "title": title,
         "emulated": emulated,
         "passed": judged.passed,
-        "verdict": {"passed": judged.passed, "failures": list(judged.failures), "notes": list(judged.notes)},
+        "verdict": {"passed": judged.passed, "failures": list(judged.failures), "notes": list(judged.notes),
+                    "metrics": [m.as_dict() for m in judged.metrics],
+                    "tie_margin": margin, "floor_top2_swing_max": swing, "tie_factor": TIE_FACTOR,
+                    "rules": [{"metric": r.metric, "label": r.label, "factor": thresholds.factor(r),
+                               "minimum": r.minimum, "rationale": r.rationale} for r in FLOOR_RULES]},
+        "seed_rule": seed_rule(seed_checks, float(summary["top1_prob_rel_err_mean"]), thresholds),
+        "floor": [{"name": f.name, "description": f.description,
+                   **{key: floor_summaries[f.name][key] for key in FLOOR_KEYS}} for f in floors],
+        "fault": settings.fault,
         "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
         "device": kind,
         "device_description": description + (" (EMULATED: numbers from the torch_npu emulator, not hardware)"
@@ -236,7 +298,8 @@ def run(settings: Settings, progress: Progress = _silent) -> dict[str, Any]:
         "settings": {"top_k": k, "positions": settings.positions, "prompts_file": settings.prompts_file,
                      "allow_fallback": settings.allow_fallback, "thresholds": thresholds.as_dict()},
         **{key: value for key, value in summary.items()},
-        "prompt_end": metrics.summarize(end_rows, end_labels, k),
+        "prompt_end": {**metrics.summarize(end_rows, end_labels, k),
+                       "top1_mismatch_rate": metrics.mismatch_rate(end_rows, margin)},
         "prompts": prompts_out,
         "drift": drift_summary.as_dict(),
         "conformance": {"cases": [r.as_dict() for r in results], "failed_ops": failed_ops,

@@ -71,6 +71,8 @@ class PositionMetrics:
     topk_abs_errors: tuple[float, ...]
     kl: float
     near_tie: bool
+    ref_margin: float = 0.0
+    top2_swing: float = 0.0
 
     @property
     def top1_prob_rel_err(self) -> float:
@@ -78,8 +80,11 @@ class PositionMetrics:
 
 
 def position_metrics(p_ref: torch.Tensor, p_dev: torch.Tensor, k: int, tie_margin: float) -> PositionMetrics:
-    """Every per-position metric for one pair of distributions ``[V]`` (probabilities)."""
+    """Every per-position metric for one pair of distributions ``[V]`` (probabilities).
+    ref_margin: reference p(top-1) - p(top-2). top2_swing: |dev - ref| at the reference's top-1
+    plus the same at its top-2 (how far this pair moved towards a swap)."""
     ref_top1 = int(p_ref.argmax())
+    (p1, p2), (t1, t2) = (v.tolist() for v in torch.topk(p_ref, 2))
     return PositionMetrics(
         ref_top1=ref_top1,
         dev_top1=int(p_dev.argmax()),
@@ -91,7 +96,15 @@ def position_metrics(p_ref: torch.Tensor, p_dev: torch.Tensor, k: int, tie_margi
         topk_abs_errors=tuple(topk_abs_errors(p_ref, p_dev, k)),
         kl=kl_divergence(p_ref, p_dev),
         near_tie=near_tie(p_ref, tie_margin),
+        ref_margin=p1 - p2,
+        top2_swing=abs(float(p_dev[t1]) - p1) + abs(float(p_dev[t2]) - p2),
     )
+
+
+def mismatch_rate(rows: Sequence[PositionMetrics], tie_margin: float) -> float:
+    """Fraction of rows whose top-1 differs from the reference's while the reference's top-1 leads
+    its top-2 by at least ``tie_margin`` (a swap that is not a near-tie)."""
+    return mean([float(not r.top1_match and r.ref_margin >= tie_margin) for r in rows])
 
 
 def mean(values: Sequence[float]) -> float:
@@ -131,3 +144,55 @@ def summarize(rows: Sequence[PositionMetrics], labels: Sequence[str], k: int) ->
         "kl_max": max(kls),
         "near_ties": sum(r.near_tie for r in rows),
     }
+
+
+# -- over a corpus (validation/corpus.py) -------------------------------------------------------
+
+def quantile(values: Sequence[float], q: float) -> float:
+    """The q-quantile (0 <= q <= 1) with linear interpolation between order statistics (numpy's
+    default): sorted x, h = (n - 1) q, x[floor h] + (h - floor h) (x[floor h + 1] - x[floor h])."""
+    if not values:
+        return float("nan")
+    xs = sorted(values)
+    h = (len(xs) - 1) * q
+    low = math.floor(h)
+    high = min(low + 1, len(xs) - 1)
+    return xs[low] + (h - low) * (xs[high] - xs[low])
+
+
+def distribution(values: Sequence[float]) -> dict[str, float]:
+    """mean, median, p99, p99_9 and max of ``values`` (e.g. per-token KL divergences)."""
+    return {"mean": mean(values), "median": quantile(values, 0.5), "p99": quantile(values, 0.99),
+            "p99_9": quantile(values, 0.999), "max": max(values) if values else float("nan")}
+
+
+def perplexity(nll: Sequence[float]) -> float:
+    """exp(mean negative log-likelihood in nats) of the observed tokens."""
+    return math.exp(mean(nll)) if nll else float("nan")
+
+
+@dataclass(frozen=True)
+class TokenScores:
+    """Per scored corpus position (row i predicts token ``target[i]``): each model's NLL of the
+    target, KL(ref || dev), both top-1 ids and the reference top-1 token's probabilities."""
+
+    ref_nll: torch.Tensor
+    dev_nll: torch.Tensor
+    kl: torch.Tensor
+    ref_top1: torch.Tensor
+    dev_top1: torch.Tensor
+    ref_top1_prob: torch.Tensor
+    dev_prob_of_ref_top1: torch.Tensor
+
+
+def token_scores(ref_logits: torch.Tensor, dev_logits: torch.Tensor, target: torch.Tensor) -> TokenScores:
+    """ref_logits / dev_logits `[N, V]` (any float dtype), target `[N]` int64 -> float64 scores `[N]`."""
+    lr = torch.log_softmax(ref_logits.double(), dim=-1)
+    ld = torch.log_softmax(dev_logits.double(), dim=-1)
+    pr = lr.exp()
+    kl = (pr * (lr - ld)).sum(-1).clamp_min(0.0)
+    rows = torch.arange(target.shape[0])
+    ref_top1 = lr.argmax(-1)
+    return TokenScores(ref_nll=-lr[rows, target], dev_nll=-ld[rows, target], kl=kl, ref_top1=ref_top1,
+                       dev_top1=ld.argmax(-1), ref_top1_prob=pr[rows, ref_top1],
+                       dev_prob_of_ref_top1=ld[rows, ref_top1].exp())

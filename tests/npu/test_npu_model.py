@@ -56,7 +56,46 @@ def test_decode_path_with_left_padding_matches_reference(emulated, d64_checkpoin
     assert err < 1e-3 and bool((got.argmax(-1) == full.argmax(-1)).float().mean() >= 0.9), f"NMSE {err:.2e}"
 
 
-def test_generate_runs_on_the_emulated_npu(emulated, d64_checkpoint):
+def _reference_continuation(reference, prompt: list[int], tokens: list[int]) -> list[torch.Tensor]:
+    """The float32 reference's next-token logits before each of ``tokens`` (no cache)."""
+    seq = torch.tensor([prompt + tokens])
+    logits = reference.logits(seq)[0]
+    return [logits[len(prompt) - 1 + i] for i in range(len(tokens))]
+
+
+def _nucleus(logits: torch.Tensor, temperature: float, top_k: int, top_p: float) -> tuple[set[int], float]:
+    """The tokens hal/ops.py's sample contract may draw, and how close the top-p cut came to a token."""
+    probs = torch.softmax(logits.double() / temperature, -1)
+    values, order = probs.sort(descending=True)
+    values = values[:top_k] / values[:top_k].sum()
+    before = values.cumsum(0) - values
+    keep = int((before < top_p).sum())
+    return set(order[:keep].tolist()), float((before - top_p).abs().min())
+
+
+def test_generate_on_the_emulated_npu_follows_the_reference(emulated, d64_checkpoint):
+    """float32 on the emulated NPU (its sampler and norm wrappers): greedy tokens are the float32
+    reference's argmax (recomputed without a cache); sampled tokens lie in the reference's top-k /
+    top-p set at every step (its distribution: tests/test_sampling_distribution.py)."""
+    reference = hal.load_model(d64_checkpoint, "cpu", "float32", reference=True)
+    npu = hal.load_model(d64_checkpoint, "npu", "float32")
+    assert npu.bound_ops["sample"] == "npu.torch_npu"
+    prompts = [[5, 17, 300], [900, 2, 33, 44, 55]]
+    greedy = npu.generate(prompts, max_new_tokens=4, do_sample=False, eos_token_id=-1)
+    for prompt, tokens in zip(prompts, greedy):
+        steps = _reference_continuation(reference, prompt, tokens)
+        assert tokens == [int(step.argmax()) for step in steps]
+    settings = {"temperature": 0.8, "top_k": 20, "top_p": 0.9}
+    sampled = npu.generate(prompts, max_new_tokens=6, do_sample=True, seed=3, eos_token_id=-1, **settings)
+    assert [row[:4] for row in sampled] != greedy
+    for prompt, tokens in zip(prompts, sampled):
+        for i, step in enumerate(_reference_continuation(reference, prompt, tokens)):
+            allowed, gap = _nucleus(step, **settings)
+            assert gap > 1e-4, "a top-p cut too close to call in float32"
+            assert tokens[i] in allowed, f"step {i}: token {tokens[i]} outside the reference's nucleus {allowed}"
+
+
+def test_bfloat16_generate_is_repeatable_and_finite(emulated, d64_checkpoint):
     npu = hal.load_model(d64_checkpoint, "npu")
     out = npu.generate([[5, 17, 300], [900, 2, 33, 44, 55]], max_new_tokens=5, do_sample=True, seed=3,
                        temperature=0.8, top_k=20, top_p=0.9)

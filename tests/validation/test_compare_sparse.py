@@ -2,6 +2,7 @@
 is what gets compared, and its ops are checked on the model's shapes and geometry."""
 from __future__ import annotations
 
+import pytest
 from compare_runner import run_cli
 
 from model.synthetic import write_checkpoint
@@ -25,11 +26,29 @@ def test_compare_on_a_long_prompt_checks_the_sparse_ops(tmp_path):
 
 
 def test_the_float32_torch_ops_can_judge(tmp_path):
-    path = write_checkpoint(tmp_path / "sparse", "tiny", overrides={"sparse_config": SPARSE})
+    """The torch-ops judge on a prompt past dense_len: its numbers (and the float32 device's) are
+    the independent float64 InfLLM-v2 forward's (tests/infllm_reference.py)."""
+    import torch
+    from infllm_reference import minicpm_logits
+
+    import hal
+
+    path = write_checkpoint(tmp_path / "sparse", "tiny", dtype="float32", overrides={"sparse_config": SPARSE})
+    prompt = "The history of the city begins with a small harbour, " * 6 + "and then"
+    prompts = tmp_path / "long.txt"
+    prompts.write_text(prompt + "\n")
     run = run_cli(["--device", "cpu", "--dtype", "float32", "--model", str(path), "--reference", "cpu-fp32-torch",
-                   "--positions", "1"], tmp_path / "r")
+                   "--prompts", str(prompts), "--positions", "2"], tmp_path / "r")
     r = run.report
     assert run.code == 0 and r["reference"] == "cpu-fp32-torch" and "(torch ops)" in r["title"]
     assert {b["impl"] for b in r["reference_bound_ops"].values()} == {"cpu.torch"}
-    # identical ops on both sides: identical numbers
-    assert r["top1_prob_rel_err_max"] == 0.0
+    ids = hal.load_model(path, "cpu", "float32").tokenizer(prompt)["input_ids"]
+    assert len(ids) > SPARSE["dense_len"]
+    positions = r["prompts"][0]["positions"]
+    ids += [p["ref_top1"]["id"] for p in positions[:-1]]  # the teacher-forced tokens
+    probs = torch.softmax(minicpm_logits(path, ids, sparse=True), -1)
+    for pos in positions:
+        p = probs[pos["position"]]
+        assert pos["ref_top1"]["id"] == int(p.argmax()), pos["position"]
+        assert pos["ref_top1"]["prob"] == pytest.approx(float(p.max()), rel=1e-5)
+        assert pos["dev_prob_of_ref_top1"] == pytest.approx(float(p.max()), rel=1e-5)

@@ -8,32 +8,40 @@ import torch
 
 from hal.errors import InputError
 from validation.drift import first_over, layer_drift, relative_l2, summarize_drift
-from validation.passrule import Check, Thresholds, parse_overrides, verdict
+from validation.passrule import Check, Thresholds, parse_overrides, seed_rule, verdict
+
+
+FLOOR = {"rounded-ops": {"kl_mean": 1e-4, "top1_prob_rel_err_mean": 0.01, "top1_mismatch_rate": 0.0}}
+GOOD = {"kl_mean": 1e-4, "top1_prob_rel_err_mean": 0.01, "top1_mismatch_rate": 0.0}
 
 
 def test_near_tie_mismatch_is_a_note_not_a_failure():
     checks = [Check("p1", True, False), Check("p2", False, True, "ref 'a' vs dev 'b'")]
-    v = verdict(checks, 0.005, Thresholds())
+    v = verdict(GOOD, FLOOR, Thresholds(), checks)
     assert v.passed
     assert not v.failures
     assert any("near-tie" in n and "p2" in n for n in v.notes)
 
 
-def test_real_mismatch_fails_and_is_named():
-    v = verdict([Check("prompt 3 position 7", False, False)], 0.0, Thresholds())
+def test_real_mismatch_over_the_floor_fails_and_is_listed():
+    device = dict(GOOD, top1_mismatch_rate=1 / 35)
+    v = verdict(device, FLOOR, Thresholds(), [Check("prompt 3 position 7", False, False)])
     assert not v.passed
-    assert v.failures == ("top-1 mismatch at prompt 3 position 7",)
+    assert len(v.failures) == 1 and "top-1 mismatch rate" in v.failures[0]
+    assert "top-1 mismatch at prompt 3 position 7" in v.notes
 
 
-def test_mean_threshold_is_strict():
-    assert verdict([], 0.0099, Thresholds()).passed
-    assert not verdict([], 0.01, Thresholds()).passed
-    assert verdict([], 0.015, Thresholds(top1_prob_rel_err_mean=0.02)).passed
+def test_seed_rule_mean_threshold_is_strict():
+    assert seed_rule([], 0.0099, Thresholds())["passed"]
+    assert not seed_rule([], 0.01, Thresholds())["passed"]
+    assert seed_rule([], 0.015, Thresholds(top1_prob_rel_err_mean=0.02))["passed"]
+    assert not seed_rule([Check("p", False, False)], 0.0, Thresholds())["passed"]
+    assert seed_rule([Check("p", False, True)], 0.0, Thresholds())["passed"]  # a near-tie
 
 
 def test_op_failures_fail_only_when_required():
-    assert verdict([], 0.0, Thresholds(), ["rms_norm"]).passed
-    strict = verdict([], 0.0, Thresholds(ops_must_conform=1), ["rms_norm"])
+    assert verdict(GOOD, FLOOR, Thresholds(), failed_ops=["rms_norm"]).passed
+    strict = verdict(GOOD, FLOOR, Thresholds(ops_must_conform=1), failed_ops=["rms_norm"])
     assert not strict.passed and "rms_norm" in strict.failures[0]
 
 
