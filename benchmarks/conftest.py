@@ -1,7 +1,9 @@
-"""pytest-benchmark plumbing for ``benchmarks/``: shared runners, and a closing table of
-tokens/s ratios ours/transformers (from each benchmark's best round).
+"""pytest-benchmark plumbing for ``benchmarks/``: shared runners, the per-device benchmark model
+(``bench_model``: test_bench_ops.py, test_bench_e2e.py), and a closing table of tokens/s ratios
+ours/transformers (from each benchmark's best round).
 
-Run with ``python -m pytest benchmarks --benchmark-only`` (not part of the default test run)."""
+Run with ``python -m pytest benchmarks --benchmark-only`` (not part of the default test run);
+``--bench-device cpu|cuda|npu|all`` picks the device (absent devices skip with the reason)."""
 from __future__ import annotations
 
 from typing import Any
@@ -63,7 +65,7 @@ def record_rss():
 
 
 def pytest_addoption(parser) -> None:
-    parser.addoption("--bench-device", default="cpu", help="device of test_device_decode.py: cpu, cuda, npu, auto")
+    parser.addoption("--bench-device", default="cpu", help="device of the device benchmarks: cpu, cuda, npu, auto (test_bench_*.py: also all)")
     parser.addoption("--bench-preset", default="0.5b", help="synthetic checkpoint of the decode-graph benchmark")
 
 
@@ -88,3 +90,32 @@ def pytest_terminal_summary(terminalreporter, exitstatus, config) -> None:
     for dtype, data in _RSS.items():
         write(f"{dtype:9s} peak RSS at load - baseline = {data['load_ratio']:.2f}x weight bytes "
               f"({data['weight_bytes'] / 2**20:.0f} MiB); after a first forward {data['forward_ratio']:.2f}x")
+
+
+BENCH_DEVICES = ("cpu", "cuda", "npu")
+
+
+@pytest.fixture(scope="session")
+def bench_model(request):
+    """bench_model(device) -> the default benchmark model (``benchmarks.run.default_model``: the
+    trained SmolLM2-135M where fetched, else tiny) loaded on ``device`` in its default dtype, one
+    per device; skips when the device is absent or not the one ``--bench-device`` selects."""
+    loaded: dict[str, Any] = {}
+    selected = request.config.getoption("--bench-device")
+
+    def get(device: str):
+        from hal.probing import probe
+
+        if selected not in ("all", "auto", device):
+            pytest.skip(f"{device}: not selected (--bench-device {selected})")
+        found = probe(device)
+        if not found.available:
+            pytest.skip(f"{device} is not available here: {found.reason}")
+        if device not in loaded:
+            import hal
+            from benchmarks.run import default_model
+
+            loaded[device] = hal.load_model(default_model()[0], device)
+        return loaded[device]
+
+    return get
