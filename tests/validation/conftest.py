@@ -10,12 +10,3 @@ def fp32_run(tiny_checkpoint, tmp_path_factory) -> CliRun:
     """The default protocol (seed prompts, 4 teacher-forced positions) on cpu float32."""
     folder = tmp_path_factory.mktemp("reports") / "cpu-fp32"
     return run_cli(["--device", "cpu", "--dtype", "float32", "--model", str(tiny_checkpoint)], folder)
-
-
-@pytest.fixture(scope="session")
-def trained_gguf():
-    """The trained fixture (SmolLM2-135M-Instruct Q4_1 GGUF). Missing: the test fails with the
-    command that fetches it (model/trained.py), it is not skipped."""
-    from model.trained import trained_gguf as path
-
-    return path()
