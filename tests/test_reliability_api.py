@@ -221,8 +221,13 @@ def test_every_metric_fails_on_nan(ref, dev):
     summary = metrics.summarize([m, metrics.position_metrics(P, P, 5, 0.02)], ["poisoned", "clean"], 5)
     assert summary["top1_match_rate"] == 0.5 and summary["kl_mean"] == math.inf
     assert summary["top1_prob_rel_err_max_prompt"] == "poisoned"
-    judged = verdict([Check("p", m.top1_match, m.near_tie)], summary["top1_prob_rel_err_mean"], Thresholds())
-    assert not judged.passed and len(judged.failures) == 2
+    clean = metrics.position_metrics(P, P, 5, 0.02)
+    floor = metrics.summarize([clean, clean], ["a", "b"], 5)
+    floor["top1_mismatch_rate"] = metrics.mismatch_rate([clean, clean], 0.02)
+    summary["top1_mismatch_rate"] = metrics.mismatch_rate([m, clean], 0.02)
+    judged = verdict(summary, {"weights": floor}, Thresholds(), checks=[Check("p", m.top1_match, m.near_tie)])
+    failed = {v.metric for v in judged.metrics if not v.passed}
+    assert not judged.passed and {"kl_mean", "top1_prob_rel_err_mean"} <= failed
 
 
 def test_clean_metrics_are_unchanged():

@@ -108,7 +108,10 @@ def test_npu_emulated_report_says_emulated(tiny_checkpoint, tmp_path, monkeypatc
     for pos in positions:
         p = probs[pos["position"]]
         assert pos["ref_top1"]["id"] == pos["dev_top1"]["id"] == int(p.argmax())
-        assert pos["ref_top1"]["prob"] == pytest.approx(float(p.max()), rel=1e-6)
+        # the report's reference decodes teacher-forced positions through its KV cache (the
+        # deployment protocol); this recomputes them in one prefill: two float32 paths, measured
+        # 1.3e-6 apart (relative) at position 1, so 1e-6 was below float32 path noise
+        assert pos["ref_top1"]["prob"] == pytest.approx(float(p.max()), rel=1e-5)
         assert pos["dev_prob_of_ref_top1"] == pytest.approx(float(p.max()), rel=1e-4)
         assert pos["top1_match"] is True and pos["top10_overlap"] == 10
     assert r["top1_match_rate"] == 1.0 and r["top1_prob_rel_err_max"] < 1e-4
