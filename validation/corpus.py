@@ -10,7 +10,6 @@ positions are scored; the first tokens of each window see little context, the sa
 """
 from __future__ import annotations
 
-import datetime as _dt
 import hashlib
 import time
 from dataclasses import dataclass
@@ -172,12 +171,7 @@ def run(settings: CorpusSettings, progress: Progress = lambda _: None) -> dict[s
         "mode": "corpus",
         "title": f"Corpus report: {kind}{' (EMULATED)' if emulated else ''} {dtype} vs CPU float32 reference",
         "emulated": emulated,
-        "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
-        "device": kind,
-        "device_description": description + (" (EMULATED: numbers from the torch_npu emulator, not hardware)"
-                                              if emulated else ""),
-        "dtype": dtype,
-        "reference": reference.name,
+        **harness.run_fields(kind, description, emulated, dtype, reference.name),
         "fault": settings.fault,
         "corpus": {"source": label, "characters": len(text), "tokens_in_text": len(all_ids),
                    "sha256": hashlib.sha256(text.encode("utf-8")).hexdigest()},

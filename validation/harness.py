@@ -109,6 +109,15 @@ def _parameter_count(model: Any) -> int:
     return total
 
 
+def run_fields(kind: str, description: str, emulated: bool, dtype: str, reference: str) -> dict[str, Any]:
+    """The fields every report (prompts and corpus mode) records about its run."""
+    return {"created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+            "device": kind,
+            "device_description": description + (" (EMULATED: numbers from the torch_npu emulator, "
+                                                  "not hardware)" if emulated else ""),
+            "dtype": dtype, "reference": reference}
+
+
 def is_emulated(kind: str) -> bool:
     """True when the chosen device is the NPU emulator (its probe description says so)."""
     return kind == "npu" and "emulat" in hal_devices.probe("npu").description.lower()
@@ -297,12 +306,7 @@ def run(settings: Settings, progress: Progress = _silent, reuse: dict[Any, Any] 
         "floor": [{"name": f.name, "description": f.description,
                    **{key: floor_summaries[f.name][key] for key in FLOOR_KEYS}} for f in floors],
         "fault": settings.fault,
-        "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
-        "device": kind,
-        "device_description": description + (" (EMULATED: numbers from the torch_npu emulator, not hardware)"
-                                              if emulated else ""),
-        "dtype": dtype,
-        "reference": reference.name,
+        **run_fields(kind, description, emulated, dtype, reference.name),
         "settings": {"top_k": k, "positions": settings.positions, "prompts_file": settings.prompts_file,
                      "allow_fallback": settings.allow_fallback, "thresholds": thresholds.as_dict()},
         **{key: value for key, value in summary.items()},

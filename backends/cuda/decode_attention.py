@@ -31,6 +31,33 @@ MAX_SPLITS = 64
 
 
 @triton.jit
+def softmax_tile(s, v, m_i, l_i, acc, IEEE: tl.constexpr):
+    """One online-softmax step over a key tile: scores ``s`` [M, N] (already scaled and masked
+    with -inf), values ``v`` [N, D]; running max ``m_i`` [M], sum ``l_i`` [M], output ``acc``
+    [M, D] in float32. Returns the updated (m_i, l_i, acc)."""
+    m_new = tl.maximum(m_i, tl.max(s, axis=1))
+    m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)  # a row with nothing seen yet
+    alpha = tl.exp(m_i - m_safe)
+    p = tl.exp(s - m_safe[:, None])
+    l_i = l_i * alpha + tl.sum(p, axis=1)
+    if IEEE:
+        acc = acc * alpha[:, None] + tl.dot(p, v, input_precision="ieee")
+    else:
+        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
+    return m_new, l_i, acc
+
+
+@triton.jit
+def softmax_finish(m_i, l_i, acc):
+    """(output [M, D], log-sum-exp [M]) of an online softmax; rows that saw no key give zeros and
+    -inf."""
+    seen_any = l_i > 0
+    out = tl.where(seen_any[:, None], acc / tl.where(seen_any, l_i, 1.0)[:, None], 0.0)
+    lse = tl.where(seen_any, m_i + tl.log(tl.where(seen_any, l_i, 1.0)), float("-inf"))
+    return out, lse
+
+
+@triton.jit
 def _decode_split_kernel(
     q_ptr, k_ptr, v_ptr, lens_ptr, o_part_ptr, lse_part_ptr, o_ptr,
     stride_qb, stride_qt, stride_qh,
@@ -76,20 +103,8 @@ def _decode_split_kernel(
             s = tl.dot(q, tl.trans(k))
         seen = (cols[None, :] <= last[:, None]) & col_ok[None, :]
         s = tl.where(seen, s * scale, float("-inf"))
-        m_new = tl.maximum(m_i, tl.max(s, axis=1))
-        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)  # a row with nothing seen yet
-        alpha = tl.exp(m_i - m_safe)
-        p = tl.exp(s - m_safe[:, None])
-        l_i = l_i * alpha + tl.sum(p, axis=1)
-        if IEEE:
-            acc = acc * alpha[:, None] + tl.dot(p, v, input_precision="ieee")
-        else:
-            acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
-        m_i = m_new
-
-    seen_any = l_i > 0
-    out = tl.where(seen_any[:, None], acc / tl.where(seen_any, l_i, 1.0)[:, None], 0.0)
-    lse = tl.where(seen_any, m_i + tl.log(tl.where(seen_any, l_i, 1.0)), float("-inf"))
+        m_i, l_i, acc = softmax_tile(s, v, m_i, l_i, acc, IEEE)
+    out, lse = softmax_finish(m_i, l_i, acc)
     if DIRECT:  # one split: the output itself
         tl.store(o_ptr + b * stride_ob + t[:, None] * stride_ot + h[:, None] * stride_oh + dims[None, :],
                  out.to(o_ptr.dtype.element_ty), mask=row_ok[:, None])

@@ -25,7 +25,8 @@ import triton
 import triton.language as tl
 
 from backends.cpu.infllm import _select
-from backends.cuda.decode_attention import check_decode_args, choose_splits, combine_splits, split_scratch
+from backends.cuda.decode_attention import (check_decode_args, choose_splits, combine_splits, softmax_finish,
+                                            softmax_tile, split_scratch)
 from hal.sparse import InfLLMGeometry
 
 KERNEL_TILE = 64  # kernels per inner step of stage 1
@@ -222,19 +223,8 @@ def _block_sparse_kernel(
         else:
             s = tl.dot(q, tl.trans(k))
         s = tl.where(col_ok[None, :], s * scale, float("-inf"))
-        m_new = tl.maximum(m_i, tl.max(s, axis=1))
-        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
-        alpha = tl.exp(m_i - m_safe)
-        p = tl.exp(s - m_safe[:, None])
-        l_i = l_i * alpha + tl.sum(p, axis=1)
-        if IEEE:
-            acc = acc * alpha[:, None] + tl.dot(p, v, input_precision="ieee")
-        else:
-            acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
-        m_i = m_new
-    seen_any = l_i > 0
-    out = tl.where(seen_any[:, None], acc / tl.where(seen_any, l_i, 1.0)[:, None], 0.0)
-    lse = tl.where(seen_any, m_i + tl.log(tl.where(seen_any, l_i, 1.0)), float("-inf"))
+        m_i, l_i, acc = softmax_tile(s, v, m_i, l_i, acc, IEEE)
+    out, lse = softmax_finish(m_i, l_i, acc)
     if DIRECT:  # one split: the output itself
         tl.store(o_ptr + b * stride_ob + t * stride_ot + (kh * G + g)[:, None] * stride_oh + dims[None, :],
                  out.to(o_ptr.dtype.element_ty), mask=row_ok[:, None])
