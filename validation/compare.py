@@ -60,6 +60,9 @@ def build_parser() -> argparse.ArgumentParser:
                         "without FILE) and report perplexities and KL statistics instead of the prompt verdict")
     p.add_argument("--tokens", type=int, default=1024, metavar="N",
                    help="corpus mode: positions to score (default: 1024)")
+    p.add_argument("--decode-graph", action="store_true",
+                   help="replay the device's decode steps from a device graph (cuda, npu), as "
+                        "generate(decode_graph=True) does; the report names the graph mode")
     p.add_argument("--inject-fault", default=None, metavar="NAME",
                    help="developer option: inject a fault of validation/faults.py into the device "
                         "(e.g. rotary-interleaved) to see the verdict catch it")
@@ -135,7 +138,11 @@ def _run(args: argparse.Namespace) -> int:
     settings = harness.Settings(model=model, device=kind, dtype=dtype, prompts=prompt_list,
                                 prompts_file=args.prompts, top_k=args.top_k, positions=args.positions,
                                 thresholds=thresholds, allow_fallback=args.allow_fallback,
-                                reference=args.reference, trust_remote_code=args.trust_remote_code)
+                                reference=args.reference, trust_remote_code=args.trust_remote_code,
+                                decode_graph=args.decode_graph)
+    if args.decode_graph and (kind == "cpu" or args.corpus is not None):
+        raise InputError("--decode-graph needs --device cuda or npu (the cpu has no device graphs) and "
+                         "the prompt protocol (not --corpus)")
     check_prompt_lengths(model, prompt_list, args.positions)
     label = f"{kind}-emulated" if "emulated" in hal_devices.probe(kind).description else kind
     if args.inject_fault:

@@ -53,6 +53,22 @@ def run_cached(model: Any, ids: torch.Tensor, prompt_len: int,
     return _joined(steps)
 
 
+def run_graph(model: Any, ids: torch.Tensor, prompt_len: int) -> tuple[torch.Tensor, list[torch.Tensor], str]:
+    """:func:`run_cached` with every decode step replayed from a device graph
+    (``model/decode_graph.py``: CUDA graph, NPUGraph, or the emulated NPUGraph). A replay returns
+    logits only, so the hidden states cover the prompt: (logits `[T, V]`, L+1 states `[1, P, E]`,
+    the graph's mode line for the report). DeviceUnavailable on cpu (no graphs there)."""
+    from model.decode_graph import DecodeGraph
+
+    cache = model.new_cache(1, ids.shape[1])
+    logits, hidden = _step(model, ids[:, :prompt_len], cache)
+    graph = DecodeGraph(model, cache)
+    steps = [logits]
+    for t in range(prompt_len, ids.shape[1]):
+        steps.append(graph.step(ids[0, t:t + 1]).float().cpu().clone())
+    return torch.cat(steps, dim=0), hidden, graph.mode
+
+
 def _step(model: Any, chunk: torch.Tensor, cache: Any) -> tuple[torch.Tensor, list[torch.Tensor]]:
     out = model.forward(chunk.to(model.device), cache=cache, output_hidden_states=True)
     return out.logits[0].float().cpu(), [h.cpu() for h in out.hidden_states]

@@ -38,7 +38,9 @@ class Settings:
     """Everything a comparison depends on (the CLI fills it; tests build it directly).
 
     op_overrides: op -> callable for the device model (fault injection). fault: the name of a
-    ``validation/faults.py`` fault to inject into the device model (developer option)."""
+    ``validation/faults.py`` fault to inject into the device model (developer option).
+    decode_graph: the device replays its decode steps from a device graph (cuda, npu); drift then
+    covers the prompt positions (a replay returns logits only)."""
 
     model: Path
     device: str = "auto"
@@ -53,6 +55,7 @@ class Settings:
     trust_remote_code: bool = False
     op_overrides: dict[str, Callable[..., Any]] | None = None
     fault: str | None = None
+    decode_graph: bool = False
 
 
 class OurReference:
@@ -213,6 +216,7 @@ def run(settings: Settings, progress: Progress = _silent, reuse: dict[Any, Any] 
     compared: list[tuple[str, metrics.PositionMetrics, str]] = []
     drifts: list[list[float]] = []
     lengths: list[int] = []
+    graph_mode = None
     t1 = time.perf_counter()
     for index, prompt in enumerate(settings.prompts):
         prompt_ids = torch.tensor([tokenizer(prompt)["input_ids"]], dtype=torch.long)
@@ -224,7 +228,11 @@ def run(settings: Settings, progress: Progress = _silent, reuse: dict[Any, Any] 
             raise InputError(f"prompt {index + 1} ({prompt[:40]!r}): {exc}") from None
         length = prompt_ids.shape[1]
         ids, ref_logits, ref_hidden = teacher_force(reference, prompt_ids, settings.positions)
-        dev_logits, dev_hidden = floor.run_cached(model, ids, length)
+        if settings.decode_graph:
+            dev_logits, dev_hidden, graph_mode = floor.run_graph(model, ids, length)
+            ref_hidden = [h[:, :length] for h in ref_hidden]
+        else:
+            dev_logits, dev_hidden = floor.run_cached(model, ids, length)
         floor_logits = {f.name: floor.run_cached(f.model, ids, length)[0] for f in floors}
         lengths += [length, ids.shape[1]]
         drift = layer_drift(ref_hidden, dev_hidden)
@@ -308,7 +316,8 @@ def run(settings: Settings, progress: Progress = _silent, reuse: dict[Any, Any] 
         "fault": settings.fault,
         **run_fields(kind, description, emulated, dtype, reference.name),
         "settings": {"top_k": k, "positions": settings.positions, "prompts_file": settings.prompts_file,
-                     "allow_fallback": settings.allow_fallback, "thresholds": thresholds.as_dict()},
+                     "allow_fallback": settings.allow_fallback, "thresholds": thresholds.as_dict(),
+                     "decode_graph": graph_mode},
         **{key: value for key, value in summary.items()},
         "prompt_end": {**metrics.summarize(end_rows, end_labels, k),
                        "top1_mismatch_rate": metrics.mismatch_rate(end_rows, margin)},

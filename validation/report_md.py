@@ -230,6 +230,10 @@ def render(r: dict[str, Any]) -> str:
     if r["emulated"]:
         lines += ["> **EMULATED**: the NPU numbers below come from the torch_npu emulator on this machine, "
                   "not from Ascend hardware.", ""]
+    graph = r.get("settings", {}).get("decode_graph")
+    if graph:
+        lines += [f"> Decode steps replayed from a device graph: {graph}. Drift covers the prompt "
+                  "positions (a replay returns logits only).", ""]
     lines += ["## Verdict", "", *_verdict(r), "",
               "## Environment", "", *_environment(r), "",
               "## Model configuration", "", *_model(r), "",

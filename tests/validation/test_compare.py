@@ -115,3 +115,25 @@ def test_npu_emulated_report_says_emulated(tiny_checkpoint, tmp_path, monkeypatc
         assert pos["dev_prob_of_ref_top1"] == pytest.approx(float(p.max()), rel=1e-4)
         assert pos["top1_match"] is True and pos["top10_overlap"] == 10
     assert r["top1_match_rate"] == 1.0 and r["top1_prob_rel_err_max"] < 1e-4
+
+
+def test_decode_graph_protocol_on_the_emulated_npu(tiny_checkpoint, tmp_path, monkeypatch):
+    """--decode-graph: the report names the graph that served the decode steps; the cpu (no
+    graphs) is refused in one line with exit 2 before any model loads."""
+    from hal import probing as devices
+    monkeypatch.delenv("HAL_NPU_EMULATE", raising=False)
+    devices.reset()
+    prompts = tmp_path / "p.txt"
+    prompts.write_text("The capital of France is\n")
+    try:
+        run = run_cli(["--device", "npu", "--emulate", "--decode-graph", "--model", str(tiny_checkpoint),
+                       "--prompts", str(prompts), "--positions", "2"], tmp_path / "r")
+    finally:
+        devices.reset()
+    assert run.code == 0, run.stderr
+    assert "NPUGraph" in run.report["settings"]["decode_graph"]
+    assert "Decode steps replayed from a device graph" in (tmp_path / "r" / "report.md").read_text()
+    cpu = run_cli(["--device", "cpu", "--decode-graph", "--model", str(tiny_checkpoint),
+                   "--prompts", str(prompts)], tmp_path / "c")
+    assert cpu.code == 2 and "--decode-graph needs --device cuda or npu" in cpu.stderr
+    assert not cpu.report_dir.exists()
