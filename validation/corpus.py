@@ -21,6 +21,7 @@ import torch
 from hal import probing as hal_devices
 from hal.errors import InputError
 from validation import environment, metrics
+from validation.prompts import read_text
 
 WINDOW = 512
 CHUNK = 64
@@ -36,14 +37,7 @@ def load_text(corpus: str) -> tuple[str, str]:
     """``builtin`` or a UTF-8 text file -> (label, text). One-line InputError when unusable."""
     path = BUILTIN if corpus == "builtin" else Path(corpus)
     label = "builtin (validation/data/corpus_en.txt)" if corpus == "builtin" else str(path)
-    if not path.is_file():
-        raise InputError(f"--corpus {corpus}: file not found")
-    try:
-        text = path.read_text(encoding="utf-8")
-    except UnicodeDecodeError:
-        raise InputError(f"--corpus {corpus}: not UTF-8 text") from None
-    except OSError as exc:
-        raise InputError(f"--corpus {corpus}: cannot read: {exc.strerror or exc}") from None
+    text = read_text(path, f"--corpus {corpus}")
     if not text.strip():
         raise InputError(f"--corpus {corpus}: the file holds no text")
     return label, text

@@ -11,6 +11,19 @@ DEFAULT_PROMPTS: tuple[str, ...] = DEMO_PROMPTS
 """Seed 004's seven completion prompts, in its order."""
 
 
+def read_text(file: Path, label: str) -> str:
+    """The UTF-8 text of ``file``; one-line InputError starting with ``label`` when it is missing,
+    unreadable or not UTF-8 (shared by the prompts file and the corpus)."""
+    if not file.is_file():
+        raise InputError(f"{label}: not found")
+    try:
+        return file.read_text(encoding="utf-8")
+    except UnicodeDecodeError:
+        raise InputError(f"{label}: not UTF-8 text") from None
+    except OSError as exc:
+        raise InputError(f"{label}: cannot read: {exc.strerror or exc}") from None
+
+
 def load_prompts(path: str | Path | None) -> list[str]:
     """Prompts from ``path``: a ``.json`` file holding a list of strings, or a text file with one
     prompt per line (blank lines and lines starting with ``#`` are skipped). None: the defaults.
@@ -20,14 +33,7 @@ def load_prompts(path: str | Path | None) -> list[str]:
     if path is None:
         return list(DEFAULT_PROMPTS)
     file = Path(path)
-    if not file.is_file():
-        raise InputError(f"prompts file {file}: not found")
-    try:
-        text = file.read_text(encoding="utf-8")
-    except UnicodeDecodeError:
-        raise InputError(f"prompts file {file}: not UTF-8 text") from None
-    except OSError as exc:
-        raise InputError(f"prompts file {file}: cannot read: {exc.strerror or exc}") from None
+    text = read_text(file, f"prompts file {file}")
     if file.suffix.lower() == ".json":
         try:
             data = json.loads(text)
