@@ -61,7 +61,7 @@ def checkpoint_config(path: str | Path):
 
 def load_model(path: str | Path, device: str = "auto", dtype: str | torch.dtype | None = None, *,
                reference: bool = False, allow_fallback: bool = False,
-               op_overrides: dict[str, Callable[..., Any]] | None = None):
+               op_overrides: dict[str, Callable[..., Any]] | None = None, tp: int | None = None):
     """Load a MiniCPM checkpoint (Hugging Face layout, or a GGUF file) and bind it to a device.
 
     Args:
@@ -76,15 +76,39 @@ def load_model(path: str | Path, device: str = "auto", dtype: str | torch.dtype 
         allow_fallback: run ops the device cannot serve on the CPU reference (listed in
             ``model.bound_ops``). Default: raise UnsupportedOpError.
         op_overrides: op name -> callable replacing the bound implementation (fault injection).
+        tp: tensor-parallel size (``hal/distributed.py``, ``model/sharding.py``): this process is
+            one of ``tp`` ranks (``torchrun --nproc-per-node tp``; the default process group is
+            initialised from the launcher's environment unless the caller did) and loads only its
+            slice of the weights; logits come back whole (float32, all V) on every rank. Every
+            rank must call this; a rank that fails makes every rank raise (the failed rank's line).
+            Default: None (one process, as is 1: the launcher's WORLD_SIZE is not checked then).
 
     Raises:
-        DeviceUnavailable, ConfigError, CheckpointError, UnsupportedOpError, InputError.
+        DeviceUnavailable, ConfigError, CheckpointError, UnsupportedOpError, InputError,
+        DistributedError (another rank failed, or the process group broke).
     """
+    kind = resolve_device(device)
+    if tp is None or tp == 1:
+        return _load(path, kind, dtype, reference, allow_fallback, op_overrides, None)
+    from hal import distributed
+
+    group = distributed.setup(kind, tp)  # the same outcome on every rank: nothing below can hang
+    model, error = None, None
+    try:
+        model = _load(path, kind, dtype, reference, allow_fallback, op_overrides, group)
+    except Exception as exc:  # noqa: BLE001 - re-raised by agree() on this rank, reported to the others
+        error = exc
+    group.agree(error)
+    return model
+
+
+def _load(path: str | Path, kind: str, dtype: str | torch.dtype | None, reference: bool, allow_fallback: bool,
+          op_overrides: dict[str, Callable[..., Any]] | None, group):
+    """:func:`load_model` on one rank; ``group`` (a :class:`hal.distributed.TPGroup`) or None."""
     from model.checkpoint import load_weights
     from model.config import GenerationDefaults, load_config, load_generation_config
     from model.minicpm import MiniCPMForCausalLM
 
-    kind = resolve_device(device)
     folder = Path(path)
     gguf_file = None
     if is_gguf(folder):
@@ -102,20 +126,28 @@ def load_model(path: str | Path, device: str = "auto", dtype: str | torch.dtype 
     torch_dtype = parse_dtype(dtype)
     if reference and kind != "cpu":
         raise InputError(f"reference=True binds the CPU float32 reference; device must be cpu, got {kind}")
-    ops = bind(kind, torch_dtype, config.shapes(), reference=reference, allow_fallback=allow_fallback,
-               overrides=op_overrides)
+    device = torch_device(kind) if group is None else group.device
+    shard = tp = None
+    if group is not None:
+        from model.sharding import plan
+        from model.tp import TensorParallel
+
+        shard = plan(config, group.size, group.rank, source=str(folder))
+        tp = TensorParallel(shard, group)
+    ops = bind(kind, torch_dtype, config.shapes() if shard is None else shard.shapes(config), reference=reference,
+               allow_fallback=allow_fallback, overrides=op_overrides)
     if gguf_file is None:
-        weights = load_weights(folder, config, torch_dtype, torch_device(kind))
-        return MiniCPMForCausalLM(config, weights, ops, torch_device(kind), torch_dtype, path=folder,
-                                  generation=generation)
+        weights = load_weights(folder, config, torch_dtype, device, shard)
+        return MiniCPMForCausalLM(config, weights, ops, device, torch_dtype, path=folder,
+                                  generation=generation, tp=tp)
     from model.gguf_checkpoint import load_gguf_weights
 
     tokenizer_loader = _gguf_tokenizer_loader(gguf_file)
     gguf_file.forget_vocabulary()  # before the weights: the parsed vocabulary is not kept beside them
-    weights = load_gguf_weights(gguf_file, config, torch_dtype, torch_device(kind))
+    weights = load_gguf_weights(gguf_file, config, torch_dtype, device, shard)
     del gguf_file  # closes the memory map: its pages leave the process
-    return MiniCPMForCausalLM(config, weights, ops, torch_device(kind), torch_dtype, path=folder,
-                              generation=generation, tokenizer_loader=tokenizer_loader)
+    return MiniCPMForCausalLM(config, weights, ops, device, torch_dtype, path=folder,
+                              generation=generation, tokenizer_loader=tokenizer_loader, tp=tp)
 
 
 def _gguf_tokenizer_loader(gguf_file) -> Callable[[], Any]:

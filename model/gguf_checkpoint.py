@@ -35,6 +35,7 @@ from hal.errors import CheckpointError, ConfigError
 from model.checkpoint import expected_shapes, fuse_parts
 from model.config import MiniCPMConfig, parse_config
 from model.gguf_file import GGUFFile
+from model.sharding import ShardPlan
 
 ARCHITECTURES = ("llama", "minicpm")
 ROPE_FACTORS = {"long_factor": "rope_factors_long.weight", "short_factor": "rope_factors_short.weight"}
@@ -193,27 +194,27 @@ def _check_tensors(file: GGUFFile, config: MiniCPMConfig, names: dict[str, str])
                               + (f" (and {len(extra) - 1} more)" if len(extra) > 1 else ""))
 
 
-def iter_hf_tensors(file: GGUFFile, config: MiniCPMConfig, dtype: torch.dtype):
-    """Yields (HF name, tensor in ``dtype`` on the CPU, HF row order), one tensor at a time."""
+def iter_hf_tensors(file: GGUFFile, config: MiniCPMConfig, dtype: torch.dtype, shard: ShardPlan | None = None):
+    """Yields (HF name, tensor in ``dtype`` on the CPU, HF row order), one tensor at a time.
+    shard: only this tensor-parallel rank's slice of each tensor (``model/sharding.py``); the
+    q/k row permutation stays inside each head, so a slice of whole heads unpermutes alone."""
     names = tensor_names(config, file.architecture)
     _check_tensors(file, config, names)
     for hf_name, gguf_name in names.items():
         # the permutation is undone in float32 when the tensor is read as float32 anyway
-        tensor = file.tensor(gguf_name, dtype)
-        if hf_name.endswith("self_attn.q_proj.weight"):
-            tensor = unpermute_rows(tensor, config.num_attention_heads).contiguous()
-        elif hf_name.endswith("self_attn.k_proj.weight"):
-            tensor = unpermute_rows(tensor, config.num_key_value_heads).contiguous()
+        tensor = file.tensor(gguf_name, dtype, shard.part(hf_name) if shard is not None else None)
+        if hf_name.endswith(("self_attn.q_proj.weight", "self_attn.k_proj.weight")):
+            tensor = unpermute_rows(tensor, tensor.shape[0] // config.head_dim).contiguous()
         yield hf_name, tensor
 
 
 def load_gguf_weights(file: GGUFFile, config: MiniCPMConfig, dtype: torch.dtype,
-                      device: torch.device) -> dict[str, torch.Tensor]:
+                      device: torch.device, shard: ShardPlan | None = None) -> dict[str, torch.Tensor]:
     """Every tensor of the GGUF dequantized into ``dtype`` on ``device``, under the HF names, with
     each layer's projections fused as ``model.checkpoint.FUSED`` says: what
     ``model.checkpoint.load_weights`` returns for the same model in safetensors."""
     weights: dict[str, torch.Tensor] = {}
-    for name, tensor in iter_hf_tensors(file, config, dtype):
+    for name, tensor in iter_hf_tensors(file, config, dtype, shard):
         weights[name] = tensor.to(device)
         fuse_parts(weights, name)
     return weights
