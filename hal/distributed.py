@@ -83,7 +83,7 @@ def check_world(tp: int) -> Launch | None:
     started = launch()
     world = started.world_size if started else 1
     if world != tp:
-        how = f"WORLD_SIZE={world}" if started else "no launcher (WORLD_SIZE unset)"
+        how = f"WORLD_SIZE={world}" if started else "WORLD_SIZE unset: no launcher"
         raise InputError(f"tp={tp} needs {tp} processes, but this job has {world} ({how}): run "
                          f"torchrun --nproc-per-node {tp} ... --tp {tp}")
     return started

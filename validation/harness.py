@@ -56,6 +56,9 @@ class Settings:
     op_overrides: dict[str, Callable[..., Any]] | None = None
     fault: str | None = None
     decode_graph: bool = False
+    tp: int = 1
+    """Tensor-parallel ranks of the device under test (every rank runs the whole comparison; the
+    reference and the floors are single-process on each rank, so the ranks agree bit for bit)."""
 
 
 class OurReference:
@@ -110,6 +113,14 @@ def _parameter_count(model: Any) -> int:
     for layer in model.layers:
         total += sum(t.numel() for t in vars(layer).values() if isinstance(t, torch.Tensor))
     return total
+
+
+def _tensor_parallel(model: Any) -> dict[str, Any]:
+    """ranks, and the weight bytes each rank holds (gathered: every rank runs this)."""
+    from model.tp import weight_bytes
+
+    mine = torch.tensor([weight_bytes(model)], dtype=torch.int64, device=model.tp.group.device)
+    return {"ranks": model.tp.size, "rank_weight_bytes": model.tp.group.all_gather(mine, dim=0).tolist()}
 
 
 def run_fields(kind: str, description: str, emulated: bool, dtype: str, reference: str) -> dict[str, Any]:
@@ -167,7 +178,7 @@ def _load(settings: Settings, progress: Progress, reuse: dict[Any, Any] | None) 
     overrides = {**(settings.op_overrides or {}), **(fault.overrides() if fault else {})} or None
     progress(f"loading the device under test ({kind}, {dtype})" + (f", fault {fault.name} injected" if fault else ""))
     device_model = hal.load_model(settings.model, kind, dtype, allow_fallback=settings.allow_fallback,
-                                  op_overrides=overrides)
+                                  op_overrides=overrides, tp=settings.tp)
     if fault is not None:
         fault.install(device_model)
     progress(f"models loaded in {time.perf_counter() - started:.1f} s")
@@ -317,7 +328,7 @@ def run(settings: Settings, progress: Progress = _silent, reuse: dict[Any, Any] 
         **run_fields(kind, description, emulated, dtype, reference.name),
         "settings": {"top_k": k, "positions": settings.positions, "prompts_file": settings.prompts_file,
                      "allow_fallback": settings.allow_fallback, "thresholds": thresholds.as_dict(),
-                     "decode_graph": graph_mode},
+                     "decode_graph": graph_mode, "tensor_parallel": _tensor_parallel(model)},
         **{key: value for key, value in summary.items()},
         "prompt_end": {**metrics.summarize(end_rows, end_labels, k),
                        "top1_mismatch_rate": metrics.mismatch_rate(end_rows, margin)},
