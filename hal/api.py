@@ -146,8 +146,18 @@ def _load(path: str | Path, kind: str, dtype: str | torch.dtype | None, referenc
     gguf_file.forget_vocabulary()  # before the weights: the parsed vocabulary is not kept beside them
     weights = load_gguf_weights(gguf_file, config, torch_dtype, device, shard)
     del gguf_file  # closes the memory map: its pages leave the process
+    if shard is not None:
+        _refuse_quantized(weights, folder, shard.size)
     return MiniCPMForCausalLM(config, weights, ops, device, torch_dtype, path=folder,
                               generation=generation, tokenizer_loader=tokenizer_loader, tp=tp)
+
+
+def _refuse_quantized(weights: dict[str, Any], path: Path, tp: int) -> None:
+    """Tensor parallel slices dense tensors only: a weight kept quantized (not a plain tensor) is refused."""
+    kept = next((name for name, w in weights.items() if not isinstance(w, torch.Tensor)), None)
+    if kept is not None:
+        raise InputError(f"tp={tp}: tensor parallel of quantized weights is not supported ({path}: '{kept}' is "
+                         f"kept quantized); use tp=1")
 
 
 def _gguf_tokenizer_loader(gguf_file) -> Callable[[], Any]:

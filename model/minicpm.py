@@ -9,7 +9,7 @@ hidden_size / dim_model_base before lm_head; logits are float32.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Callable
 
@@ -101,6 +101,8 @@ class MiniCPMForCausalLM:
         # on every scale that multiplies a rotated q.k (attention and InfLLM-v2 selection; lightning)
         rotated = self.rope.qk_scale
         self.attn_scale = config.head_dim ** -0.5 * (rotated if config.attn_use_rope else 1.0)
+        # this rank's lightning heads (all of them at tp=1)
+        self.lightning = replace(config.lightning, heads=shard.heads) if config.lightning else None
         self.lightning_scale = (config.lightning.scale * (rotated if config.lightning.use_rope else 1.0)
                                 if config.lightning else None)
         # per layer α (μP residual scale); a list so validation/faults.py can drop one layer's
@@ -246,15 +248,15 @@ class MiniCPMForCausalLM:
         for index, layer in enumerate(self.layers):
             alpha = self.residual_scales[index]
             if layer.mixer == "lightning":
-                attn = self._lightning(ops, index, layer, x, cos, sin, cache, real)
+                attn = self.tp.reduce(self._lightning(ops, index, layer, x, cos, sin, cache, real))
             else:
-                attn = self._attention(ops, index, layer, x, cos, sin, cache, kv_start, decode, slots, kv_lens,
-                                       sparse)
+                attn = self.tp.reduce(self._attention(ops, index, layer, x, cos, sin, cache, kv_start, decode, slots,
+                                                      kv_lens, sparse))
             x, residual = ops.add_rms_norm(attn, residual, layer.post_norm, cfg.rms_norm_eps, alpha)
             gate, up = ops.linear(x, layer.gate_up).chunk(2, dim=-1)
-            mlp = self.tp.reduce(ops.linear(ops.swiglu(gate, up), layer.down))
+            mlp = ops.linear(ops.swiglu(gate, up), layer.down)
             next_norm = self.layers[index + 1].input_norm if index + 1 < len(self.layers) else self.final_norm
-            x, residual = ops.add_rms_norm(mlp, residual, next_norm, cfg.rms_norm_eps, alpha)
+            x, residual = ops.add_rms_norm(self.tp.reduce(mlp), residual, next_norm, cfg.rms_norm_eps, alpha)
             if hidden is not None:
                 hidden.append(residual)
             if hidden_hook is not None:
@@ -295,7 +297,7 @@ class MiniCPMForCausalLM:
         o = o.reshape(batch, new, -1)
         if layer.o_gate is not None:  # SALA: o * sigmoid(o_gate(x)) before o_proj
             o = ops.sigmoid_gate(o, ops.linear(x, layer.o_gate))
-        return self.tp.reduce(ops.linear(o, layer.o))
+        return ops.linear(o, layer.o)
 
     def _real_tokens(self, input_ids: torch.Tensor, cache: KVCache | None,
                      kv_start: torch.Tensor | None) -> torch.Tensor | None:
@@ -312,9 +314,9 @@ class MiniCPMForCausalLM:
         decayed linear attention from the cached state (zeros without a cache), RMSNorm over
         all heads, sigmoid gate z_proj(x), o_proj. Left-padding tokens get zero keys, so they
         add nothing to the state (they all precede the real tokens, and the state starts at 0)."""
-        cfg, spec = self.config, self.config.lightning
+        cfg, spec = self.config, self.lightning
         batch, new, _ = x.shape
-        heads, d = self.tp.plan.heads, cfg.head_dim  # lightning heads = query heads
+        heads, d = spec.heads, cfg.head_dim
         q, k, v = (t.view(batch, new, heads, d) for t in ops.linear(x, layer.qkv).chunk(3, dim=-1))
         if spec.qk_norm:
             q = ops.rms_norm(q, layer.q_norm, cfg.rms_norm_eps)
@@ -335,7 +337,7 @@ class MiniCPMForCausalLM:
             o = self.tp.local_heads(ops.rms_norm(self.tp.gather_heads(o), layer.o_norm, cfg.rms_norm_eps))
         if layer.z is not None:
             o = ops.sigmoid_gate(o, ops.linear(x, layer.z))
-        return self.tp.reduce(ops.linear(o, layer.o))
+        return ops.linear(o, layer.o)
 
     def _update_kernels(self, ops: BoundOps, cache: KVCache, index: int, kv_lens: torch.Tensor, new: int) -> None:
         """Keep layer ``index``'s semantic kernels in step with its keys: a decode step appends the
