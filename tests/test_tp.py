@@ -132,6 +132,8 @@ def _check(name: str, size: int, got: dict[str, torch.Tensor], index: int, want:
         assert delta <= TOLERANCE * scale, f"TP={size} {name} {key}: max|Δ| {delta:.2e} > 1e-5 x {scale:.1f}"
         assert prob <= TOLERANCE, f"TP={size} {name} {key}: max|Δp| {prob:.2e} > 1e-5"
     assert torch.equal(got[f"{index}.greedy"], want["greedy"]), f"TP={size} {name}: greedy tokens differ"
+    sampled = got[f"{index}.rank_sampled"]  # [ranks, new tokens]: drawn without a seed on every rank
+    assert all(torch.equal(row, sampled[0]) for row in sampled), f"TP={size} {name}: ranks sampled {sampled.tolist()}"
 
 
 @pytest.mark.parametrize("name", NAMES)

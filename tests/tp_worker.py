@@ -56,6 +56,10 @@ def main(argv: list[str]) -> int:
                 results[f"{index}.{key}"] = value.contiguous()
             mine = torch.tensor([weight_bytes(model)], dtype=torch.int64)
             results[f"{index}.rank_bytes"] = model.tp.group.all_gather(mine, dim=0)
+            # sampling without a seed: every rank must draw the same tokens (rank 0's seed is shared)
+            sampled = torch.tensor(model.generate([inputs(model.config.vocab_size)["prompts"][1]], 8, do_sample=True,
+                                                  temperature=1.0, eos_token_id=[]), dtype=torch.int64)
+            results[f"{index}.rank_sampled"] = model.tp.group.all_gather(sampled, dim=0)
         if model.tp.group.rank == 0:
             write_safetensors(out_path, results)
         return 0

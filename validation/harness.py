@@ -176,7 +176,8 @@ def _load(settings: Settings, progress: Progress, reuse: dict[Any, Any] | None) 
     reference = reuse[key]
     fault = faults.get(settings.fault) if settings.fault else None
     overrides = {**(settings.op_overrides or {}), **(fault.overrides() if fault else {})} or None
-    progress(f"loading the device under test ({kind}, {dtype})" + (f", fault {fault.name} injected" if fault else ""))
+    progress(f"loading the device under test ({kind}, {dtype})" + (f", fault {fault.name} injected" if fault else "")
+             + (f", tensor parallel over {settings.tp} ranks" if settings.tp > 1 else ""))
     device_model = hal.load_model(settings.model, kind, dtype, allow_fallback=settings.allow_fallback,
                                   op_overrides=overrides, tp=settings.tp)
     if fault is not None:
