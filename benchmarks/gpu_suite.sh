@@ -97,7 +97,8 @@ if [ "$DEVICE" = cpu ] || [ "$gpus" -ge 2 ]; then
         --out "$OUT/tp_decode.json"
 else
     echo "== tensor parallel: skipped (needs 2 GPUs, $gpus visible)"
-    printf '{"step": "tp", "rc": null, "seconds": 0, "skipped": "%s GPU(s) visible, 2 needed"}\n' "$gpus" >> "$OUT/steps.jsonl"
+    printf '{"step": "tp", "rc": null, "seconds": 0, "skipped": "%s GPU(s) visible, 2 needed"}\n' "$gpus" \
+        >> "$OUT/steps.jsonl"
 fi
 
 "$PY" - "$OUT" "${DRY_RUN:-0}" <<'PYEOF'

@@ -50,7 +50,8 @@ def _rank(args: argparse.Namespace) -> int:
         everyone = group.all_gather(mine[None], dim=0).cpu().tolist()
         record = {"tp": args.tp, "device": args.device, "dtype": args.dtype, "model": str(path),
                   "threads_per_rank": torch.get_num_threads() if args.device == "cpu" else None, **result,
-                  "rank_weight_bytes": [row[0] for row in everyone], "rank_peak_rss_bytes": [row[1] for row in everyone]}
+                  "rank_weight_bytes": [row[0] for row in everyone],
+                  "rank_peak_rss_bytes": [row[1] for row in everyone]}
         if group.rank == 0:
             text = json.dumps(record, indent=2)
             if args.out:

@@ -83,7 +83,8 @@ def _generate(args: argparse.Namespace, quiet: bool) -> int:
             print(line, file=sys.stderr)
 
     path = args.model if args.model is not None else default_checkpoint()
-    say(f"[minicpm-hal] loading {path} on {args.device}" + (f" (tensor parallel, {args.tp} ranks)" if args.tp > 1 else ""))
+    parallel = f" (tensor parallel, {args.tp} ranks)" if args.tp > 1 else ""
+    say(f"[minicpm-hal] loading {path} on {args.device}{parallel}")
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         model = hal.load_model(path, device=args.device, dtype=args.dtype, tp=args.tp)

@@ -356,6 +356,7 @@ class MiniCPMForCausalLM:
         cached semantic kernels (fine, and coarse for the normaliser), then attention over the
         selected blocks."""
         g = self.config.sparse.geometry
-        blocks = ops.infllm_select_blocks(self.tp.group_queries(q), cache.kernels[index], cache.coarse[index], kv_lens, g, self.attn_scale)
+        blocks = ops.infllm_select_blocks(self.tp.group_queries(q), cache.kernels[index], cache.coarse[index],
+                                          kv_lens, g, self.attn_scale)
         return ops.block_sparse_attention(q, cache.keys[index], cache.values[index], blocks, kv_lens, g.block_size,
                                           self.attn_scale)

@@ -88,7 +88,8 @@ def checkpoints(tmp_path_factory) -> dict[str, Path]:
         "sparse": write_checkpoint(root / "sparse", "tiny", overrides={"sparse_config": SMALL_SPARSE}),
         "uneven-vocab": write_checkpoint(root / "uneven", "tiny", overrides=UNEVEN_VOCAB),
         "gguf-q8": write_minicpm_gguf(tiny, root / "q8.gguf",
-                                      tensor_type=lambda name: q8 if "norm" not in name else gguf.GGMLQuantizationType.F32),
+                                      tensor_type=lambda name: gguf.GGMLQuantizationType.F32 if "norm" in name
+                                      else q8),
     }
 
 
