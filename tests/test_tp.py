@@ -279,6 +279,11 @@ def test_compare_tp2_writes_one_report_and_agrees_on_the_exit_code(checkpoints, 
     assert "Report:" in done[0].stdout and done[1].stdout == "" and done[1].stderr == ""
     data = json.loads((report / "report.json").read_text())
     assert data["settings"]["tensor_parallel"]["ranks"] == 2
+    from safetensors import safe_open
+
+    with safe_open(str(checkpoints["tiny"] / "model.safetensors"), framework="pt") as f:
+        stored = sum(torch.Size(f.get_slice(name).get_shape()).numel() for name in f.keys())
+    assert data["model"]["parameters"] == stored  # the whole model's, not rank 0's slice
     assert sorted(p.name for p in tmp_path.iterdir()) == ["prompts.txt", "report"]
 
 

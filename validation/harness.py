@@ -107,6 +107,13 @@ def _token_text(tokenizer: Any, token_id: int) -> str:
 
 
 def _parameter_count(model: Any) -> int:
+    """Parameters of the whole model (a tensor-parallel rank holds a slice: counted from the config)."""
+    if getattr(model, "tp", None) is not None and model.tp.size > 1:
+        import math
+
+        from model.checkpoint import expected_shapes
+
+        return sum(math.prod(shape) for shape in expected_shapes(model.config).values())
     total = model.embed.numel() + model.final_norm.numel()
     if model.lm_head is not model.embed:
         total += model.lm_head.numel()
