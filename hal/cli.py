@@ -26,7 +26,6 @@ import threading
 import traceback
 from typing import Callable, Sequence
 
-from hal.distributed import is_quiet_rank
 from hal.errors import HalError
 
 EXIT_OK, EXIT_FAIL, EXIT_USAGE, EXIT_INTERNAL = 0, 1, 2, 3
@@ -75,6 +74,8 @@ def _quiet_stdout() -> None:
 
 
 def _say(line: str) -> None:
+    from hal.distributed import is_quiet_rank
+
     if is_quiet_rank():  # a tensor-parallel rank > 0: rank 0 prints the line for every rank
         return
     try:
