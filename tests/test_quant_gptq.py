@@ -39,9 +39,9 @@ def test_container_decodes_as_the_autogptq_formula(sym, offset):
     assert np.array_equal(c.dequantize().numpy().view(np.uint32), want.astype(np.float32).view(np.uint32))
     assert torch.equal(c.dequantize(), gptq.dequantize(parts["qweight"], parts["qzeros"], parts["scales"],
                                                        parts["g_idx"], offset))
-    # round to nearest: every weight within half a step of its decoding (the clamp never bites here)
-    step = c.scales.repeat_interleave(32, dim=1)
-    assert bool(((c.dequantize() - weight).abs() <= step / 2 + 1e-6).all())
+    # round to nearest with the stored scale and zero: q = clamp(round(w / s) + z, 0, 15)
+    s, z = c.scales.repeat_interleave(32, dim=1), c.zeros.repeat_interleave(32, dim=1)
+    assert torch.equal(c.values().float(), torch.clamp(torch.round(weight / s) + z, 0, 15))
     if not sym:
         assert len(set(c.zeros.flatten().tolist())) > 1  # real zero points, not the symmetric 8
 
