@@ -124,3 +124,17 @@ def test_bad_input_is_one_line_exit_2_and_no_folder(source, tmp_path, capsys, ar
 def test_an_already_quantized_source_is_refused(written, tmp_path, capsys):
     assert main([str(written["int8"]), str(tmp_path / "again"), "--format", "gptq-int4"]) == 2
     assert "already quantized" in capsys.readouterr().err
+
+
+def test_packed_ternary_bfloat16_errs_like_its_dense_bfloat16(written):
+    """Measured: per-row groups give bitwise the dense bfloat16 logits; groups of 64 NMSE 4e-6
+    from them (the kernel sums per group). Bound as in tests/test_quant_gguf.py: at most ~2x
+    the dense bfloat16 error against float32."""
+    float32 = hal.load_model(written["ternary"], "cpu", "float32").logits(IDS)
+    packed = hal.load_model(written["ternary"], "cpu", "bfloat16", quantize="ternary").logits(IDS)
+    dense = hal.load_model(written["ternary"], "cpu", "bfloat16").logits(IDS)
+
+    def nmse(x):
+        return float((x - float32).pow(2).mean() / float32.pow(2).mean())
+
+    assert nmse(packed) <= 2 * nmse(dense) and nmse(dense) < 1e-3
