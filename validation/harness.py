@@ -59,6 +59,7 @@ class Settings:
     op_overrides: dict[str, Callable[..., Any]] | None = None
     fault: str | None = None
     decode_graph: bool = False
+    quantize: str | None = None  # hal.load_model's quantize, for the device and our reference
 
 
 class OurReference:
@@ -172,7 +173,8 @@ def _load_reference(settings: Settings, progress: Progress) -> Any:
     elif settings.reference in ("cpu-fp32", "cpu-fp32-torch"):
         naive = settings.reference == "cpu-fp32"
         progress(f"loading the reference (cpu, float32, {'reference' if naive else 'torch'} ops) from {settings.model}")
-        reference = OurReference(hal.load_model(settings.model, "cpu", "float32", reference=naive),
+        reference = OurReference(hal.load_model(settings.model, "cpu", "float32", reference=naive,
+                                                quantize=settings.quantize),
                                  settings.reference)
     else:
         raise InputError(f"unknown reference {settings.reference!r}; choose cpu-fp32, cpu-fp32-torch or hf")
@@ -184,7 +186,7 @@ def _load(settings: Settings, progress: Progress, reuse: dict[Any, Any] | None) 
     dtype = dtype_name(parse_dtype(settings.dtype))
     started = time.perf_counter()
     reuse = {} if reuse is None else reuse
-    key = ("reference", str(settings.model), settings.reference)
+    key = ("reference", str(settings.model), settings.reference, settings.quantize)
     if key not in reuse:
         reuse[key] = _load_reference(settings, progress)
     reference = reuse[key]
@@ -192,7 +194,7 @@ def _load(settings: Settings, progress: Progress, reuse: dict[Any, Any] | None) 
     overrides = {**(settings.op_overrides or {}), **(fault.overrides() if fault else {})} or None
     progress(f"loading the device under test ({kind}, {dtype})" + (f", fault {fault.name} injected" if fault else ""))
     device_model = hal.load_model(settings.model, kind, dtype, allow_fallback=settings.allow_fallback,
-                                  op_overrides=overrides)
+                                  op_overrides=overrides, quantize=settings.quantize)
     if fault is not None:
         fault.install(device_model)
     progress(f"models loaded in {time.perf_counter() - started:.1f} s")
@@ -220,11 +222,12 @@ def run(settings: Settings, progress: Progress = _silent, reuse: dict[Any, Any] 
     reuse = {} if reuse is None else reuse
     reference, model, kind = _load(settings, progress, reuse)
     dtype = dtype_name(model.dtype)
-    key = ("floors", str(settings.model), settings.reference, dtype, kind == "cpu")
+    key = ("floors", str(settings.model), settings.reference, settings.quantize, dtype, kind == "cpu")
     if key not in reuse:
         judge = reference.model if isinstance(reference, OurReference) else \
-            hal.load_model(settings.model, "cpu", "float32", reference=True)
-        reuse[key] = floor.build(judge, settings.model, kind, dtype, settings.allow_fallback, progress)
+            hal.load_model(settings.model, "cpu", "float32", reference=True, quantize=settings.quantize)
+        reuse[key] = floor.build(judge, settings.model, kind, dtype, settings.allow_fallback, progress,
+                                 quantize=settings.quantize)
     floors = reuse[key]
     t_load = time.perf_counter() - t0
     thresholds = settings.thresholds.for_dtype(dtype)
