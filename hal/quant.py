@@ -92,6 +92,11 @@ class QuantizedWeight:
     def to(self, device: torch.device | str) -> "QuantizedWeight":
         return replace(self, **{k: (v.to(device) if v is not None else None) for k, v in self._fields().items()})
 
+    def map_rows(self, fn) -> "QuantizedWeight":
+        """The same container with ``fn`` (`[O, ...]` -> `[O, ...]`, e.g. a row permutation)
+        applied to every per-row field alike."""
+        return replace(self, **{k: (fn(v).contiguous() if v is not None else None) for k, v in self._fields().items()})
+
     def _fields(self) -> dict[str, torch.Tensor | None]:
         raise NotImplementedError
 
@@ -223,13 +228,17 @@ class TernaryWeight(QuantizedWeight):
         return _expand(self.scales, self.group_size) * self.values().float()
 
 
+def fusable(a: QuantizedWeight, b: QuantizedWeight) -> bool:
+    """True when :func:`cat_rows` can stack ``a`` and ``b``: one kind, source, group size and K."""
+    return (type(a), a.source, a.group_size, a.in_features) == (type(b), b.source, b.group_size, b.in_features)
+
+
 def cat_rows(name: str, parts: Sequence[QuantizedWeight]) -> QuantizedWeight:
     """Stack the output rows of several containers of one kind, source and group size (the fused
     q/k/v and gate/up projections). Raises CheckpointError naming ``name`` when they differ."""
     first = parts[0]
     for p in parts[1:]:
-        if (type(p), p.source, p.group_size, p.in_features) != (type(first), first.source, first.group_size,
-                                                                 first.in_features):
+        if not fusable(first, p):
             raise CheckpointError(f"{name}: cannot fuse {first.name} ({first.format}, K={first.in_features}) "
                                   f"with {p.name} ({p.format}, K={p.in_features})")
     fields = {}

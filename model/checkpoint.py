@@ -9,6 +9,7 @@ from typing import Iterator
 
 import torch
 
+from hal import quant
 from hal.errors import CheckpointError
 from model import gptq
 from model.config import MiniCPMConfig
@@ -254,10 +255,11 @@ One GEMM instead of three (q/k/v) or two (gate/up) per layer, as vLLM and CPM.cu
 
 
 def load_weights(checkpoint: Path, config: MiniCPMConfig, dtype: torch.dtype,
-                 device: torch.device) -> dict[str, torch.Tensor]:
+                 device: torch.device, keep: bool = False) -> dict[str, torch.Tensor]:
     """Every tensor of the checkpoint in ``dtype`` on ``device``, GPTQ linears dequantized
     (``model/gptq.py``), with each layer's projections fused as :data:`FUSED` says (the parts
-    are not kept; their mapped pages are released)."""
+    are not kept; their mapped pages are released). ``keep``: GPTQ linears with plain groups
+    stay ``hal.quant.Int4Weight`` containers (on the CPU) instead."""
     reader = CheckpointReader(checkpoint, config)
     weights: dict[str, torch.Tensor] = {}
     packed: dict[str, dict[str, torch.Tensor]] = {}
@@ -270,29 +272,64 @@ def load_weights(checkpoint: Path, config: MiniCPMConfig, dtype: torch.dtype,
             if len(parts) < len(gptq.PARTS):
                 continue
             del packed[prefix]
-            groups = parts["scales"].shape[0]
-            if parts["g_idx"].numel() and not (0 <= int(parts["g_idx"].min()) and int(parts["g_idx"].max()) < groups):
-                raise CheckpointError(f"{reader.location[prefix + 'g_idx'].path}: tensor '{prefix}g_idx' holds "
-                                      f"groups outside [0, {groups})")
-            weight = gptq.dequantize(parts["qweight"], parts["qzeros"], parts["scales"], parts["g_idx"],
-                                     config.gptq.zero_offset)
-            name, tensor = prefix + "weight", weight.to(device=device, dtype=dtype)
+            name, tensor = prefix + "weight", _gptq_linear(reader, prefix, parts, config, dtype, device, keep)
             for p in gptq.PARTS:
                 reader.release(prefix + p)
-        check_finite(reader.where(name), name, tensor)
+        if isinstance(tensor, quant.QuantizedWeight):
+            check_finite_container(reader.where(name), name, tensor)
+        else:
+            check_finite(reader.where(name), name, tensor)
         weights[name] = tensor
-        for part in fuse_parts(weights, name):
+        for part in fuse_parts(weights, name, dtype, device):
             if part in reader.location:
                 reader.release(part)
     return weights
 
 
-def fuse_parts(weights: dict[str, torch.Tensor], name: str) -> tuple[str, ...]:
+def _gptq_linear(reader: CheckpointReader, prefix: str, parts: dict[str, torch.Tensor], config: MiniCPMConfig,
+                 dtype: torch.dtype, device: torch.device, keep: bool):
+    groups = parts["scales"].shape[0]
+    g_idx = parts["g_idx"]
+    if g_idx.numel() and not (0 <= int(g_idx.min()) and int(g_idx.max()) < groups):
+        raise CheckpointError(f"{reader.location[prefix + 'g_idx'].path}: tensor '{prefix}g_idx' holds "
+                              f"groups outside [0, {groups})")
+    group_size = g_idx.numel() // groups
+    if keep and gptq.plain_groups(g_idx, group_size):
+        return gptq.container(prefix + "weight", parts["qweight"], parts["qzeros"], parts["scales"], group_size,
+                              config.gptq.zero_offset)
+    weight = gptq.dequantize(parts["qweight"], parts["qzeros"], parts["scales"], g_idx, config.gptq.zero_offset)
+    return weight.to(device=device, dtype=dtype)
+
+
+def check_finite_container(path: Path, name: str, weight: quant.QuantizedWeight) -> None:
+    """:func:`check_finite` on a container's float fields (scales, zeros, mins)."""
+    for field, tensor in weight.tensors().items():
+        check_finite(path, f"{name} ({field})", tensor)
+
+
+def fuse_parts(weights: dict[str, torch.Tensor], name: str, dtype: torch.dtype | None = None,
+               device: torch.device | None = None) -> tuple[str, ...]:
     """When ``name`` (just added to ``weights``) completes a :data:`FUSED` group, replace the
-    group's parts by their concatenation. Returns the names of the parts fused (empty if none)."""
+    group's parts by their concatenation. Returns the names of the parts fused (empty if none).
+
+    Quantized parts (``hal.quant`` containers) of one kind, source and group size fuse into one
+    container (``hal.quant.cat_rows``); a group mixing kinds or with dense parts is decoded into
+    dense ``dtype`` on ``device`` and fused dense (named in the model's quantization table)."""
     for fused, parts_of in FUSED.items():
         prefix = name[: -len(parts_of[-1])]
         if name.endswith(parts_of[-1]) and all(prefix + p in weights for p in parts_of):
-            weights[prefix + fused] = torch.cat([weights.pop(prefix + p) for p in parts_of])
+            parts = [weights.pop(prefix + p) for p in parts_of]
+            weights[prefix + fused] = _fuse(prefix + fused, parts, dtype, device)
             return tuple(prefix + p for p in parts_of)
     return ()
+
+
+def _fuse(name: str, parts: list, dtype: torch.dtype | None, device: torch.device | None):
+    containers = [p for p in parts if isinstance(p, quant.QuantizedWeight)]
+    if not containers:
+        return torch.cat(parts)
+    first = containers[0]
+    if len(containers) == len(parts) and all(quant.fusable(first, p) for p in parts):
+        return quant.cat_rows(name, parts)
+    return torch.cat([p.dequantize().to(device=device, dtype=dtype) if isinstance(p, quant.QuantizedWeight)
+                      else p for p in parts])

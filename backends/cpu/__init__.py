@@ -52,6 +52,12 @@ register(Impl(op="attention_decode", backend="cpu", name="torch_full", fn="backe
 QUANTIZED_LINEARS = ("linear_int4", "linear_int8", "linear_ternary")
 
 
+def _quantized_supports(ctx):
+    from backends.cpu.quantized import supports  # torch only: cheap, but kept off the import path
+
+    return supports(ctx)
+
+
 def register_dequantized(backend: str, priority: int = 90) -> None:
     """Register the portable dense-decoding implementation of every quantized linear on ``backend``."""
     for op in QUANTIZED_LINEARS:
@@ -61,4 +67,7 @@ def register_dequantized(backend: str, priority: int = 90) -> None:
 
 for _op in QUANTIZED_LINEARS:
     register(Impl(op=_op, backend="cpu", name="reference", fn=f"backends.cpu.reference.linear:{_op}_ref", priority=100))
+    register(Impl(op=_op, backend="cpu", name="torch", fn="backends.cpu.quantized:linear_packed",
+                  supports=_quantized_supports, priority=0, capturable=True,
+                  prepare=f"backends.cpu.quantized:prepare_{_op.removeprefix('linear_')}"))
 register_dequantized("cpu")
