@@ -163,3 +163,26 @@ def test_leading_dims_and_a_shape_mismatch():
     assert float(((y.cpu() - ref) ** 2).sum() / (ref ** 2).sum()) < 1e-10
     with pytest.raises(ValueError, match=r"x \[\.\.\., 32\] does not fit the weight \[40, 64\]"):
         ql.linear_quantized_triton(x[..., :32], p)
+
+
+TRAINED = [("float16", 1), ("float32", 19)] + ([("bfloat16", 1), ("bfloat16", 19)] if DEVICE == "cuda" else [])
+
+
+@pytest.mark.parametrize(("dtype", "rows"), TRAINED)
+def test_the_trained_models_q4_1_and_q8_0_tensors_match_the_float32_reference(trained_gguf, dtype, rows):
+    """Real Q4_1 blocks (float16 scales and mins, kept in float16: exact) and a Q8_0 slice; the
+    interpreter takes the two smaller tensors only (seconds each), a GPU all of them."""
+    from hal.ops import get_spec
+    from quant_trained_weights import activations, trained_containers
+
+    torch_dtype = getattr(torch, dtype)
+    for w in trained_containers(str(trained_gguf)):
+        if DEVICE == "cpu" and w.out_features * w.in_features > 576 * 576:
+            continue
+        p = ql.prepare_packed(w, BindContext(DEVICE, torch_dtype))
+        assert p.scales.dtype == torch.float16 and (p.mins is None or p.mins.dtype == torch.float16)
+        x = activations(w.in_features, rows).to(torch_dtype)
+        y = ql.linear_quantized_triton(x.to(DEVICE), p).cpu()
+        ref = x.double() @ w.dequantize().double().t()
+        err = float(((y.double() - ref) ** 2).sum() / (ref ** 2).sum())
+        assert err <= get_spec(w.op).tolerance(dtype), f"{w.name} {w.format} {dtype}: NMSE {err:.2e}"

@@ -229,3 +229,20 @@ def test_ternary_stays_packed_on_the_device_until_the_call(emulated):
     assert p.packed.dtype == torch.uint8 and tuple(p.packed.shape) == (32, 16)  # 2 bits per weight at rest
     unpacked = nq.unpack_ternary_on_device(p, BF16)
     assert torch.equal(unpacked, w.dequantize().to(BF16))  # s * t is exact, then rounded once
+
+
+@pytest.mark.parametrize("dtype", [BF16, F16])
+@pytest.mark.parametrize("rows", [1, 19])
+def test_the_trained_models_q4_1_and_q8_0_tensors_match_the_float32_reference(emulated, trained_gguf, dtype, rows):
+    """Real scales and mins (a trained model's Q4_1 blocks: offsets 8 + m / s and scales rounded to
+    x's dtype by the op's contract) within the catalogue tolerance of the op."""
+    from hal.ops import get_spec
+    from quant_trained_weights import activations, trained_containers
+
+    name = {BF16: "bfloat16", F16: "float16"}[dtype]
+    for w in trained_containers(str(trained_gguf)):
+        x = activations(w.in_features, rows).to(dtype)
+        y = nq.linear_weight_quant_npu(x, nq.prepare_weight_quant(w, BindContext("npu", dtype)))
+        ref = x.double() @ w.dequantize().double().t()
+        err = float(((y.double() - ref) ** 2).sum() / (ref ** 2).sum())
+        assert err <= get_spec(w.op).tolerance(name), f"{w.name} {w.format} {name}: NMSE {err:.2e}"

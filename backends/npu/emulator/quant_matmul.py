@@ -39,15 +39,16 @@ def npu_convert_weight_to_int4pack(weight: torch.Tensor, inner_k_tiles: int = 0)
     require(weight.numel() > 0, op, "weight must not be empty")
     require(bool(((weight >= -8) & (weight <= 7)).all()), op, "weight values must lie in the int4 range [-8, 7]")
     require(inner_k_tiles == 0, op, f"inner_k_tiles is reserved (0), got {inner_k_tiles}")
-    nibbles = (weight.to(torch.int64) & 0xF).reshape(weight.shape[0], -1, 8)
-    words = (nibbles << (4 * torch.arange(8, dtype=torch.int64))).sum(-1)
+    words = torch.zeros(weight.shape[0], weight.shape[1] // 8, dtype=torch.int64)
+    for i in range(8):
+        words |= (weight[:, i::8].to(torch.int64) & 0xF) << (4 * i)
     return torch.where(words >= 2 ** 31, words - 2 ** 32, words).to(torch.int32)
 
 
 def unpack_int4pack(packed: torch.Tensor) -> torch.Tensor:
     """int32 `(d0, d1 / 8)` -> int32 `(d0, d1)` in [-8, 7]: the inverse of the packing above."""
-    nibbles = (packed.to(torch.int64)[..., None] >> (4 * torch.arange(8, dtype=torch.int64))) & 0xF
-    return torch.where(nibbles >= 8, nibbles - 16, nibbles).flatten(-2).to(torch.int32)
+    nibbles = (packed[..., None] >> (4 * torch.arange(8, dtype=torch.int32))) & 0xF  # arithmetic shift, masked
+    return ((nibbles ^ 8) - 8).flatten(-2)  # two's-complement nibble -> [-8, 7]
 
 
 def _weight_values(op: str, weight: torch.Tensor, k: int) -> torch.Tensor:
