@@ -13,9 +13,9 @@ computes ``x @ ((weight + antiquant_offset) * antiquant_scale)`` with a `(K, N)`
 - int8: the values themselves, `(K, N)`, no offset.
 - scales `(G, N)` with ``antiquant_group_size`` = the group size, or `(N,)` per channel when one
   group spans K. The op takes scale and offset in x's dtype only (float16 / bfloat16): bfloat16
-  rounds each scale to 8 significant bits. Measured against the float32 reference on the
-  conformance grid (tests/npu/test_quant_npu.py prints nothing; the numbers are in
-  backends/npu/README.md "Quantized linears"), that stays far inside the op tolerance.
+  rounds each scale (and Q4_1's offset) to 8 significant bits; measured (``benchmarks/quant_nmse.py``,
+  numbers in backends/npu/README.md "Known limits"), Q4_1 then has 3-4x the output error of the
+  dense bfloat16 weights, 5x inside the op's bfloat16 tolerance; the other formats within 1.7x.
 
 ``linear_ternary`` (``npu.torch_unpack``): torch_npu has no 2-bit op; the 2-bit codes stay packed
 on the device and each call unpacks them to x's dtype there (shifts and masks), scales them, and
@@ -55,6 +55,10 @@ class WeightQuantLinear:
     offset: torch.Tensor | None
     group_size: int
 
+    @property
+    def nbytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in (self.weight, self.scale, self.offset) if t is not None)
+
 
 @dataclass(frozen=True, eq=False)
 class PackedTernary:
@@ -66,6 +70,10 @@ class PackedTernary:
     group_size: int
     packed: torch.Tensor
     scales: torch.Tensor
+
+    @property
+    def nbytes(self) -> int:
+        return self.packed.numel() + self.scales.numel() * self.scales.element_size()
 
 
 def group_reason(op: str, group: int, k: int) -> str | None:

@@ -186,3 +186,20 @@ def test_the_trained_models_q4_1_and_q8_0_tensors_match_the_float32_reference(tr
         ref = x.double() @ w.dequantize().double().t()
         err = float(((y.double() - ref) ** 2).sum() / (ref ** 2).sum())
         assert err <= get_spec(w.op).tolerance(dtype), f"{w.name} {w.format} {dtype}: NMSE {err:.2e}"
+
+
+@pytest.mark.parametrize("rows", [1, 17])
+def test_the_launcher_reads_no_tensor_value_on_the_host(rows, monkeypatch):
+    """What a CUDA graph (and a decode graph of a quantized model) needs: grid, split count and
+    scratch from shapes only. ``prepare_packed`` may read values: it runs once, at bind time."""
+    def refuse(*_args, **_kwargs):
+        raise AssertionError("host read of a tensor value")
+
+    def guarded(x, weight):
+        with monkeypatch.context() as patch:
+            for name in ("item", "tolist", "__bool__", "__int__", "__index__", "__float__"):
+                patch.setattr(torch.Tensor, name, refuse)
+            return ql.linear_quantized_triton(x, weight)
+
+    c = case("linear_int4", "float32", ("gptq",), B=1, T=rows, K=128, O=96, G=64)
+    assert check(c, guarded, "cuda.triton (no host reads)", DEVICE, prepare=_prepare).status == "ok"

@@ -203,6 +203,8 @@ def test_what_the_op_refuses_is_refused_at_prepare_with_the_tensor_name(emulated
     with pytest.raises(UnsupportedOpError, match=r"npu.linear_int8: group_size must be K .* got 16 for K=64 "
                                                  r"\(grid.linear_int8\)"):
         nq.prepare_weight_quant(random_container(g, "linear_int8", "rtn", 8, 64, 16), ctx)
+    p = nq.prepare_weight_quant(random_container(g, "linear_int4", "gptq", 16, 64, 32), ctx)
+    assert p.nbytes == 64 * 16 // 2 + 2 * (2 * 16 * 2)  # int4 codes + bf16 scale and offset (G=2, N=16)
     with pytest.raises(UnsupportedOpError, match=r"out_features must be a multiple of 8 .*got 12"):
         nq.prepare_weight_quant(random_container(g, "linear_int4", "q4_0", 12, 64, 32), ctx)
     with pytest.raises(UnsupportedOpError, match="dtype must be bfloat16 or float16"):
@@ -227,6 +229,7 @@ def test_ternary_stays_packed_on_the_device_until_the_call(emulated):
     w = random_container(g, "linear_ternary", "rtn", 32, 64, 32)
     p = nq.prepare_packed_ternary(w, BindContext("npu", BF16))
     assert p.packed.dtype == torch.uint8 and tuple(p.packed.shape) == (32, 16)  # 2 bits per weight at rest
+    assert p.nbytes == 32 * 16 + 32 * 2 * 4  # codes + float32 scales
     unpacked = nq.unpack_ternary_on_device(p, BF16)
     assert torch.equal(unpacked, w.dequantize().to(BF16))  # s * t is exact, then rounded once
 
