@@ -46,7 +46,8 @@ Semantics (what every implementation must compute; the float32 reference in
     weight.dequantize()`` (the exact float32 decoding of the container, ``hal/quant.py``),
     accumulated in float32 and returned in x's dtype. The op receives what the bound
     implementation's ``prepare`` made of the container at bind time (its own packed layout);
-    the reference's prepare keeps the container. The tolerance is against the float32 reference
+    the reference's prepare is the container's float32 decoding (the reference also takes the
+    container itself). The tolerance is against the float32 reference
     on the same container, so the quantization error itself is not the op's.
 
 ``logits(x [..., E], weight [V, E]) -> [..., V] float32``

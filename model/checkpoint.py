@@ -12,7 +12,7 @@ import torch
 from hal import quant
 from hal.errors import CheckpointError
 from model import gptq
-from model.config import MiniCPMConfig
+from model.config import INT8_METHOD, MiniCPMConfig
 from model.safetensors_mmap import SafetensorsFile
 
 SINGLE = "model.safetensors"
@@ -54,7 +54,9 @@ def expected_shapes(config: MiniCPMConfig) -> dict[str, tuple[int, ...]]:
             shapes[p + "self_attn.o_gate.weight"] = (q_out, e)
     if not config.tie_word_embeddings:
         shapes["lm_head.weight"] = (v, e)
-    return _gptq_shapes(shapes, config) if config.gptq is not None else shapes
+    if config.gptq is not None:
+        return _gptq_shapes(shapes, config)
+    return _int8_shapes(shapes, config) if config.int8 is not None else shapes
 
 
 QUANTIZED = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj", "mlp.gate_proj",
@@ -77,6 +79,24 @@ def _gptq_shapes(shapes: dict[str, tuple[int, ...]], config: MiniCPMConfig) -> d
         groups = 1 if config.gptq.group_size < 0 else k // config.gptq.group_size
         out.update({prefix + ".qweight": (k // 8, n), prefix + ".qzeros": (groups, n // 8),
                     prefix + ".scales": (groups, n), prefix + ".g_idx": (k,)})
+    return out
+
+
+INT8_PARTS = ("weight_int8", "weight_scale")
+"""``hal_int8`` checkpoints (``model.config.Int8Linears``): the tensors of one int8 linear."""
+
+
+def _int8_shapes(shapes: dict[str, tuple[int, ...]], config: MiniCPMConfig) -> dict[str, tuple[int, ...]]:
+    """``<linear>.weight`` `[N, K]` -> weight_int8 `[N, K]`, weight_scale `[N, G]`."""
+    out: dict[str, tuple[int, ...]] = {}
+    for name, shape in shapes.items():
+        prefix = name.removesuffix(".weight")
+        if not (name.startswith("model.layers.") and prefix.endswith(QUANTIZED)):
+            out[name] = shape
+            continue
+        n, k = shape
+        groups = 1 if config.int8.group_size < 0 else k // config.int8.group_size
+        out.update({prefix + ".weight_int8": (n, k), prefix + ".weight_scale": (n, groups)})
     return out
 
 
@@ -188,14 +208,21 @@ class CheckpointReader:
                 raise CheckpointError(f"{self.location[name].path}: tensor '{name}' "
                                       f"has shape {list(entry.shape)}, "
                                       f"expected {list(shape)} from config.json")
+            if name.endswith(INT8_PARTS):
+                want = torch.int8 if name.endswith(".weight_int8") else torch.float32
+                if entry.dtype != want:
+                    raise CheckpointError(f"{self.location[name].path}: tensor '{name}' has dtype {entry.dtype}, "
+                                          f"expected {dtype_label(want)} ({INT8_METHOD})")
+                continue
             integer = name.endswith(INTEGER_PARTS)
             if entry.dtype.is_floating_point == integer or (integer and entry.dtype != torch.int32):
                 raise CheckpointError(f"{self.location[name].path}: tensor '{name}' has dtype {entry.dtype}, "
                                       f"expected {'int32 (GPTQ)' if integer else 'a floating-point dtype'}")
 
     def where(self, name: str) -> Path:
-        """The file holding ``name`` (for a dequantized GPTQ ``<linear>.weight``: its qweight's)."""
-        source = self.location.get(name) or self.location[name.removesuffix("weight") + "qweight"]
+        """The file holding ``name`` (for a quantized ``<linear>.weight``: its qweight's / weight_int8's)."""
+        source = (self.location.get(name) or self.location.get(name.removesuffix("weight") + "qweight")
+                  or self.location[name + "_int8"])
         return source.path
 
     def release(self, name: str) -> None:
@@ -208,8 +235,8 @@ class CheckpointReader:
         for name in expected_shapes(self.config):
             source = self.location[name]
             raw = source.tensor(name)
-            if name.endswith(INTEGER_PARTS + (".scales",)):
-                yield name, raw  # GPTQ parts: dequantized on the CPU by load_weights
+            if name.endswith(INTEGER_PARTS + (".scales",) + INT8_PARTS):
+                yield name, raw  # GPTQ / int8 parts: built into containers on the CPU by load_weights
                 continue
             if raw.dtype == dtype and device.type == "cpu":
                 yield name, raw
@@ -274,6 +301,21 @@ def load_weights(checkpoint: Path, config: MiniCPMConfig, dtype: torch.dtype,
             del packed[prefix]
             name, tensor = prefix + "weight", _gptq_linear(reader, prefix, parts, config, dtype, device, keep)
             for p in gptq.PARTS:
+                reader.release(prefix + p)
+        int8_part = next((p for p in INT8_PARTS if name.endswith("." + p)), None)
+        if int8_part is not None:
+            prefix = name[: -len(int8_part)]
+            parts = packed.setdefault(prefix, {})
+            parts[int8_part] = tensor
+            if len(parts) < len(INT8_PARTS):
+                continue
+            del packed[prefix]
+            weight = quant.Int8Weight(name=prefix + "weight", source="rtn", out_features=parts["weight_int8"].shape[0],
+                                      in_features=parts["weight_int8"].shape[1],
+                                      group_size=parts["weight_int8"].shape[1] // parts["weight_scale"].shape[1],
+                                      scales=parts["weight_scale"].contiguous(), q=parts["weight_int8"].contiguous())
+            name, tensor = prefix + "weight", weight if keep else weight.dequantize().to(device=device, dtype=dtype)
+            for p in INT8_PARTS:
                 reader.release(prefix + p)
         if isinstance(tensor, quant.QuantizedWeight):
             check_finite_container(reader.where(name), name, tensor)

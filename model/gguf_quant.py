@@ -30,10 +30,15 @@ def _half(raw: np.ndarray) -> torch.Tensor:
     return torch.from_numpy(np.ascontiguousarray(raw).view(np.float16)[..., 0].astype(np.float32))
 
 
-def _nibbles(raw: np.ndarray) -> torch.Tensor:
-    """uint8 `[rows, blocks, 16]` GGUF Q4 bytes -> codes uint8 `[rows, blocks * 32]` in value order."""
-    data = torch.from_numpy(np.ascontiguousarray(raw))
-    return torch.cat([data & 0xF, data >> 4], dim=-1).reshape(data.shape[0], -1)
+def _repack_q4(raw: np.ndarray) -> torch.Tensor:
+    """uint8 `[rows, blocks, 16]` GGUF Q4 bytes -> ``hal.quant`` packed uint8 `[rows, blocks * 16]`.
+
+    Ours pairs values 2j, 2j+1 in byte j. For j < 8 they are the low nibbles of GGUF bytes 2j and
+    2j+1; for j >= 8 (values 16..31) the high nibbles of bytes 2j-16 and 2j-15."""
+    even, odd = raw[..., 0::2], raw[..., 1::2]
+    low = (even & 0xF) | ((odd & 0xF) << 4)
+    high = (even >> 4) | (odd & 0xF0)
+    return torch.from_numpy(np.concatenate([low, high], axis=-1).reshape(raw.shape[0], -1))
 
 
 def container(path, name: str, kind: str, blocks: np.ndarray, shape: tuple[int, int]) -> quant.QuantizedWeight:
@@ -53,7 +58,7 @@ def container(path, name: str, kind: str, blocks: np.ndarray, shape: tuple[int, 
         q = torch.from_numpy(np.ascontiguousarray(raw[..., 2:]).view(np.int8).reshape(rows, k))
         return quant.Int8Weight(**common, q=q)
     if kind == "Q4_0":
-        return quant.Int4Weight(**common, packed=quant.pack_int4(_nibbles(raw[..., 2:])),
+        return quant.Int4Weight(**common, packed=_repack_q4(raw[..., 2:]),
                                 zeros=torch.full((rows, k // block), 8.0))
-    return quant.Int4Weight(**common, packed=quant.pack_int4(_nibbles(raw[..., 4:])),
+    return quant.Int4Weight(**common, packed=_repack_q4(raw[..., 4:]),
                             zeros=torch.zeros(rows, k // block), mins=_half(raw[..., 2:4]))

@@ -33,6 +33,7 @@ class PreparedLinear:
     impl: str
     weight: object
     format: str
+    shape: tuple[int, int]
     nbytes: int
     prepared_bytes: int
 
@@ -45,7 +46,8 @@ def prepare_linear(ops: BoundOps, weight):
     size = getattr(prepared, "nbytes", None)
     if size is None:  # a dense tensor, or the container itself (the reference)
         size = prepared.numel() * prepared.element_size() if isinstance(prepared, torch.Tensor) else weight.nbytes
-    return PreparedLinear(weight.op, ops.record[weight.op].impl, prepared, weight.format, weight.nbytes, size)
+    return PreparedLinear(weight.op, ops.record[weight.op].impl, prepared, weight.format, weight.shape, weight.nbytes,
+                          size)
 
 
 def _linear(ops: BoundOps, x: torch.Tensor, weight) -> torch.Tensor:

@@ -66,7 +66,8 @@ def register_dequantized(backend: str, priority: int = 90) -> None:
 
 
 for _op in QUANTIZED_LINEARS:
-    register(Impl(op=_op, backend="cpu", name="reference", fn=f"backends.cpu.reference.linear:{_op}_ref", priority=100))
+    register(Impl(op=_op, backend="cpu", name="reference", fn=f"backends.cpu.reference.linear:{_op}_ref", priority=100,
+                  prepare="backends.cpu.reference.linear:prepare_quantized_ref"))
     register(Impl(op=_op, backend="cpu", name="torch", fn="backends.cpu.quantized:linear_packed",
                   supports=_quantized_supports, priority=0, capturable=True,
                   prepare=f"backends.cpu.quantized:prepare_{_op.removeprefix('linear_')}"))
