@@ -59,9 +59,16 @@ def checkpoint_config(path: str | Path):
     return load_config(Path(path))
 
 
+QUANTIZE_MODES = ("keep", "dequantize", "ternary")
+"""``load_model(quantize=...)``: keep the checkpoint's quantized linears quantized (default),
+decode them into the model dtype at load (the dense behaviour), or pack fake-quantized ternary
+linears (BitCPM4) into ``hal.quant.TernaryWeight``."""
+
+
 def load_model(path: str | Path, device: str = "auto", dtype: str | torch.dtype | None = None, *,
                reference: bool = False, allow_fallback: bool = False,
-               op_overrides: dict[str, Callable[..., Any]] | None = None, tp: int | None = None):
+               op_overrides: dict[str, Callable[..., Any]] | None = None, quantize: str | None = None,
+               tp: int | None = None):
     """Load a MiniCPM checkpoint (Hugging Face layout, or a GGUF file) and bind it to a device.
 
     Args:
@@ -76,6 +83,13 @@ def load_model(path: str | Path, device: str = "auto", dtype: str | torch.dtype 
         allow_fallback: run ops the device cannot serve on the CPU reference (listed in
             ``model.bound_ops``). Default: raise UnsupportedOpError.
         op_overrides: op name -> callable replacing the bound implementation (fault injection).
+        quantize: ``None`` / ``"keep"``: GPTQ int4 and GGUF Q4_0 / Q4_1 / Q8_0 decoder linears stay
+            quantized (``hal.quant`` containers, served by ``linear_int4`` / ``linear_int8``;
+            embedding, norms and lm_head are dense); ``"dequantize"``: every weight dense in
+            ``dtype`` (the old behaviour); ``"ternary"``: also pack the fake-quantized ternary
+            linears of a BitCPM4-style checkpoint (``model/ternary.py``; CheckpointError when a
+            decoder linear is not ternary). With ``tp`` > 1, ``None`` means ``"dequantize"`` (the
+            ranks slice dense weights) and ``"keep"`` / ``"ternary"`` are refused.
         tp: tensor-parallel size (``hal/distributed.py``, ``model/sharding.py``): this process is
             one of ``tp`` ranks (``torchrun --nproc-per-node tp``; the default process group is
             initialised from the launcher's environment unless the caller did) and loads only its
@@ -87,15 +101,20 @@ def load_model(path: str | Path, device: str = "auto", dtype: str | torch.dtype 
         DeviceUnavailable, ConfigError, CheckpointError, UnsupportedOpError, InputError,
         DistributedError (another rank failed, or the process group broke).
     """
+    if quantize is not None and quantize not in QUANTIZE_MODES:
+        raise InputError(f"quantize must be one of {', '.join(QUANTIZE_MODES)} (or None), got {quantize!r}")
     kind = resolve_device(device)
     if tp is None or tp == 1:
-        return _load(path, kind, dtype, reference, allow_fallback, op_overrides, None)
+        return _load(path, kind, dtype, reference, allow_fallback, op_overrides, quantize, None)
+    if quantize in ("keep", "ternary"):
+        raise InputError(f"tp={tp}: tensor parallel of quantized weights is not supported (quantize={quantize!r}); "
+                         "use quantize='dequantize' (--quantize dequantize) or tp=1")
     from hal import distributed
 
     group = distributed.setup(kind, tp)  # the same outcome on every rank: nothing below can hang
     model, error = None, None
     try:
-        model = _load(path, kind, dtype, reference, allow_fallback, op_overrides, group)
+        model = _load(path, kind, dtype, reference, allow_fallback, op_overrides, "dequantize", group)
     except Exception as exc:  # noqa: BLE001 - re-raised by agree() on this rank, reported to the others
         error = exc
     group.agree(error)
@@ -103,12 +122,13 @@ def load_model(path: str | Path, device: str = "auto", dtype: str | torch.dtype 
 
 
 def _load(path: str | Path, kind: str, dtype: str | torch.dtype | None, reference: bool, allow_fallback: bool,
-          op_overrides: dict[str, Callable[..., Any]] | None, group):
+          op_overrides: dict[str, Callable[..., Any]] | None, quantize: str | None, group):
     """:func:`load_model` on one rank; ``group`` (a :class:`hal.distributed.TPGroup`) or None."""
     from model.checkpoint import load_weights
     from model.config import GenerationDefaults, load_config, load_generation_config
     from model.minicpm import MiniCPMForCausalLM
 
+    keep = quantize != "dequantize"
     folder = Path(path)
     gguf_file = None
     if is_gguf(folder):
@@ -137,15 +157,21 @@ def _load(path: str | Path, kind: str, dtype: str | torch.dtype | None, referenc
     ops = bind(kind, torch_dtype, config.shapes() if shard is None else shard.shapes(config), reference=reference,
                allow_fallback=allow_fallback, overrides=op_overrides)
     if gguf_file is None:
-        weights = load_weights(folder, config, torch_dtype, device, shard)
+        weights = load_weights(folder, config, torch_dtype, device, shard=shard, keep=keep)
+        if quantize == "ternary":
+            weights = _pack_ternary(weights, folder)
+        if shard is not None:
+            _refuse_quantized(weights, folder, shard.size)
         return MiniCPMForCausalLM(config, weights, ops, device, torch_dtype, path=folder,
                                   generation=generation, tp=tp)
     from model.gguf_checkpoint import load_gguf_weights
 
     tokenizer_loader = _gguf_tokenizer_loader(gguf_file)
     gguf_file.forget_vocabulary()  # before the weights: the parsed vocabulary is not kept beside them
-    weights = load_gguf_weights(gguf_file, config, torch_dtype, device, shard)
+    weights = load_gguf_weights(gguf_file, config, torch_dtype, device, keep=keep, shard=shard)
     del gguf_file  # closes the memory map: its pages leave the process
+    if quantize == "ternary":
+        weights = _pack_ternary(weights, folder)
     if shard is not None:
         _refuse_quantized(weights, folder, shard.size)
     return MiniCPMForCausalLM(config, weights, ops, device, torch_dtype, path=folder,
@@ -158,6 +184,12 @@ def _refuse_quantized(weights: dict[str, Any], path: Path, tp: int) -> None:
     if kept is not None:
         raise InputError(f"tp={tp}: tensor parallel of quantized weights is not supported ({path}: '{kept}' is "
                          f"kept quantized); use tp=1")
+
+
+def _pack_ternary(weights: dict[str, Any], where: Path) -> dict[str, Any]:
+    from model.ternary import pack_linears
+
+    return pack_linears(weights, where)
 
 
 def _gguf_tokenizer_loader(gguf_file) -> Callable[[], Any]:

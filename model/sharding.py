@@ -109,8 +109,9 @@ def plan(config: MiniCPMConfig, size: int, rank: int, source: str = "the checkpo
         raise InputError(f"tp must be an integer >= 1, got {size!r}")
     heads, kv, ffn, vocab = (config.num_attention_heads, config.num_key_value_heads, config.intermediate_size,
                              config.vocab_size)
-    if size > 1 and config.gptq is not None:
-        raise InputError(f"tp={size}: tensor parallel of GPTQ-quantized weights is not supported "
+    if size > 1 and (config.gptq is not None or config.int8 is not None):
+        kind = "GPTQ" if config.gptq is not None else "int8"
+        raise InputError(f"tp={size}: tensor parallel of {kind}-quantized weights is not supported "
                          f"({source} has a quantization_config); use tp=1")
     if heads % size:
         raise InputError(f"tp={size} does not divide num_attention_heads={heads} of {source}")

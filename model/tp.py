@@ -83,8 +83,14 @@ def single(config, device: torch.device) -> TensorParallel:
 
 
 def weight_bytes(model) -> int:
-    """Bytes of the weight tensors this rank holds (embedding, lm_head if untied, norms, layers)."""
+    """Bytes of the weights this rank holds (embedding, lm_head if untied, norms, layers; a
+    prepared quantized linear counts its ``prepared_bytes``)."""
     tensors = {id(t): t for t in (model.embed, model.lm_head, model.final_norm)}
+    prepared = 0
     for layer in model.layers:
-        tensors.update({id(t): t for t in vars(layer).values() if isinstance(t, torch.Tensor)})
-    return sum(t.numel() * t.element_size() for t in tensors.values())
+        for value in vars(layer).values():
+            if isinstance(value, torch.Tensor):
+                tensors[id(value)] = value
+            elif hasattr(value, "prepared_bytes"):
+                prepared += value.prepared_bytes
+    return prepared + sum(t.numel() * t.element_size() for t in tensors.values())

@@ -63,6 +63,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--decode-graph", action="store_true",
                    help="replay the device's decode steps from a device graph (cuda, npu), as "
                         "generate(decode_graph=True) does; the report names the graph mode")
+    p.add_argument("--quantize", default=None, choices=("keep", "dequantize", "ternary"),
+                   help="how the device and the reference load quantized linears (hal.load_model's quantize): "
+                        "keep (default: packed on the device, decoded in float32 by the reference), "
+                        "dequantize, or ternary (pack BitCPM4 fake-quantized linears)")
     p.add_argument("--tp", type=int, default=1, metavar="N",
                    help="tensor-parallel ranks of the device under test; run under torchrun --nproc-per-node N "
                         "(every rank compares; rank 0 prints and writes the report; default: 1)")
@@ -145,7 +149,7 @@ def _run(args: argparse.Namespace) -> int:
                                 prompts_file=args.prompts, top_k=args.top_k, positions=args.positions,
                                 thresholds=thresholds, allow_fallback=args.allow_fallback,
                                 reference=args.reference, trust_remote_code=args.trust_remote_code,
-                                decode_graph=args.decode_graph, tp=args.tp)
+                                decode_graph=args.decode_graph, quantize=args.quantize, tp=args.tp)
     if args.decode_graph and (kind == "cpu" or args.corpus is not None):
         raise InputError("--decode-graph needs --device cuda or npu (the cpu has no device graphs) and "
                          "the prompt protocol (not --corpus)")
