@@ -355,3 +355,12 @@ def test_bad_tp_timeout_names_the_variable(monkeypatch):
     monkeypatch.setenv("HAL_TP_TIMEOUT", "-3")
     with pytest.raises(InputError, match="HAL_TP_TIMEOUT must be a number of seconds > 0, got '-3'"):
         env.tp_timeout()
+
+
+def test_kept_quantized_weights_with_tp_are_refused(checkpoints):
+    """Tensor parallel slices dense weights: quantize='keep' is refused before any process group
+    forms (a quantized GGUF under TP with quantize=None is dequantized: the gguf-q8 runs above)."""
+    from hal.errors import InputError
+
+    with pytest.raises(InputError, match="tp=2: tensor parallel of quantized weights is not supported"):
+        hal.load_model(checkpoints["gguf-q8"], "cpu", "float32", quantize="keep", tp=2)
