@@ -37,3 +37,17 @@ def test_a_gptq_checkpoint_runs_on_the_fused_int4_op(emulated, monkeypatch, tmp_
     assert err < 2.0 * baseline + 1e-6, f"NPU NMSE {err:.2e} vs CPU dense bf16 NMSE {baseline:.2e}"
     assert agree >= 0.9, agree
 
+
+
+def test_a_group_size_the_fused_op_refuses_binds_the_dequant_path_with_the_reason(emulated, monkeypatch, tmp_path):
+    """The binding sees the checkpoint's group size (hal.api rebinds with G after reading the
+    weights): group 16 is below npu_weight_quant_batchmatmul's 32, so linear_int4 is served by
+    npu.dequant and the record says why, instead of the fused op's prepare failing at load."""
+    path = write_checkpoint(tmp_path / "g16", "tiny", seed=3, dtype="float32", quantize_gptq=True,
+                            overrides={"quantization_config": {"quant_method": "gptq", "bits": 4, "group_size": 16,
+                                                               "desc_act": False, "sym": True}})
+    err, baseline, agree, bound = _compare(path, monkeypatch)
+    assert bound["linear_int4"] == "npu.dequant"
+    assert err < 2.0 * baseline + 1e-6, f"NPU NMSE {err:.2e} vs CPU dense bf16 NMSE {baseline:.2e}"
+    record = hal.load_model(path, "npu", "bfloat16").ops.record["linear_int4"]
+    assert any(q == "npu.torch_npu" and "got 16" in why for q, why in record.passed_over), record.passed_over
