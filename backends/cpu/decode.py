@@ -35,10 +35,11 @@ def kv_write_decode_cpu(k_cache: torch.Tensor, v_cache: torch.Tensor, k: torch.T
 def _heads_follow(q: torch.Tensor, k: torch.Tensor) -> bool:
     """Whether k's heads follow q's in one buffer with the same strides (q and k split from one
     fused qkv projection): then one view holds both."""
-    return (q.dtype == k.dtype and q.stride() == k.stride() and q.shape[:2] == k.shape[:2]
-            and q.shape[3] == k.shape[3] and q.stride(3) == 1 and q.stride(2) == q.shape[3]
+    same_rows = all(q.stride(d) == k.stride(d) for d in (0, 1) if q.shape[d] > 1)  # size-1 dims: any stride
+    return (q.dtype == k.dtype and q.shape[:2] == k.shape[:2] and q.shape[3] == k.shape[3] and same_rows
+            and q.stride()[2:] == k.stride()[2:] == (q.shape[3], 1)
             and q.untyped_storage().data_ptr() == k.untyped_storage().data_ptr()
-            and k.storage_offset() == q.storage_offset() + q.shape[2] * q.stride(2))
+            and k.storage_offset() == q.storage_offset() + q.shape[2] * q.shape[3])
 
 
 def rotary_decode_cpu(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor
