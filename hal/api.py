@@ -59,9 +59,15 @@ def checkpoint_config(path: str | Path):
     return load_config(Path(path))
 
 
+QUANTIZE_MODES = ("keep", "dequantize", "ternary")
+"""``load_model(quantize=...)``: keep the checkpoint's quantized linears quantized (default),
+decode them into the model dtype at load (the dense behaviour), or pack fake-quantized ternary
+linears (BitCPM4) into ``hal.quant.TernaryWeight``."""
+
+
 def load_model(path: str | Path, device: str = "auto", dtype: str | torch.dtype | None = None, *,
                reference: bool = False, allow_fallback: bool = False,
-               op_overrides: dict[str, Callable[..., Any]] | None = None):
+               op_overrides: dict[str, Callable[..., Any]] | None = None, quantize: str | None = None):
     """Load a MiniCPM checkpoint (Hugging Face layout, or a GGUF file) and bind it to a device.
 
     Args:
@@ -76,6 +82,12 @@ def load_model(path: str | Path, device: str = "auto", dtype: str | torch.dtype 
         allow_fallback: run ops the device cannot serve on the CPU reference (listed in
             ``model.bound_ops``). Default: raise UnsupportedOpError.
         op_overrides: op name -> callable replacing the bound implementation (fault injection).
+        quantize: ``None`` / ``"keep"``: GPTQ int4 and GGUF Q4_0 / Q4_1 / Q8_0 decoder linears stay
+            quantized (``hal.quant`` containers, served by ``linear_int4`` / ``linear_int8``;
+            embedding, norms and lm_head are dense); ``"dequantize"``: every weight dense in
+            ``dtype`` (the old behaviour); ``"ternary"``: also pack the fake-quantized ternary
+            linears of a BitCPM4-style checkpoint (``model/ternary.py``; CheckpointError when a
+            decoder linear is not ternary).
 
     Raises:
         DeviceUnavailable, ConfigError, CheckpointError, UnsupportedOpError, InputError.
@@ -84,6 +96,9 @@ def load_model(path: str | Path, device: str = "auto", dtype: str | torch.dtype 
     from model.config import GenerationDefaults, load_config, load_generation_config
     from model.minicpm import MiniCPMForCausalLM
 
+    if quantize is not None and quantize not in QUANTIZE_MODES:
+        raise InputError(f"quantize must be one of {', '.join(QUANTIZE_MODES)} (or None), got {quantize!r}")
+    keep = quantize != "dequantize"
     kind = resolve_device(device)
     folder = Path(path)
     gguf_file = None
@@ -105,17 +120,27 @@ def load_model(path: str | Path, device: str = "auto", dtype: str | torch.dtype 
     ops = bind(kind, torch_dtype, config.shapes(), reference=reference, allow_fallback=allow_fallback,
                overrides=op_overrides)
     if gguf_file is None:
-        weights = load_weights(folder, config, torch_dtype, torch_device(kind))
+        weights = load_weights(folder, config, torch_dtype, torch_device(kind), keep=keep)
+        if quantize == "ternary":
+            weights = _pack_ternary(weights, folder)
         return MiniCPMForCausalLM(config, weights, ops, torch_device(kind), torch_dtype, path=folder,
                                   generation=generation)
     from model.gguf_checkpoint import load_gguf_weights
 
     tokenizer_loader = _gguf_tokenizer_loader(gguf_file)
     gguf_file.forget_vocabulary()  # before the weights: the parsed vocabulary is not kept beside them
-    weights = load_gguf_weights(gguf_file, config, torch_dtype, torch_device(kind))
+    weights = load_gguf_weights(gguf_file, config, torch_dtype, torch_device(kind), keep=keep)
     del gguf_file  # closes the memory map: its pages leave the process
+    if quantize == "ternary":
+        weights = _pack_ternary(weights, folder)
     return MiniCPMForCausalLM(config, weights, ops, torch_device(kind), torch_dtype, path=folder,
                               generation=generation, tokenizer_loader=tokenizer_loader)
+
+
+def _pack_ternary(weights: dict[str, Any], where: Path) -> dict[str, Any]:
+    from model.ternary import pack_linears
+
+    return pack_linears(weights, where)
 
 
 def _gguf_tokenizer_loader(gguf_file) -> Callable[[], Any]:

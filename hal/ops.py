@@ -39,6 +39,17 @@ Semantics (what every implementation must compute; the float32 reference in
 ``linear(x [..., K], weight [O, K]) -> [..., O]``
     ``x @ weight.T``, no bias.
 
+``linear_int4(x [..., K], weight: hal.quant.Int4Weight) -> [..., O]``
+``linear_int8(x [..., K], weight: hal.quant.Int8Weight) -> [..., O]``
+``linear_ternary(x [..., K], weight: hal.quant.TernaryWeight) -> [..., O]``
+    Weight-only quantized linears (activations are not quantized): ``x @ W.T`` with ``W =
+    weight.dequantize()`` (the exact float32 decoding of the container, ``hal/quant.py``),
+    accumulated in float32 and returned in x's dtype. The op receives what the bound
+    implementation's ``prepare`` made of the container at bind time (its own packed layout);
+    the reference's prepare is the container's float32 decoding (the reference also takes the
+    container itself). The tolerance is against the float32 reference
+    on the same container, so the quantization error itself is not the op's.
+
 ``logits(x [..., E], weight [V, E]) -> [..., V] float32``
     ``x @ weight.T`` accumulated in float32 and returned in float32, never rounded to the model
     dtype: bf16-rounded logits alone move top-1 probabilities by ~0.5% on average (several %
@@ -205,6 +216,18 @@ LINEAR = OpSpec(
     outputs={"y": "[..., O]"},
     nmse=_REDUCTION,
 )
+def _quantized_linear(name: str, container: str) -> OpSpec:
+    return OpSpec(
+        name,
+        inputs={"x": "[..., K]", "weight": f"hal.quant.{container} [O, K] (prepared by the bound impl)"},
+        outputs={"y": "[..., O]"},
+        nmse=_REDUCTION,
+    )
+
+
+LINEAR_INT4 = _quantized_linear("linear_int4", "Int4Weight")
+LINEAR_INT8 = _quantized_linear("linear_int8", "Int8Weight")
+LINEAR_TERNARY = _quantized_linear("linear_ternary", "TernaryWeight")
 LOGITS = OpSpec(
     "logits",
     inputs={"x": "[..., E]", "weight": "[V, E]"},
@@ -314,6 +337,9 @@ CATALOGUE: dict[str, OpSpec] = {
         SWIGLU,
         SIGMOID_GATE,
         LINEAR,
+        LINEAR_INT4,
+        LINEAR_INT8,
+        LINEAR_TERNARY,
         LOGITS,
         ATTENTION_PREFILL,
         ATTENTION_DECODE,

@@ -20,6 +20,7 @@ from hal import env
 from hal.probing import torch_device
 from hal.errors import InputError, UnsupportedOpError
 from hal.ops import CATALOGUE
+from hal.quant import QuantizedWeight
 
 log = logging.getLogger("hal")
 
@@ -62,6 +63,9 @@ class Impl:
     graph_update: capturable only in a graph whose runtime refreshes the op's host length arguments
     before each replay (``NPUGraph.update`` after ``auto_dispatch_capture``; the caller gives the
     lengths at capture through :func:`hal.graphs.host_kv_lens`), see ``GraphRuntime.refresh``.
+    prepare: ``"module.path:function"`` or None, for ops whose weights the implementation
+    repacks once at bind time (the quantized linears): ``prepare(weight, ctx) -> object`` turns
+    a ``hal.quant`` container into what ``fn`` receives; None passes the container unchanged.
     """
 
     op: str
@@ -72,14 +76,22 @@ class Impl:
     priority: int = 0
     capturable: bool = False
     graph_update: bool = False
+    prepare: str | None = None
 
     @property
     def qualname(self) -> str:
         return f"{self.backend}.{self.name}"
 
     def load(self) -> Callable[..., Any]:
-        module_name, _, attr = self.fn.partition(":")
-        return getattr(importlib.import_module(module_name), attr)
+        return _import(self.fn)
+
+    def load_prepare(self) -> Callable[..., Any] | None:
+        return _import(self.prepare) if self.prepare else None
+
+
+def _import(path: str) -> Callable[..., Any]:
+    module_name, _, attr = path.partition(":")
+    return getattr(importlib.import_module(module_name), attr)
 
 
 _IMPLS: list[Impl] = []
@@ -127,12 +139,20 @@ class Binding:
 class BoundOps:
     """The resolved op table: ``ops.rms_norm(...)`` calls the bound implementation directly."""
 
-    def __init__(self, fns: dict[str, Callable[..., Any]], record: dict[str, Binding], ctx: BindContext):
+    def __init__(self, fns: dict[str, Callable[..., Any]], record: dict[str, Binding], ctx: BindContext,
+                 prepares: dict[str, Callable[..., Any]] | None = None):
         self._fns = fns
+        self._prepares = dict(prepares or {})
         self.record = record
         self.context = ctx
         for name, fn in fns.items():
             setattr(self, name, fn)
+
+    def prepare(self, op: str, weight: Any) -> Any:
+        """What the implementation bound to ``op`` receives for ``weight`` (a ``hal.quant``
+        container): its own layout, made once here; the container itself when it has no prepare."""
+        fn = self._prepares.get(op)
+        return weight if fn is None else fn(weight, self.context)
 
     def as_dict(self) -> dict[str, dict[str, Any]]:
         return {
@@ -148,7 +168,7 @@ def _on_cpu(fn: Callable[..., Any], device: torch.device) -> Callable[..., Any]:
     """Wrap a CPU implementation so it can serve another device (explicit fallback only)."""
 
     def to(obj: Any, dev: torch.device) -> Any:
-        if isinstance(obj, torch.Tensor):
+        if isinstance(obj, (torch.Tensor, QuantizedWeight)):
             return obj.to(dev)
         if isinstance(obj, tuple):
             return tuple(to(o, dev) for o in obj)
@@ -204,6 +224,7 @@ def bind(
     ctx = BindContext(device=device, dtype=dtype, shapes=dict(shapes or {}))
     disabled = env.disabled_backends()
     fns: dict[str, Callable[..., Any]] = {}
+    prepares: dict[str, Callable[..., Any]] = {}
     record: dict[str, Binding] = {}
     failures: list[str] = []
     for op in CATALOGUE:
@@ -233,6 +254,9 @@ def bind(
                 passed.append((impl.qualname, reason))
         if chosen is not None:
             fns[op] = chosen.load()
+            prepare = chosen.load_prepare()
+            if prepare is not None:
+                prepares[op] = prepare
             record[op] = Binding(op, chosen.qualname, False, tuple(passed))
             continue
         if allow_fallback and device != "cpu" and op not in capture:
@@ -249,4 +273,4 @@ def bind(
             f"no {device} implementation supports {ctx.dtype_name} for: " + ", ".join(failures)
             + ("" if allow_fallback else "; pass allow_fallback=True (--allow-fallback) to run them on CPU")
         )
-    return BoundOps(fns, record, ctx)
+    return BoundOps(fns, record, ctx, prepares)

@@ -9,9 +9,10 @@ from typing import Iterator
 
 import torch
 
+from hal import quant
 from hal.errors import CheckpointError
 from model import gptq
-from model.config import MiniCPMConfig
+from model.config import INT8_METHOD, MiniCPMConfig
 from model.safetensors_mmap import SafetensorsFile
 
 SINGLE = "model.safetensors"
@@ -53,7 +54,9 @@ def expected_shapes(config: MiniCPMConfig) -> dict[str, tuple[int, ...]]:
             shapes[p + "self_attn.o_gate.weight"] = (q_out, e)
     if not config.tie_word_embeddings:
         shapes["lm_head.weight"] = (v, e)
-    return _gptq_shapes(shapes, config) if config.gptq is not None else shapes
+    if config.gptq is not None:
+        return _gptq_shapes(shapes, config)
+    return _int8_shapes(shapes, config) if config.int8 is not None else shapes
 
 
 QUANTIZED = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj", "mlp.gate_proj",
@@ -76,6 +79,24 @@ def _gptq_shapes(shapes: dict[str, tuple[int, ...]], config: MiniCPMConfig) -> d
         groups = 1 if config.gptq.group_size < 0 else k // config.gptq.group_size
         out.update({prefix + ".qweight": (k // 8, n), prefix + ".qzeros": (groups, n // 8),
                     prefix + ".scales": (groups, n), prefix + ".g_idx": (k,)})
+    return out
+
+
+INT8_PARTS = ("weight_int8", "weight_scale")
+"""``hal_int8`` checkpoints (``model.config.Int8Linears``): the tensors of one int8 linear."""
+
+
+def _int8_shapes(shapes: dict[str, tuple[int, ...]], config: MiniCPMConfig) -> dict[str, tuple[int, ...]]:
+    """``<linear>.weight`` `[N, K]` -> weight_int8 `[N, K]`, weight_scale `[N, G]`."""
+    out: dict[str, tuple[int, ...]] = {}
+    for name, shape in shapes.items():
+        prefix = name.removesuffix(".weight")
+        if not (name.startswith("model.layers.") and prefix.endswith(QUANTIZED)):
+            out[name] = shape
+            continue
+        n, k = shape
+        groups = 1 if config.int8.group_size < 0 else k // config.int8.group_size
+        out.update({prefix + ".weight_int8": (n, k), prefix + ".weight_scale": (n, groups)})
     return out
 
 
@@ -187,14 +208,21 @@ class CheckpointReader:
                 raise CheckpointError(f"{self.location[name].path}: tensor '{name}' "
                                       f"has shape {list(entry.shape)}, "
                                       f"expected {list(shape)} from config.json")
+            if name.endswith(INT8_PARTS):
+                want = torch.int8 if name.endswith(".weight_int8") else torch.float32
+                if entry.dtype != want:
+                    raise CheckpointError(f"{self.location[name].path}: tensor '{name}' has dtype {entry.dtype}, "
+                                          f"expected {dtype_label(want)} ({INT8_METHOD})")
+                continue
             integer = name.endswith(INTEGER_PARTS)
             if entry.dtype.is_floating_point == integer or (integer and entry.dtype != torch.int32):
                 raise CheckpointError(f"{self.location[name].path}: tensor '{name}' has dtype {entry.dtype}, "
                                       f"expected {'int32 (GPTQ)' if integer else 'a floating-point dtype'}")
 
     def where(self, name: str) -> Path:
-        """The file holding ``name`` (for a dequantized GPTQ ``<linear>.weight``: its qweight's)."""
-        source = self.location.get(name) or self.location[name.removesuffix("weight") + "qweight"]
+        """The file holding ``name`` (for a quantized ``<linear>.weight``: its qweight's / weight_int8's)."""
+        source = (self.location.get(name) or self.location.get(name.removesuffix("weight") + "qweight")
+                  or self.location[name + "_int8"])
         return source.path
 
     def release(self, name: str) -> None:
@@ -207,8 +235,8 @@ class CheckpointReader:
         for name in expected_shapes(self.config):
             source = self.location[name]
             raw = source.tensor(name)
-            if name.endswith(INTEGER_PARTS + (".scales",)):
-                yield name, raw  # GPTQ parts: dequantized on the CPU by load_weights
+            if name.endswith(INTEGER_PARTS + (".scales",) + INT8_PARTS):
+                yield name, raw  # GPTQ / int8 parts: built into containers on the CPU by load_weights
                 continue
             if raw.dtype == dtype and device.type == "cpu":
                 yield name, raw
@@ -254,10 +282,11 @@ One GEMM instead of three (q/k/v) or two (gate/up) per layer, as vLLM and CPM.cu
 
 
 def load_weights(checkpoint: Path, config: MiniCPMConfig, dtype: torch.dtype,
-                 device: torch.device) -> dict[str, torch.Tensor]:
+                 device: torch.device, keep: bool = False) -> dict[str, torch.Tensor]:
     """Every tensor of the checkpoint in ``dtype`` on ``device``, GPTQ linears dequantized
     (``model/gptq.py``), with each layer's projections fused as :data:`FUSED` says (the parts
-    are not kept; their mapped pages are released)."""
+    are not kept; their mapped pages are released). ``keep``: GPTQ linears with plain groups
+    stay ``hal.quant.Int4Weight`` containers (on the CPU) instead."""
     reader = CheckpointReader(checkpoint, config)
     weights: dict[str, torch.Tensor] = {}
     packed: dict[str, dict[str, torch.Tensor]] = {}
@@ -270,29 +299,79 @@ def load_weights(checkpoint: Path, config: MiniCPMConfig, dtype: torch.dtype,
             if len(parts) < len(gptq.PARTS):
                 continue
             del packed[prefix]
-            groups = parts["scales"].shape[0]
-            if parts["g_idx"].numel() and not (0 <= int(parts["g_idx"].min()) and int(parts["g_idx"].max()) < groups):
-                raise CheckpointError(f"{reader.location[prefix + 'g_idx'].path}: tensor '{prefix}g_idx' holds "
-                                      f"groups outside [0, {groups})")
-            weight = gptq.dequantize(parts["qweight"], parts["qzeros"], parts["scales"], parts["g_idx"],
-                                     config.gptq.zero_offset)
-            name, tensor = prefix + "weight", weight.to(device=device, dtype=dtype)
+            name, tensor = prefix + "weight", _gptq_linear(reader, prefix, parts, config, dtype, device, keep)
             for p in gptq.PARTS:
                 reader.release(prefix + p)
-        check_finite(reader.where(name), name, tensor)
+        int8_part = next((p for p in INT8_PARTS if name.endswith("." + p)), None)
+        if int8_part is not None:
+            prefix = name[: -len(int8_part)]
+            parts = packed.setdefault(prefix, {})
+            parts[int8_part] = tensor
+            if len(parts) < len(INT8_PARTS):
+                continue
+            del packed[prefix]
+            weight = quant.Int8Weight(name=prefix + "weight", source="rtn", out_features=parts["weight_int8"].shape[0],
+                                      in_features=parts["weight_int8"].shape[1],
+                                      group_size=parts["weight_int8"].shape[1] // parts["weight_scale"].shape[1],
+                                      scales=parts["weight_scale"].contiguous(), q=parts["weight_int8"].contiguous())
+            name, tensor = prefix + "weight", weight if keep else weight.dequantize().to(device=device, dtype=dtype)
+            for p in INT8_PARTS:
+                reader.release(prefix + p)
+        if isinstance(tensor, quant.QuantizedWeight):
+            check_finite_container(reader.where(name), name, tensor)
+        else:
+            check_finite(reader.where(name), name, tensor)
         weights[name] = tensor
-        for part in fuse_parts(weights, name):
+        for part in fuse_parts(weights, name, dtype, device):
             if part in reader.location:
                 reader.release(part)
     return weights
 
 
-def fuse_parts(weights: dict[str, torch.Tensor], name: str) -> tuple[str, ...]:
+def _gptq_linear(reader: CheckpointReader, prefix: str, parts: dict[str, torch.Tensor], config: MiniCPMConfig,
+                 dtype: torch.dtype, device: torch.device, keep: bool):
+    groups = parts["scales"].shape[0]
+    g_idx = parts["g_idx"]
+    if g_idx.numel() and not (0 <= int(g_idx.min()) and int(g_idx.max()) < groups):
+        raise CheckpointError(f"{reader.location[prefix + 'g_idx'].path}: tensor '{prefix}g_idx' holds "
+                              f"groups outside [0, {groups})")
+    group_size = g_idx.numel() // groups
+    if keep and gptq.plain_groups(g_idx, group_size):
+        return gptq.container(prefix + "weight", parts["qweight"], parts["qzeros"], parts["scales"], group_size,
+                              config.gptq.zero_offset)
+    weight = gptq.dequantize(parts["qweight"], parts["qzeros"], parts["scales"], g_idx, config.gptq.zero_offset)
+    return weight.to(device=device, dtype=dtype)
+
+
+def check_finite_container(path: Path, name: str, weight: quant.QuantizedWeight) -> None:
+    """:func:`check_finite` on a container's float fields (scales, zeros, mins)."""
+    for field, tensor in weight.tensors().items():
+        check_finite(path, f"{name} ({field})", tensor)
+
+
+def fuse_parts(weights: dict[str, torch.Tensor], name: str, dtype: torch.dtype | None = None,
+               device: torch.device | None = None) -> tuple[str, ...]:
     """When ``name`` (just added to ``weights``) completes a :data:`FUSED` group, replace the
-    group's parts by their concatenation. Returns the names of the parts fused (empty if none)."""
+    group's parts by their concatenation. Returns the names of the parts fused (empty if none).
+
+    Quantized parts (``hal.quant`` containers) of one kind, source and group size fuse into one
+    container (``hal.quant.cat_rows``); a group mixing kinds or with dense parts is decoded into
+    dense ``dtype`` on ``device`` and fused dense (named in the model's quantization table)."""
     for fused, parts_of in FUSED.items():
         prefix = name[: -len(parts_of[-1])]
         if name.endswith(parts_of[-1]) and all(prefix + p in weights for p in parts_of):
-            weights[prefix + fused] = torch.cat([weights.pop(prefix + p) for p in parts_of])
+            parts = [weights.pop(prefix + p) for p in parts_of]
+            weights[prefix + fused] = _fuse(prefix + fused, parts, dtype, device)
             return tuple(prefix + p for p in parts_of)
     return ()
+
+
+def _fuse(name: str, parts: list, dtype: torch.dtype | None, device: torch.device | None):
+    containers = [p for p in parts if isinstance(p, quant.QuantizedWeight)]
+    if not containers:
+        return torch.cat(parts)
+    first = containers[0]
+    if len(containers) == len(parts) and all(quant.fusable(first, p) for p in parts):
+        return quant.cat_rows(name, parts)
+    return torch.cat([p.dequantize().to(device=device, dtype=dtype) if isinstance(p, quant.QuantizedWeight)
+                      else p for p in parts])

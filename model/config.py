@@ -67,6 +67,19 @@ class GPTQ:
 
 
 @dataclass(frozen=True)
+class Int8Linears:
+    """``quantization_config`` ``{"quant_method": "hal_int8", "bits": 8, "group_size": N}`` (written
+    by ``python -m model.quantize --format int8``): each decoder linear is stored as
+    ``<linear>.weight_int8`` int8 `[O, K]` and ``<linear>.weight_scale`` float32 `[O, K / N]`
+    (``w = scale * q``); ``group_size`` -1: one scale per output channel."""
+
+    group_size: int
+
+
+INT8_METHOD = "hal_int8"
+
+
+@dataclass(frozen=True)
 class MiniCPMConfig:
     vocab_size: int
     hidden_size: int
@@ -92,6 +105,7 @@ class MiniCPMConfig:
     attn_output_gate: bool = False
     lightning: LightningLayers | None = None
     gptq: GPTQ | None = None
+    int8: Int8Linears | None = None
     raw: dict[str, Any] = field(default_factory=dict, compare=False, repr=False)
 
     @property
@@ -285,8 +299,11 @@ def _gptq(fields: _Fields, inputs: tuple[int, ...], outputs: tuple[int, ...], sa
         raise fields.fail("quantization_config", f"must be an object or null, got {data!r}"[:200])
     q = _Fields(data, fields.source, prefix="quantization_config.")
     method = data.get("quant_method", "gptq")
+    if method == INT8_METHOD:
+        return None
     if method != "gptq":
-        raise q.fail("quant_method", f"must be 'gptq' (the only quantized format supported), got {method!r}")
+        raise q.fail("quant_method", f"must be 'gptq' or '{INT8_METHOD}' (the quantized formats supported), "
+                                     f"got {method!r}")
     if q.integer("bits") != 4:
         raise q.fail("bits", f"must be 4, got {data['bits']!r}")
     if q.boolean("lm_head", False):
@@ -307,6 +324,22 @@ def _gptq(fields: _Fields, inputs: tuple[int, ...], outputs: tuple[int, ...], sa
         if size % 8:
             raise q.fail("bits", f"4-bit packing needs output sizes divisible by 8, got {size}")
     return GPTQ(group_size=group, zero_offset=1 if form == "gptq" else 0)
+
+
+def _int8(fields: _Fields, inputs: tuple[int, ...]) -> Int8Linears | None:
+    data = fields.data.get("quantization_config")
+    if not isinstance(data, dict) or data.get("quant_method") != INT8_METHOD:
+        return None
+    q = _Fields(data, fields.source, prefix="quantization_config.")
+    if q.integer("bits") != 8:
+        raise q.fail("bits", f"must be 8 for {INT8_METHOD}, got {data['bits']!r}")
+    group = q.integer("group_size", -1, minimum=-1)
+    if group == 0:
+        raise q.fail("group_size", "must be -1 (one scale per output channel) or > 0, got 0")
+    for size in inputs:
+        if group > 0 and size % group:
+            raise q.fail("group_size", f"{group} must divide every linear's input size, got {size}")
+    return Int8Linears(group_size=group)
 
 
 def parse_config(data: Any, source: str = "config.json") -> MiniCPMConfig:
@@ -375,6 +408,7 @@ def parse_config(data: Any, source: str = "config.json") -> MiniCPMConfig:
         gptq=_gptq(f, (hidden, f.integer("intermediate_size"), heads * head_dim),
                    (hidden, f.integer("intermediate_size"), kv_heads * head_dim),
                    sala="lightning" in mixers or f.boolean("attn_use_output_gate", False)),
+        int8=_int8(f, (hidden, f.integer("intermediate_size"), heads * head_dim)),
         raw=data,
     )
     for name in ("bos_token_id", "pad_token_id"):

@@ -22,6 +22,11 @@ that carries the key gets it honoured.
 Q/K rows: llama.cpp's rotary pairs adjacent elements, HF's pairs ``j`` with ``j + D/2``; the
 converter (``LlamaModel.permute``) stores each head's rows reordered as
 ``w.reshape(n, 2, D/2, E).swapaxes(1, 2)``. :func:`unpermute_rows` is its inverse.
+
+Kept quantized (``keep=True``, the default of ``hal.load_model`` for a GGUF): the decoder layers'
+linears of types Q4_0 / Q4_1 / Q8_0 become ``hal.quant`` containers (``model/gguf_quant.py``), their
+rows unpermuted alike (a row permutation moves each row's blocks with it). The embedding, the
+norms and lm_head stay dense (dequantized into the model dtype), as do linears of other types.
 """
 from __future__ import annotations
 
@@ -32,7 +37,8 @@ from typing import Any
 import torch
 
 from hal.errors import CheckpointError, ConfigError
-from model.checkpoint import expected_shapes, fuse_parts
+from hal import quant
+from model.checkpoint import QUANTIZED, expected_shapes, fuse_parts
 from model.config import MiniCPMConfig, parse_config
 from model.gguf_file import GGUFFile
 
@@ -193,29 +199,57 @@ def _check_tensors(file: GGUFFile, config: MiniCPMConfig, names: dict[str, str])
                               + (f" (and {len(extra) - 1} more)" if len(extra) > 1 else ""))
 
 
-def iter_hf_tensors(file: GGUFFile, config: MiniCPMConfig, dtype: torch.dtype):
-    """Yields (HF name, tensor in ``dtype`` on the CPU, HF row order), one tensor at a time."""
+def kept_quantized(file: GGUFFile, hf_name: str, gguf_name: str) -> bool:
+    """True when ``hf_name`` is a decoder-layer linear stored in a type kept quantized."""
+    from model.gguf_quant import KEPT
+
+    return (hf_name.startswith("model.layers.") and hf_name.removesuffix(".weight").endswith(QUANTIZED)
+            and file.type_name(gguf_name) in KEPT)
+
+
+def _quantized_tensor(file: GGUFFile, gguf_name: str) -> quant.QuantizedWeight:
+    from model.gguf_quant import container
+
+    info = file.tensors[gguf_name]
+    if info.data.nbytes != info.n_bytes:
+        raise CheckpointError(f"{file.path}: tensor '{gguf_name}' is truncated ({info.data.nbytes} of "
+                              f"{info.n_bytes} bytes present)")
+    shape = file.shape(gguf_name)
+    weight = container(file.path, gguf_name, file.type_name(gguf_name), info.data.reshape(shape[0], -1), shape)
+    file.release(gguf_name)
+    return weight
+
+
+def iter_hf_tensors(file: GGUFFile, config: MiniCPMConfig, dtype: torch.dtype, keep: bool = False):
+    """Yields (HF name, tensor in ``dtype`` on the CPU, HF row order), one tensor at a time;
+    ``keep``: Q4_0 / Q4_1 / Q8_0 decoder linears as ``hal.quant`` containers instead."""
     names = tensor_names(config, file.architecture)
     _check_tensors(file, config, names)
     for hf_name, gguf_name in names.items():
-        # the permutation is undone in float32 when the tensor is read as float32 anyway
-        tensor = file.tensor(gguf_name, dtype)
-        if hf_name.endswith("self_attn.q_proj.weight"):
-            tensor = unpermute_rows(tensor, config.num_attention_heads).contiguous()
-        elif hf_name.endswith("self_attn.k_proj.weight"):
-            tensor = unpermute_rows(tensor, config.num_key_value_heads).contiguous()
+        if keep and kept_quantized(file, hf_name, gguf_name):
+            tensor = _quantized_tensor(file, gguf_name)
+        else:
+            # the permutation is undone in float32 when the tensor is read as float32 anyway
+            tensor = file.tensor(gguf_name, dtype)
+        heads = (config.num_attention_heads if hf_name.endswith("self_attn.q_proj.weight") else
+                 config.num_key_value_heads if hf_name.endswith("self_attn.k_proj.weight") else None)
+        if heads is not None and isinstance(tensor, quant.QuantizedWeight):
+            tensor = tensor.map_rows(lambda t: unpermute_rows(t, heads))
+        elif heads is not None:
+            tensor = unpermute_rows(tensor, heads).contiguous()
         yield hf_name, tensor
 
 
 def load_gguf_weights(file: GGUFFile, config: MiniCPMConfig, dtype: torch.dtype,
-                      device: torch.device) -> dict[str, torch.Tensor]:
+                      device: torch.device, keep: bool = False) -> dict[str, torch.Tensor]:
     """Every tensor of the GGUF dequantized into ``dtype`` on ``device``, under the HF names, with
     each layer's projections fused as ``model.checkpoint.FUSED`` says: what
-    ``model.checkpoint.load_weights`` returns for the same model in safetensors."""
+    ``model.checkpoint.load_weights`` returns for the same model in safetensors. ``keep``: the
+    Q4_0 / Q4_1 / Q8_0 decoder linears stay ``hal.quant`` containers (on the CPU)."""
     weights: dict[str, torch.Tensor] = {}
-    for name, tensor in iter_hf_tensors(file, config, dtype):
-        weights[name] = tensor.to(device)
-        fuse_parts(weights, name)
+    for name, tensor in iter_hf_tensors(file, config, dtype, keep):
+        weights[name] = tensor if isinstance(tensor, quant.QuantizedWeight) else tensor.to(device)
+        fuse_parts(weights, name, dtype, device)
     return weights
 
 

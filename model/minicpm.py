@@ -23,10 +23,44 @@ from model.rope import RopeTable
 from model.slopes import alibi_slopes
 
 
+@dataclass(frozen=True)
+class PreparedLinear:
+    """A quantized linear as the bound implementation of its op prepared it (``BoundOps.prepare``):
+    ``weight`` is that implementation's own layout; ``format`` / ``nbytes`` describe the
+    checkpoint's container (``hal.quant``), ``prepared_bytes`` what the model holds."""
+
+    op: str
+    impl: str
+    weight: object
+    format: str
+    shape: tuple[int, int]
+    nbytes: int
+    prepared_bytes: int
+
+
+def prepare_linear(ops: BoundOps, weight):
+    """A dense tensor unchanged; a ``hal.quant`` container -> :class:`PreparedLinear` (made once)."""
+    if isinstance(weight, torch.Tensor) or weight is None:
+        return weight
+    prepared = ops.prepare(weight.op, weight)
+    size = getattr(prepared, "nbytes", None)
+    if size is None:  # a dense tensor, or the container itself (the reference)
+        size = prepared.numel() * prepared.element_size() if isinstance(prepared, torch.Tensor) else weight.nbytes
+    return PreparedLinear(weight.op, ops.record[weight.op].impl, prepared, weight.format, weight.shape, weight.nbytes,
+                          size)
+
+
+def _linear(ops: BoundOps, x: torch.Tensor, weight) -> torch.Tensor:
+    """x `[..., K]` @ a dense weight `[O, K]` (ops.linear) or a :class:`PreparedLinear` (its op)."""
+    if isinstance(weight, torch.Tensor):
+        return ops.linear(x, weight)
+    return getattr(ops, weight.op)(x, weight.weight)
+
+
 @dataclass
 class LayerWeights:
     """One decoder layer. qkv: `[(H + 2*Hk)*D, E]` (q, k, v rows stacked; Hk = H in lightning
-    layers); gate_up: `[2F, E]`. SALA only: o_gate `[H*D, E]` (attention layers), z `[H*D, E]`,
+    layers); gate_up: `[2F, E]`. Each linear is a dense tensor or a :class:`PreparedLinear`. SALA only: o_gate `[H*D, E]` (attention layers), z `[H*D, E]`,
     q_norm / k_norm `[D]`, o_norm `[H*D]` (lightning layers); None where the config has none."""
 
     mixer: str
@@ -43,7 +77,7 @@ class LayerWeights:
     o_norm: torch.Tensor | None = None
 
 
-def _layers(weights: dict[str, torch.Tensor], config: MiniCPMConfig) -> list[LayerWeights]:
+def _layers(weights: dict[str, torch.Tensor], config: MiniCPMConfig, ops: BoundOps) -> list[LayerWeights]:
     layers = []
     for i in range(config.num_hidden_layers):
         p = f"model.layers.{i}."
@@ -51,13 +85,13 @@ def _layers(weights: dict[str, torch.Tensor], config: MiniCPMConfig) -> list[Lay
         layers.append(LayerWeights(
             mixer=config.mixer(i),
             input_norm=weights[p + "input_layernorm.weight"],
-            qkv=weights[attn + "qkv_proj.weight"],
-            o=weights[attn + "o_proj.weight"],
+            qkv=prepare_linear(ops, weights[attn + "qkv_proj.weight"]),
+            o=prepare_linear(ops, weights[attn + "o_proj.weight"]),
             post_norm=weights[p + "post_attention_layernorm.weight"],
-            gate_up=weights[p + "mlp.gate_up_proj.weight"],
-            down=weights[p + "mlp.down_proj.weight"],
-            o_gate=weights.get(attn + "o_gate.weight"),
-            z=weights.get(attn + "z_proj.weight"),
+            gate_up=prepare_linear(ops, weights[p + "mlp.gate_up_proj.weight"]),
+            down=prepare_linear(ops, weights[p + "mlp.down_proj.weight"]),
+            o_gate=prepare_linear(ops, weights.get(attn + "o_gate.weight")),
+            z=prepare_linear(ops, weights.get(attn + "z_proj.weight")),
             q_norm=weights.get(attn + "q_norm.weight"),
             k_norm=weights.get(attn + "k_norm.weight"),
             o_norm=weights.get(attn + "o_norm.weight"),
@@ -90,7 +124,7 @@ class MiniCPMForCausalLM:
         self.embed = weights["model.embed_tokens.weight"]
         self.final_norm = weights["model.norm.weight"]
         self.lm_head = self.embed if config.tie_word_embeddings else weights["lm_head.weight"]
-        self.layers = _layers(weights, config)
+        self.layers = _layers(weights, config, ops)
         self.rope = RopeTable(config, device)
         # LongRoPE's mscale is applied here, not in the cos/sin tables (model/rope.py): as mscale**2
         # on every scale that multiplies a rotated q.k (attention and InfLLM-v2 selection; lightning)
@@ -242,8 +276,8 @@ class MiniCPMForCausalLM:
                 attn = self._attention(ops, index, layer, x, cos, sin, cache, kv_start, decode, slots, kv_lens,
                                        sparse)
             x, residual = ops.add_rms_norm(attn, residual, layer.post_norm, cfg.rms_norm_eps, alpha)
-            gate, up = ops.linear(x, layer.gate_up).chunk(2, dim=-1)
-            mlp = ops.linear(ops.swiglu(gate, up), layer.down)
+            gate, up = _linear(ops, x, layer.gate_up).chunk(2, dim=-1)
+            mlp = _linear(ops, ops.swiglu(gate, up), layer.down)
             next_norm = self.layers[index + 1].input_norm if index + 1 < len(self.layers) else self.final_norm
             x, residual = ops.add_rms_norm(mlp, residual, next_norm, cfg.rms_norm_eps, alpha)
             if hidden is not None:
@@ -264,7 +298,7 @@ class MiniCPMForCausalLM:
         cfg = self.config
         batch, new, _ = x.shape
         d = cfg.head_dim
-        q, k, v = ops.linear(x, layer.qkv).split(self.qkv_sizes, dim=-1)
+        q, k, v = _linear(ops, x, layer.qkv).split(self.qkv_sizes, dim=-1)
         q = q.view(batch, new, cfg.num_attention_heads, d)
         k = k.view(batch, new, cfg.num_key_value_heads, d)
         v = v.view(batch, new, cfg.num_key_value_heads, d)
@@ -284,8 +318,8 @@ class MiniCPMForCausalLM:
             o = ops.attention_prefill(q, k, v, kv_start, self.attn_scale)
         o = o.reshape(batch, new, -1)
         if layer.o_gate is not None:  # SALA: o * sigmoid(o_gate(x)) before o_proj
-            o = ops.sigmoid_gate(o, ops.linear(x, layer.o_gate))
-        return ops.linear(o, layer.o)
+            o = ops.sigmoid_gate(o, _linear(ops, x, layer.o_gate))
+        return _linear(ops, o, layer.o)
 
     def _real_tokens(self, input_ids: torch.Tensor, cache: KVCache | None,
                      kv_start: torch.Tensor | None) -> torch.Tensor | None:
@@ -305,7 +339,7 @@ class MiniCPMForCausalLM:
         cfg, spec = self.config, self.config.lightning
         batch, new, _ = x.shape
         heads, d = spec.heads, cfg.head_dim
-        q, k, v = (t.view(batch, new, heads, d) for t in ops.linear(x, layer.qkv).chunk(3, dim=-1))
+        q, k, v = (t.view(batch, new, heads, d) for t in _linear(ops, x, layer.qkv).chunk(3, dim=-1))
         if spec.qk_norm:
             q = ops.rms_norm(q, layer.q_norm, cfg.rms_norm_eps)
             k = ops.rms_norm(k, layer.k_norm, cfg.rms_norm_eps)
@@ -324,8 +358,8 @@ class MiniCPMForCausalLM:
         if layer.o_norm is not None:
             o = ops.rms_norm(o, layer.o_norm, cfg.rms_norm_eps)
         if layer.z is not None:
-            o = ops.sigmoid_gate(o, ops.linear(x, layer.z))
-        return ops.linear(o, layer.o)
+            o = ops.sigmoid_gate(o, _linear(ops, x, layer.z))
+        return _linear(ops, o, layer.o)
 
     def _update_kernels(self, ops: BoundOps, cache: KVCache, index: int, kv_lens: torch.Tensor, new: int) -> None:
         """Keep layer ``index``'s semantic kernels in step with its keys: a decode step appends the

@@ -81,7 +81,8 @@ def test_a_checkpoint_with_groups_loads_the_decoded_weights(tmp_path):
         tensors[name] = torch.from_numpy(np.ascontiguousarray(np_pack(rng.integers(0, 15, shape), 1)))
     save_file(tensors, str(path / "model.safetensors"), metadata={"format": "pt"})
     assert json.loads((path / "config.json").read_text())["quantization_config"]["checkpoint_format"] == "gptq"
-    model = hal.load_model(path, "cpu", "float32")
+    model = hal.load_model(path, "cpu", "float32", quantize="dequantize")
+    kept = hal.load_model(path, "cpu", "float32")  # containers, prepared by cpu.dequant: the same decoding
 
     def decoded(prefix: str) -> np.ndarray:
         parts = {p: tensors[f"{prefix}.{p}"].numpy() for p in ("qweight", "qzeros", "scales", "g_idx")}
@@ -96,3 +97,5 @@ def test_a_checkpoint_with_groups_loads_the_decoded_weights(tmp_path):
     assert np.array_equal(got.o.double().numpy(), decoded(layer + "self_attn.o_proj"))
     assert np.array_equal(got.gate_up.double().numpy(), gate_up)
     assert np.array_equal(got.down.double().numpy(), decoded(layer + "mlp.down_proj"))
+    assert np.array_equal(kept.layers[1].qkv.weight.double().numpy(), qkv)
+    assert np.array_equal(kept.layers[1].down.weight.double().numpy(), decoded(layer + "mlp.down_proj"))

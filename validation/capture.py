@@ -96,6 +96,7 @@ def check_captured(c: Case, impl: Impl, device: str | None = None,
     if impl.graph_update and runtime is not None and not runtime.updatable:
         return CaseResult(c, label, "not supported", reason="needs a graph runtime that refreshes host lengths")
     plain: set[str] = set()
-    result = check(c, captured(impl.load(), c, runtime, impl.graph_update, plain), label, device)
+    result = check(c, captured(impl.load(), c, runtime, impl.graph_update, plain), label, device,
+                   prepare=impl.load_prepare())
     result.extra["plain_ops"] = sorted(plain)
     return result

@@ -63,6 +63,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--decode-graph", action="store_true",
                    help="replay the device's decode steps from a device graph (cuda, npu), as "
                         "generate(decode_graph=True) does; the report names the graph mode")
+    p.add_argument("--quantize", default=None, choices=("keep", "dequantize", "ternary"),
+                   help="how the device and the reference load quantized linears (hal.load_model's quantize): "
+                        "keep (default: packed on the device, decoded in float32 by the reference), "
+                        "dequantize, or ternary (pack BitCPM4 fake-quantized linears)")
     p.add_argument("--inject-fault", default=None, metavar="NAME",
                    help="developer option: inject a fault of validation/faults.py into the device "
                         "(e.g. rotary-interleaved) to see the verdict catch it")
@@ -139,7 +143,7 @@ def _run(args: argparse.Namespace) -> int:
                                 prompts_file=args.prompts, top_k=args.top_k, positions=args.positions,
                                 thresholds=thresholds, allow_fallback=args.allow_fallback,
                                 reference=args.reference, trust_remote_code=args.trust_remote_code,
-                                decode_graph=args.decode_graph)
+                                decode_graph=args.decode_graph, quantize=args.quantize)
     if args.decode_graph and (kind == "cpu" or args.corpus is not None):
         raise InputError("--decode-graph needs --device cuda or npu (the cpu has no device graphs) and "
                          "the prompt protocol (not --corpus)")

@@ -145,7 +145,7 @@ def with_ops(model: Any, ops: BoundOps) -> Any:
 
 
 def build(judge: Any, path: Any, device_kind: str, dtype: str, allow_fallback: bool = False,
-          progress: Callable[[str], None] = lambda _: None) -> list[Candidate]:
+          progress: Callable[[str], None] = lambda _: None, quantize: str | None = None) -> list[Candidate]:
     """The floor implementations for ``dtype`` (module docstring). ``judge``: our float32 CPU
     model (reference or torch ops) whose ops and weights the first two floors derive from;
     ``path``: the checkpoint, loaded again for the CPU floor."""
@@ -161,7 +161,8 @@ def build(judge: Any, path: Any, device_kind: str, dtype: str, allow_fallback: b
     if device_kind != "cpu":
         progress(f"loading the CPU {dtype} floor implementation")
         floors.append(Candidate(f"cpu-{dtype}", f"minicpm-hal CPU torch backend, {dtype}",
-                                hal.load_model(path, "cpu", dtype, allow_fallback=allow_fallback)))
+                                hal.load_model(path, "cpu", dtype, allow_fallback=allow_fallback,
+                                               quantize=quantize)))
     progress(f"floor implementations ready in {time.perf_counter() - started:.1f} s: "
              + ", ".join(f.name for f in floors))
     return floors

@@ -27,6 +27,15 @@ def capacity(longest: int) -> int:
     return (longest // KV_BLOCK + 1) * KV_BLOCK
 
 
+QUANTIZED_GRID = {
+    # (T, K, O, group size, source): decode and prefill rows, one group per row, GGUF's 32
+    "linear_int4": ((1, 128, 256, 32, "q4_0"), (63, 64, 48, 64, "gptq"), (5, 512, 1024, 128, "q4_1")),
+    "linear_int8": ((1, 128, 256, 128, "rtn"), (63, 64, 48, 32, "q8_0"), (5, 512, 1024, 32, "q8_0")),
+    "linear_ternary": ((1, 128, 256, 128, "bitcpm4"), (63, 64, 48, 32, "rtn"), (5, 512, 1024, 64, "rtn")),
+}
+"""Quantized linear cases; the flag names the container's source format (``hal/quant.py``)."""
+
+
 def _grid_dims(op: str) -> list[tuple[dict[str, int], tuple[str, ...]]]:
     if op == "embedding":
         return [({"B": 1, "T": 1, "V": 1000, "E": 64}, ()), ({"B": 2, "T": 63, "V": 1000, "E": 60}, ())]
@@ -45,6 +54,8 @@ def _grid_dims(op: str) -> list[tuple[dict[str, int], tuple[str, ...]]]:
         return [({"B": 1, "T": t, "K": k, "O": o}, ()) for t, k, o in sizes]
     if op == "logits":
         return [({"B": 1, "T": t, "E": e, "V": v}, ()) for t, e, v in ((1, 64, 3000), (7, 60, 1000))]
+    if op in QUANTIZED_GRID:
+        return [({"B": 1, "T": t, "K": k, "O": o, "G": gs}, (source,)) for t, k, o, gs, source in QUANTIZED_GRID[op]]
     if op == "attention_prefill":
         cases = [({"B": 1, "T": t, "H": h, "Hk": hk, "D": d}, ())
                  for t, (h, hk), d in ((1, GQA[0], 64), (63, GQA[1], 64), (17, GQA[2], 128),

@@ -17,6 +17,9 @@ import torch
 import hal
 from hal.api import dtype_name, parse_dtype
 from hal.errors import InputError
+from hal.ops import get_spec
+from validation import quantization
+from validation.opcheck import case
 from validation import environment, faults, floor, grid, metrics, opcheck
 from validation.drift import layer_drift, summarize_drift
 from validation.passrule import FLOOR_RULES, TIE_FACTOR, Check, Thresholds, seed_rule, tie_margin, verdict
@@ -56,6 +59,7 @@ class Settings:
     op_overrides: dict[str, Callable[..., Any]] | None = None
     fault: str | None = None
     decode_graph: bool = False
+    quantize: str | None = None  # hal.load_model's quantize, for the device and our reference
 
 
 class OurReference:
@@ -109,7 +113,29 @@ def _parameter_count(model: Any) -> int:
         total += model.lm_head.numel()
     for layer in model.layers:
         total += sum(t.numel() for t in vars(layer).values() if isinstance(t, torch.Tensor))
-    return total
+    return total + sum(r["shape"][0] * r["shape"][1] for r in quantization.describe(model)["linears"])
+
+
+QUANTIZED_OPS = ("linear_int4", "linear_int8", "linear_ternary")
+
+
+def dt_cases(dtype: str) -> str:
+    return dtype if dtype in get_spec("linear_int4").dtypes else "float32"
+
+
+def quantized_cases(model: Any, dtype: str, lengths: list[int]) -> list[Any]:
+    """One conformance case per (op, source, K, O, group size) of the model's quantized linears,
+    at each prompt length (random containers of that format; the bound impl's prepare applies)."""
+    seen = {}
+    for layer in model.layers:
+        for field in quantization.LINEARS:
+            value = getattr(layer, field, None)
+            if value is None or isinstance(value, torch.Tensor):
+                continue
+            source, _, group = value.format.split()
+            seen[(value.op, source, value.shape[1], value.shape[0], int(group[1:]))] = None
+    return [case(op, dtype, (source,), B=1, T=t, K=k, O=o, G=g)
+            for (op, source, k, o, g) in seen for t in sorted(set(lengths))]
 
 
 def run_fields(kind: str, description: str, emulated: bool, dtype: str, reference: str) -> dict[str, Any]:
@@ -147,7 +173,8 @@ def _load_reference(settings: Settings, progress: Progress) -> Any:
     elif settings.reference in ("cpu-fp32", "cpu-fp32-torch"):
         naive = settings.reference == "cpu-fp32"
         progress(f"loading the reference (cpu, float32, {'reference' if naive else 'torch'} ops) from {settings.model}")
-        reference = OurReference(hal.load_model(settings.model, "cpu", "float32", reference=naive),
+        reference = OurReference(hal.load_model(settings.model, "cpu", "float32", reference=naive,
+                                                quantize=settings.quantize),
                                  settings.reference)
     else:
         raise InputError(f"unknown reference {settings.reference!r}; choose cpu-fp32, cpu-fp32-torch or hf")
@@ -159,7 +186,7 @@ def _load(settings: Settings, progress: Progress, reuse: dict[Any, Any] | None) 
     dtype = dtype_name(parse_dtype(settings.dtype))
     started = time.perf_counter()
     reuse = {} if reuse is None else reuse
-    key = ("reference", str(settings.model), settings.reference)
+    key = ("reference", str(settings.model), settings.reference, settings.quantize)
     if key not in reuse:
         reuse[key] = _load_reference(settings, progress)
     reference = reuse[key]
@@ -167,7 +194,7 @@ def _load(settings: Settings, progress: Progress, reuse: dict[Any, Any] | None) 
     overrides = {**(settings.op_overrides or {}), **(fault.overrides() if fault else {})} or None
     progress(f"loading the device under test ({kind}, {dtype})" + (f", fault {fault.name} injected" if fault else ""))
     device_model = hal.load_model(settings.model, kind, dtype, allow_fallback=settings.allow_fallback,
-                                  op_overrides=overrides)
+                                  op_overrides=overrides, quantize=settings.quantize)
     if fault is not None:
         fault.install(device_model)
     progress(f"models loaded in {time.perf_counter() - started:.1f} s")
@@ -195,11 +222,12 @@ def run(settings: Settings, progress: Progress = _silent, reuse: dict[Any, Any] 
     reuse = {} if reuse is None else reuse
     reference, model, kind = _load(settings, progress, reuse)
     dtype = dtype_name(model.dtype)
-    key = ("floors", str(settings.model), settings.reference, dtype, kind == "cpu")
+    key = ("floors", str(settings.model), settings.reference, settings.quantize, dtype, kind == "cpu")
     if key not in reuse:
         judge = reference.model if isinstance(reference, OurReference) else \
-            hal.load_model(settings.model, "cpu", "float32", reference=True)
-        reuse[key] = floor.build(judge, settings.model, kind, dtype, settings.allow_fallback, progress)
+            hal.load_model(settings.model, "cpu", "float32", reference=True, quantize=settings.quantize)
+        reuse[key] = floor.build(judge, settings.model, kind, dtype, settings.allow_fallback, progress,
+                                 quantize=settings.quantize)
     floors = reuse[key]
     t_load = time.perf_counter() - t0
     thresholds = settings.thresholds.for_dtype(dtype)
@@ -280,7 +308,10 @@ def run(settings: Settings, progress: Progress = _silent, reuse: dict[Any, Any] 
     sparse = model.config.sparse.geometry if model.config.sparse is not None else None
     lightning = model.config.lightning.heads if model.config.lightning is not None else 0
     cases = grid.model_cases(model.config.shapes(), dtype, lengths, max(lengths), sparse, lightning)
-    results = [opcheck.check(c, getattr(model.ops, c.op), model.ops.record[c.op].impl, kind) for c in cases]
+    cases += quantized_cases(model, dt_cases(dtype), lengths)
+    results = [opcheck.check(c, getattr(model.ops, c.op), model.ops.record[c.op].impl, kind,
+                             prepare=(lambda w, ctx, op=c.op: model.ops.prepare(op, w)) if c.op in QUANTIZED_OPS
+                             else None) for c in cases]
     failed_ops = sorted({r.case.op for r in results if not r.passed})
     t_conf = time.perf_counter() - t2
 
@@ -326,6 +357,7 @@ def run(settings: Settings, progress: Progress = _silent, reuse: dict[Any, Any] 
         "conformance": {"cases": [r.as_dict() for r in results], "failed_ops": failed_ops,
                         "passed": sum(r.passed for r in results), "total": len(results)},
         "bound_ops": model.ops.as_dict(),
+        "quantization": quantization.describe(model),
         "fallback_ops": sorted(op for op, b in model.ops.record.items() if b.fallback),
         "reference_bound_ops": reference.bound_ops,
         "model": {"path": str(settings.model), "synthetic": (Path(settings.model) / "SYNTHETIC.md").is_file(),

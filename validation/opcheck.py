@@ -17,6 +17,7 @@ from typing import Any, Callable
 
 import torch
 
+from hal import quant
 from hal.probing import torch_device
 from hal.ops import get_spec
 from hal.registry import BindContext, Impl, implementations
@@ -187,6 +188,29 @@ FLOAT32_ARGS = frozenset({"cos", "sin", "logits", "slopes", "state"})
 """Float arguments that are float32 by contract: never rounded to the case dtype."""
 
 
+def random_container(g: torch.Generator, op: str, source: str, out: int, k: int, group: int) -> quant.QuantizedWeight:
+    """A ``hal.quant`` container of random codes with scales (zeros, mins) of a trained linear's
+    magnitude (weights of std ~ K**-0.5)."""
+    groups = k // group
+    scales = (torch.rand(out, groups, generator=g) + 0.5) * k ** -0.5 / 4
+    common = {"name": f"grid.{op}", "source": source, "out_features": out, "in_features": k, "group_size": group,
+              "scales": scales}
+    if op == "linear_int4":
+        codes = torch.randint(0, 16, (out, k), generator=g)
+        if source == "gptq":  # asymmetric: a zero point per group
+            zeros = torch.randint(6, 10, (out, groups), generator=g).float()
+        else:
+            zeros = torch.full((out, groups), 0.0 if source == "q4_1" else 8.0)
+        mins = -8 * scales * (1 + 0.1 * _randn(g, out, groups)) if source == "q4_1" else None
+        return quant.Int4Weight(**common, packed=quant.pack_int4(codes), zeros=zeros, mins=mins)
+    if op == "linear_int8":
+        scales = scales / 16
+        return quant.Int8Weight(**{**common, "scales": scales},
+                                q=torch.randint(-127, 128, (out, k), generator=g).to(torch.int8))
+    return quant.TernaryWeight(**{**common, "scales": scales * 4},
+                               packed=quant.pack_ternary(torch.randint(-1, 2, (out, k), generator=g)))
+
+
 def make_inputs(c: Case, seed: int = 0) -> dict[str, Any]:
     """The case's keyword arguments, float tensors in float32 already rounded to ``c.dtype``."""
     g = torch.Generator().manual_seed(seed)
@@ -210,6 +234,8 @@ def make_inputs(c: Case, seed: int = 0) -> dict[str, Any]:
         args = {"x": _randn(g, b, t, d["E"]), "gate": _randn(g, b, t, d["E"], scale=3.0)}
     elif c.op == "linear":
         args = {"x": _randn(g, b, t, d["K"]), "weight": _randn(g, d["O"], d["K"], scale=d["K"] ** -0.5)}
+    elif c.op in ("linear_int4", "linear_int8", "linear_ternary"):
+        args = {"x": _randn(g, b, t, d["K"]), "weight": random_container(g, c.op, c.flags[0], d["O"], d["K"], d["G"])}
     elif c.op == "logits":
         args = {"x": _randn(g, b, t, d["E"], scale=4.0), "weight": _randn(g, d["V"], d["E"], scale=0.02)}
     elif c.op == "attention_prefill":
@@ -279,7 +305,9 @@ def _place(args: dict[str, Any], dtype: torch.dtype | None, device: torch.device
     float32-by-contract ones (:data:`FLOAT32_ARGS`)."""
     out = {}
     for k, v in args.items():
-        if isinstance(v, torch.Tensor):
+        if isinstance(v, quant.QuantizedWeight):
+            v = v.to(device)  # float32 scales by contract: the container is never rounded
+        elif isinstance(v, torch.Tensor):
             if v.is_floating_point() and dtype is not None and k not in FLOAT32_ARGS:
                 v = v.to(dtype)
             v = v.to(device)
@@ -373,10 +401,12 @@ def _outputs(op: str, value: Any, args: dict[str, Any]) -> dict[str, torch.Tenso
 
 
 def check(c: Case, fn: Callable[..., Any], impl: str = "impl", device: str = "cpu",
-          ref_fn: Callable[..., Any] | None = None, seed: int = 0) -> CaseResult:
+          ref_fn: Callable[..., Any] | None = None, seed: int = 0,
+          prepare: Callable[..., Any] | None = None) -> CaseResult:
     """Run ``fn`` on the case's inputs (on ``device``, in ``c.dtype``) and the reference on the
-    float32 upcast; compare every output with the op's tolerance. Never raises for a failing
-    implementation: an exception becomes status ``error`` with its first line."""
+    float32 upcast; compare every output with the op's tolerance. ``prepare``: the implementation's
+    bind-time weight repacking (``Impl.prepare``), applied to the ``weight`` argument first. Never
+    raises for a failing implementation: an exception becomes status ``error`` with its first line."""
     spec = get_spec(c.op)
     tolerance = spec.tolerance(c.dtype)
     args = make_inputs(c, seed)
@@ -388,6 +418,8 @@ def check(c: Case, fn: Callable[..., Any], impl: str = "impl", device: str = "cp
     dev = torch_device(device)  # the emulated NPU keeps tensors on the CPU
     try:
         placed = _place(args, TORCH_DTYPE[c.dtype], dev)
+        if prepare is not None:
+            placed["weight"] = prepare(placed["weight"], c.context(device))
         if get_spec(c.op).inplace:
             placed = {k: v.clone() if isinstance(v, torch.Tensor) else v for k, v in placed.items()}
         out = _outputs(c.op, fn(**placed), placed)
@@ -419,4 +451,4 @@ def check_impl(c: Case, impl: Impl, device: str | None = None, seed: int = 0) ->
     reason = impl.supports(c.context(device))
     if reason is not None:
         return CaseResult(c, impl.qualname, "not supported", reason=reason)
-    return check(c, impl.load(), impl.qualname, device, seed=seed)
+    return check(c, impl.load(), impl.qualname, device, seed=seed, prepare=impl.load_prepare())

@@ -5,6 +5,8 @@ from __future__ import annotations
 
 from typing import Any
 
+from validation import quantization
+
 OK, BAD, TIE = "✅", "❌", "≈"
 
 
@@ -238,6 +240,7 @@ def render(r: dict[str, Any]) -> str:
               "## Environment", "", *_environment(r), "",
               "## Model configuration", "", *_model(r), "",
               *_bound_ops(r),
+              *quantization.markdown(r.get("quantization", {})),
               "## Accuracy per prompt (next token after the prompt)", "", *_per_prompt(r), "",
               *_positions(r),
               "## Summary", "", *_summary(r), "",

@@ -55,3 +55,27 @@ register(Impl(op="kv_write", backend="cpu", name="decode", fn="backends.cpu.deco
               priority=DECODE_STEP_PRIORITY))
 register(Impl(op="rotary", backend="cpu", name="decode", fn="backends.cpu.decode:rotary_decode_cpu",
               priority=DECODE_STEP_PRIORITY, capturable=True))
+
+QUANTIZED_LINEARS = ("linear_int4", "linear_int8", "linear_ternary")
+
+
+def _quantized_supports(ctx):
+    from backends.cpu.quantized import supports  # torch only: cheap, but kept off the import path
+
+    return supports(ctx)
+
+
+def register_dequantized(backend: str, priority: int = 90) -> None:
+    """Register the portable dense-decoding implementation of every quantized linear on ``backend``."""
+    for op in QUANTIZED_LINEARS:
+        register(Impl(op=op, backend=backend, name="dequant", fn="backends.cpu.quantized_dequant:linear_dequantized",
+                      priority=priority, capturable=True, prepare="backends.cpu.quantized_dequant:prepare_dequantized"))
+
+
+for _op in QUANTIZED_LINEARS:
+    register(Impl(op=_op, backend="cpu", name="reference", fn=f"backends.cpu.reference.linear:{_op}_ref", priority=100,
+                  prepare="backends.cpu.reference.linear:prepare_quantized_ref"))
+    register(Impl(op=_op, backend="cpu", name="torch", fn="backends.cpu.quantized:linear_packed",
+                  supports=_quantized_supports, priority=0, capturable=True,
+                  prepare=f"backends.cpu.quantized:prepare_{_op.removeprefix('linear_')}"))
+register_dequantized("cpu")

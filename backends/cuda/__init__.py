@@ -19,7 +19,7 @@ graph). ``supports.py`` says why one is passed over (no triton, head_dim, dtype)
 """
 from __future__ import annotations
 
-from backends.cpu import CAPTURABLE, OPS, torch_fn
+from backends.cpu import CAPTURABLE, OPS, register_dequantized, torch_fn
 from backends.cuda.supports import triton_kernel
 from hal.registry import Impl, register
 
@@ -38,3 +38,5 @@ for _op in OPS:
     register(Impl(op=_op, backend="cuda", name="torch", fn=torch_fn(_op), priority=50, capturable=_op in CAPTURABLE))
 register(Impl(op="attention_decode", backend="cuda", name="torch_full",
               fn="backends.cpu.ops:attention_decode_full_cpu", priority=55, capturable=True))
+
+register_dequantized("cuda")

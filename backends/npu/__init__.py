@@ -31,7 +31,7 @@ whose kv lengths ``NPUGraph.update`` refreshes before each replay (``graph_updat
 """
 from __future__ import annotations
 
-from backends.cpu import torch_fn
+from backends.cpu import register_dequantized, torch_fn
 from backends.npu import supports
 from hal.registry import Impl, register
 
@@ -68,3 +68,5 @@ register(Impl("sample", "npu", "torch_npu", f"{_M}.sample:sample_npu"))
 for _op in ("infllm_compress_keys", "infllm_append_kernel", "infllm_select_blocks", "block_sparse_attention",
             "lightning_attention", "sigmoid_gate"):
     register(Impl(_op, "npu", "torch", torch_fn(_op), **_CAPTURABLE))
+
+register_dequantized("npu")

@@ -1,0 +1,19 @@
+"""The portable implementation of the quantized linears on every device: ``prepare`` decodes the
+container once into a dense weight in the model dtype on the model device, so it saves no memory
+and gains no speed. It is the last resort behind each backend's packed kernels (priority 90),
+listed in the bound-op record like any other implementation."""
+from __future__ import annotations
+
+import torch
+
+from hal.probing import torch_device
+
+
+def prepare_dequantized(weight, ctx) -> torch.Tensor:
+    """``hal.quant`` container -> dense `[O, K]` in ``ctx.dtype`` on ``ctx.device``."""
+    return weight.dequantize().to(device=torch_device(ctx.device), dtype=ctx.dtype)
+
+
+def linear_dequantized(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """x `[..., K]` @ the prepared dense weight `[O, K]`."""
+    return torch.nn.functional.linear(x, weight)

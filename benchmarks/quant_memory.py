@@ -1,0 +1,125 @@
+"""Weight memory of a model kept quantized, per format, against the same model in dense bfloat16.
+
+    python -m benchmarks.quant_memory [--gguf SmolLM2.Q4_1.gguf] [--q4-0 FILE.gguf] [--json OUT]
+
+For each format the model is loaded on the CPU in bfloat16 in a fresh process, and two numbers
+are taken: the weight bytes the model holds (``validation.quantization.describe``: dense tensors
+plus each quantized linear as prepared by the bound implementation; the checkpoint containers'
+bytes beside them) and the process RSS after loading minus the RSS before (same imports). Each
+is given as a ratio to dense bfloat16, for the whole model and for the decoder linears only (the
+embedding stays dense: on SmolLM2-135M it is 28.3M of 134.5M parameters).
+
+Formats: ``bf16`` (the GGUF decoded at load into bfloat16), the GGUF kept quantized (Q4_1; Q4_0
+with ``--q4-0``), and ``python -m model.quantize`` outputs of the same weights (gptq-int4 g128,
+int8 per channel, ternary per row packed at load), written once under HAL_CACHE_DIR.
+``benchmarks.cpu_speed`` may import :func:`measure` for its table.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+DEFAULT_GGUF = Path("/work/SmolLM2-135M-Instruct.Q4_1.gguf")
+
+
+def _rss_bytes() -> int:
+    with open("/proc/self/status", encoding="ascii") as f:
+        for line in f:
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) * 1024
+    raise RuntimeError("no VmRSS in /proc/self/status")
+
+
+def _one(path: str, quantize: str | None) -> dict[str, Any]:
+    """In this process: load ``path`` in bfloat16 on the CPU and measure (see module docstring)."""
+    import gc
+
+    import torch
+
+    import hal
+    from validation import quantization
+
+    torch.set_num_threads(1)
+    gc.collect()
+    before = _rss_bytes()
+    model = hal.load_model(path, "cpu", "bfloat16", quantize=quantize)
+    gc.collect()
+    after = _rss_bytes()
+    q = quantization.describe(model)
+    embed = model.embed.numel() * model.embed.element_size()
+    return {"rss_bytes": after - before, "weight_bytes": q["weight_bytes"], "embedding_bytes": embed,
+            "formats": sorted({g["format"] + " -> " + g["impl"] for g in q["groups"]}),
+            "dense_linear_bytes": q["weight_bytes"]["dense"] - embed - model.final_norm.numel() * 2
+                                  - sum(layer.input_norm.numel() * 2 + layer.post_norm.numel() * 2
+                                        for layer in model.layers)}
+
+
+def measure(path: str | Path, quantize: str | None = None) -> dict[str, Any]:
+    """:func:`_one` in a fresh Python process (so RSS is this model's alone)."""
+    code = (f"import json, sys; from benchmarks.quant_memory import _one; "
+            f"print(json.dumps(_one({str(path)!r}, {quantize!r})))")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=False)
+    if done.returncode != 0:
+        raise RuntimeError(f"measuring {path}: {done.stderr.strip().splitlines()[-1:]}")
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+def _checkpoints(gguf: Path, q4_0: Path | None) -> list[tuple[str, Path, str | None]]:
+    from hal.env import cache_dir
+    from model.convert import convert
+    from model.quantize import quantize
+
+    root = cache_dir() / "quant_memory" / gguf.stem
+    dense = root / "float32"
+    if not dense.is_dir():
+        convert(gguf, dense, "float32")
+    runs = [("bf16 (dense)", gguf, "dequantize"), (f"{gguf.stem.rsplit('.', 1)[-1]} GGUF kept", gguf, None)]
+    if q4_0 is not None:
+        runs.append(("Q4_0 GGUF kept", q4_0, None))
+    for fmt, args, mode in (("gptq-int4", {"group_size": 128}, None), ("int8", {}, None),
+                            ("ternary", {}, "ternary")):
+        out = root / fmt
+        if not out.is_dir():
+            quantize(dense, out, fmt, **args)
+        runs.append((f"{fmt} (model.quantize)", out, mode))
+    return runs
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m benchmarks.quant_memory", description=__doc__.split("\n\n")[0])
+    p.add_argument("--gguf", type=Path, default=DEFAULT_GGUF)
+    p.add_argument("--q4-0", type=Path, default=None, help="a Q4_0 GGUF of the same model")
+    p.add_argument("--json", type=Path, default=None)
+    args = p.parse_args(argv)
+    results = []
+    for label, path, mode in _checkpoints(args.gguf, args.q4_0):
+        m = measure(path, mode)
+        results.append({"format": label, "path": str(path), "quantize": mode, **m})
+        print(f"measured {label}", file=sys.stderr)
+    base = results[0]
+    base_w = base["weight_bytes"]["dense"] + base["weight_bytes"]["quantized_prepared"]
+    base_lin = base["dense_linear_bytes"]
+    print("| Format | Linears as | Weight bytes | x bf16 | Linears bytes | x bf16 (linears) | Container "
+          "x bf16 (linears) | RSS | x bf16 (RSS) |")
+    print("|---|---|---|---|---|---|---|---|---|")
+    for r in results:
+        w = r["weight_bytes"]
+        held = w["dense"] + w["quantized_prepared"]
+        linears = r["dense_linear_bytes"] + w["quantized_prepared"]
+        container = r["dense_linear_bytes"] + w["quantized"]
+        print(f"| {r['format']} | {'; '.join(r['formats']) or 'dense'} | {held / 1e6:.1f} MB | {held / base_w:.3f} | "
+              f"{linears / 1e6:.1f} MB | {linears / base_lin:.3f} | {container / base_lin:.3f} | "
+              f"{r['rss_bytes'] / 1e6:.1f} MB | {r['rss_bytes'] / base['rss_bytes']:.3f} |")
+    print(f"\nembedding (dense bf16): {base['embedding_bytes'] / 1e6:.1f} MB = "
+          f"{base['embedding_bytes'] / base_w:.1%} of the bf16 weights")
+    if args.json:
+        args.json.write_text(json.dumps(results, indent=2) + "\n", encoding="utf-8")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,67 @@
+"""Speed of the CPU quantized linears (cpu.torch, bfloat16) against the dense matmuls, on the
+SmolLM2-135M decoder shapes (fused qkv, o, gate_up, down).
+
+    python -m benchmarks.quant_ops [--threads 2] [--rows 1,128] [--repeats 200]
+
+Each cell is the median of ``--repeats`` calls after a warm-up, in microseconds, of the bound
+implementation's function on its prepared weight (random containers of each format).
+"""
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+import time
+
+import torch
+
+SHAPES = {"qkv": (960, 576), "o": (576, 576), "gate_up": (3072, 576), "down": (576, 1536)}
+FORMATS = (("linear_int4", "q4_0", 32), ("linear_int4", "gptq", 128), ("linear_int8", "q8_0", 32),
+           ("linear_int8", "rtn", -1), ("linear_ternary", "bitcpm4", -1))
+
+
+def _median_us(fn, repeats: int) -> float:
+    for _ in range(5):
+        fn()
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - start)
+    return statistics.median(times) * 1e6
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m benchmarks.quant_ops", description=__doc__.split("\n\n")[0])
+    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--rows", default="1,128")
+    p.add_argument("--repeats", type=int, default=200)
+    args = p.parse_args(argv)
+    from backends.cpu import quantized
+    from hal.registry import BindContext
+    from validation.opcheck import random_container
+
+    torch.set_num_threads(args.threads)
+    ctx = BindContext("cpu", torch.bfloat16, {})
+    g = torch.Generator().manual_seed(0)
+    labels = ["dense bf16", "dense fp32"] + [f"{source} g{group}" for _, source, group in FORMATS]
+    print(f"threads {args.threads}, torch {torch.__version__}, median us per call")
+    print("| rows | linear [O, K] | " + " | ".join(labels) + " |")
+    print("|---|---|" + "---|" * len(labels))
+    for rows in (int(r) for r in args.rows.split(",")):
+        for name, (out, k) in SHAPES.items():
+            x = torch.randn(rows, k, generator=g).bfloat16()
+            dense = torch.randn(out, k, generator=g).bfloat16()
+            cells = [_median_us(lambda: torch.nn.functional.linear(x, dense), args.repeats)]
+            xf, wf = x.float(), dense.float()
+            cells.append(_median_us(lambda: torch.nn.functional.linear(xf, wf), args.repeats))
+            for op, source, group in FORMATS:
+                weight = random_container(g, op, source, out, k, k if group < 0 else group)
+                prepared = getattr(quantized, f"prepare_{op.removeprefix('linear_')}")(weight, ctx)
+                cells.append(_median_us(lambda: quantized.linear_packed(x, prepared), args.repeats))
+            print(f"| {rows} | {name} [{out}, {k}] | " + " | ".join(f"{c:.0f}" for c in cells) + " |")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,247 @@
+"""Weight-only quantized linear weights: the device-independent containers that loaders build
+(GPTQ, GGUF Q4_0 / Q4_1 / Q8_0, BitCPM4 ternary, ``model.quantize``) and that the ops
+``linear_int4``, ``linear_int8`` and ``linear_ternary`` consume (``hal/ops.py``).
+
+Every container is in the ``nn.Linear`` orientation: ``O`` output rows of ``K`` input features,
+groups of ``group_size`` consecutive input features per row (``G = K // group_size``; one group
+per row is ``group_size == K``). Each one's :meth:`dequantize` is the exact float32 decoding of
+its source format (the formula of the format, evaluated in the same order as its reference
+decoder: GPTQ as AutoGPTQ, GGUF types as the ``gguf`` package's numpy code), so the float32
+reference of every quantized op is ``x.float() @ weight.dequantize().T``.
+
+A backend turns a container into its own layout once, when the model is bound (the op's
+``prepare`` in the registry); the op then receives that prepared object. Containers stay on the
+CPU until then.
+
+Layouts:
+
+``Int4Weight``: ``w[o, k] = scales[o, g] * (q[o, k] - zeros[o, g]) + mins[o, g]``, ``g = k // group_size``.
+    ``packed`` uint8 `[O, K/2]`: ``q[o, 2j] = packed[o, j] & 0xF``, ``q[o, 2j+1] = packed[o, j] >> 4``.
+    ``scales``, ``zeros``, ``mins`` float32 `[O, G]` (``mins`` None: no additive term). GPTQ:
+    zeros = stored zero + offset, mins None; Q4_0: zeros 8, mins None; Q4_1: zeros 0, mins m.
+``Int8Weight``: ``w[o, k] = scales[o, g] * q[o, k]``. ``q`` int8 `[O, K]`, ``scales`` float32
+    `[O, G]` (G 1: per output channel; Q8_0: G = K / 32).
+``TernaryWeight``: ``w[o, k] = scales[o, g] * t[o, k]``, ``t`` in {-1, 0, +1}. ``packed`` uint8
+    `[O, K/4]`: ``t[o, 4j + i] = ((packed[o, j] >> 2i) & 3) - 1`` (2 bits per value, code t + 1).
+    ``scales`` float32 `[O, G]`.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, replace
+from typing import Sequence
+
+import torch
+
+from hal.errors import CheckpointError
+
+SOURCES = {
+    "linear_int4": ("gptq", "gptq_v2", "q4_0", "q4_1", "rtn"),
+    "linear_int8": ("q8_0", "rtn"),
+    "linear_ternary": ("bitcpm4", "rtn"),
+}
+"""Where each kind of container may come from (named in reports): ``rtn`` is round-to-nearest by
+``python -m model.quantize``; ``bitcpm4`` is a fake-quantized ternary checkpoint packed at load."""
+
+
+def _check(name: str, cond: bool, what: str) -> None:
+    if not cond:
+        raise CheckpointError(f"{name}: {what}")
+
+
+def _check_groups(name: str, tensor: torch.Tensor, field: str, out: int, groups: int) -> None:
+    _check(name, tensor.dtype == torch.float32 and tuple(tensor.shape) == (out, groups),
+           f"{field} must be float32 [{out}, {groups}], got {str(tensor.dtype).removeprefix('torch.')} "
+           f"{list(tensor.shape)}")
+
+
+@dataclass(frozen=True, eq=False)
+class QuantizedWeight:
+    """Fields every container has. ``name``: the checkpoint tensor it came from (for errors and
+    reports); ``source``: one of :data:`SOURCES` of its op."""
+
+    name: str
+    source: str
+    out_features: int
+    in_features: int
+    group_size: int
+    scales: torch.Tensor
+
+    op = ""  # the catalogue op that consumes this container
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        return (self.out_features, self.in_features)
+
+    @property
+    def groups(self) -> int:
+        return self.in_features // self.group_size
+
+    @property
+    def format(self) -> str:
+        """What reports print, e.g. ``q4_1 int4 g32``."""
+        bits = {"linear_int4": "int4", "linear_int8": "int8", "linear_ternary": "ternary"}[self.op]
+        return f"{self.source} {bits} g{self.group_size}"
+
+    @property
+    def nbytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in self.tensors().values())
+
+    def tensors(self) -> dict[str, torch.Tensor]:
+        raise NotImplementedError
+
+    def to(self, device: torch.device | str) -> "QuantizedWeight":
+        return replace(self, **{k: (v.to(device) if v is not None else None) for k, v in self._fields().items()})
+
+    def map_rows(self, fn) -> "QuantizedWeight":
+        """The same container with ``fn`` (`[O, ...]` -> `[O, ...]`, e.g. a row permutation)
+        applied to every per-row field alike."""
+        return replace(self, **{k: (fn(v).contiguous() if v is not None else None) for k, v in self._fields().items()})
+
+    def _fields(self) -> dict[str, torch.Tensor | None]:
+        raise NotImplementedError
+
+    def _validate_common(self) -> None:
+        _check(self.name, self.source in SOURCES[self.op],
+               f"source must be one of {', '.join(SOURCES[self.op])}, got {self.source!r}")
+        _check(self.name, self.group_size > 0 and self.in_features % self.group_size == 0,
+               f"group_size {self.group_size} must divide in_features {self.in_features}")
+        _check_groups(self.name, self.scales, "scales", self.out_features, self.groups)
+
+    def dequantize(self) -> torch.Tensor:
+        """float32 `[O, K]`: the exact decoding of the source format."""
+        raise NotImplementedError
+
+
+def _expand(groups: torch.Tensor, group_size: int) -> torch.Tensor:
+    """`[O, G]` -> `[O, G * group_size]`: each group's value repeated over its input features."""
+    return groups.repeat_interleave(group_size, dim=1)
+
+
+def unpack_int4(packed: torch.Tensor) -> torch.Tensor:
+    """uint8 `[O, K/2]` -> uint8 `[O, K]` values 0..15 (low nibble first)."""
+    return torch.stack((packed & 0xF, packed >> 4), dim=-1).flatten(-2)
+
+
+def pack_int4(q: torch.Tensor) -> torch.Tensor:
+    """Values 0..15 `[O, K]` (K even) -> uint8 `[O, K/2]`, the inverse of :func:`unpack_int4`."""
+    q = q.to(torch.uint8)
+    return (q[:, 0::2] | (q[:, 1::2] << 4)).contiguous()
+
+
+def unpack_ternary(packed: torch.Tensor) -> torch.Tensor:
+    """uint8 `[O, K/4]` -> int8 `[O, K]` values in {-1, 0, 1}."""
+    codes = torch.stack([(packed >> (2 * i)) & 3 for i in range(4)], dim=-1).flatten(-2)
+    return codes.to(torch.int8) - 1
+
+
+def pack_ternary(t: torch.Tensor) -> torch.Tensor:
+    """Values in {-1, 0, 1} `[O, K]` (K a multiple of 4) -> uint8 `[O, K/4]`."""
+    codes = (t.to(torch.int16) + 1).to(torch.uint8)
+    out = codes[:, 0::4]
+    for i in range(1, 4):
+        out = out | (codes[:, i::4] << (2 * i))
+    return out.contiguous()
+
+
+@dataclass(frozen=True, eq=False)
+class Int4Weight(QuantizedWeight):
+    packed: torch.Tensor = None  # type: ignore[assignment]
+    zeros: torch.Tensor = None  # type: ignore[assignment]
+    mins: torch.Tensor | None = None
+
+    op = "linear_int4"
+
+    def __post_init__(self) -> None:
+        self._validate_common()
+        _check(self.name, self.in_features % 2 == 0, f"in_features {self.in_features} must be even")
+        _check(self.name, self.packed.dtype == torch.uint8
+               and tuple(self.packed.shape) == (self.out_features, self.in_features // 2),
+               f"packed must be uint8 [{self.out_features}, {self.in_features // 2}], "
+               f"got {str(self.packed.dtype).removeprefix('torch.')} {list(self.packed.shape)}")
+        _check_groups(self.name, self.zeros, "zeros", self.out_features, self.groups)
+        if self.mins is not None:
+            _check_groups(self.name, self.mins, "mins", self.out_features, self.groups)
+
+    def _fields(self) -> dict[str, torch.Tensor | None]:
+        return {"packed": self.packed, "scales": self.scales, "zeros": self.zeros, "mins": self.mins}
+
+    def tensors(self) -> dict[str, torch.Tensor]:
+        return {k: v for k, v in self._fields().items() if v is not None}
+
+    def values(self) -> torch.Tensor:
+        """uint8 `[O, K]`: the 4-bit codes q."""
+        return unpack_int4(self.packed)
+
+    def dequantize(self) -> torch.Tensor:
+        q = self.values().float()
+        w = _expand(self.scales, self.group_size) * (q - _expand(self.zeros, self.group_size))
+        return w if self.mins is None else w + _expand(self.mins, self.group_size)
+
+
+@dataclass(frozen=True, eq=False)
+class Int8Weight(QuantizedWeight):
+    q: torch.Tensor = None  # type: ignore[assignment]
+
+    op = "linear_int8"
+
+    def __post_init__(self) -> None:
+        self._validate_common()
+        _check(self.name, self.q.dtype == torch.int8 and tuple(self.q.shape) == self.shape,
+               f"q must be int8 {list(self.shape)}, got {str(self.q.dtype).removeprefix('torch.')} "
+               f"{list(self.q.shape)}")
+
+    def _fields(self) -> dict[str, torch.Tensor | None]:
+        return {"q": self.q, "scales": self.scales}
+
+    def tensors(self) -> dict[str, torch.Tensor]:
+        return dict(self._fields())  # type: ignore[arg-type]
+
+    def dequantize(self) -> torch.Tensor:
+        return _expand(self.scales, self.group_size) * self.q.float()
+
+
+@dataclass(frozen=True, eq=False)
+class TernaryWeight(QuantizedWeight):
+    packed: torch.Tensor = None  # type: ignore[assignment]
+
+    op = "linear_ternary"
+
+    def __post_init__(self) -> None:
+        self._validate_common()
+        _check(self.name, self.in_features % 4 == 0, f"in_features {self.in_features} must be a multiple of 4")
+        _check(self.name, self.packed.dtype == torch.uint8
+               and tuple(self.packed.shape) == (self.out_features, self.in_features // 4),
+               f"packed must be uint8 [{self.out_features}, {self.in_features // 4}], "
+               f"got {str(self.packed.dtype).removeprefix('torch.')} {list(self.packed.shape)}")
+
+    def _fields(self) -> dict[str, torch.Tensor | None]:
+        return {"packed": self.packed, "scales": self.scales}
+
+    def tensors(self) -> dict[str, torch.Tensor]:
+        return dict(self._fields())  # type: ignore[arg-type]
+
+    def values(self) -> torch.Tensor:
+        """int8 `[O, K]` in {-1, 0, 1}."""
+        return unpack_ternary(self.packed)
+
+    def dequantize(self) -> torch.Tensor:
+        return _expand(self.scales, self.group_size) * self.values().float()
+
+
+def fusable(a: QuantizedWeight, b: QuantizedWeight) -> bool:
+    """True when :func:`cat_rows` can stack ``a`` and ``b``: one kind, source, group size and K."""
+    return (type(a), a.source, a.group_size, a.in_features) == (type(b), b.source, b.group_size, b.in_features)
+
+
+def cat_rows(name: str, parts: Sequence[QuantizedWeight]) -> QuantizedWeight:
+    """Stack the output rows of several containers of one kind, source and group size (the fused
+    q/k/v and gate/up projections). Raises CheckpointError naming ``name`` when they differ."""
+    first = parts[0]
+    for p in parts[1:]:
+        if not fusable(first, p):
+            raise CheckpointError(f"{name}: cannot fuse {first.name} ({first.format}, K={first.in_features}) "
+                                  f"with {p.name} ({p.format}, K={p.in_features})")
+    fields = {}
+    for key, value in first._fields().items():
+        fields[key] = None if value is None else torch.cat([p._fields()[key] for p in parts], dim=0)
+    return replace(first, name=name, out_features=sum(p.out_features for p in parts), **fields)
