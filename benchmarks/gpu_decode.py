@@ -6,6 +6,10 @@
 - ``vs_transformers``: the 0.5b preset, ours (eager and decode graph) against transformers'
   ``LlamaForCausalLM`` on the same folded weights (benchmarks/hf_llama.py), eager and sdpa
   attention, each with its own cache. Targets: >= 10x eager, >= 2x sdpa.
+- ``int4_vs_bf16``: the 0.5b preset quantized to GPTQ int4 (group 128, symmetric, round to
+  nearest: ``write_checkpoint(quantize_gptq=True)``), loaded quantized (``linear_int4`` on the
+  Triton GEMV/GEMM of backends/cuda/quant_linear.py), against the same preset in bfloat16 of this
+  run. Target (issue 13): >= 1.5x.
 - ``roofline``: the 8b preset's geometry (``--roofline-layers`` of its 32 decoder layers, to keep
   the checkpoint small; every layer is the same, so the fraction of the roofline does not depend
   on the count), decode graph: weight bytes read per token / seconds per token, against the
@@ -45,7 +49,8 @@ def ours(path: Path, device: str, dtype: str, steps: int, graph: bool) -> dict[s
     model = hal.load_model(path, device, dtype)
     result = measure(model, steps, decode_graph=graph)
     result["bound_ops"] = {op: b.impl for op, b in model.ops.record.items()
-                           if op in ("attention_decode", "linear", "block_sparse_attention", "lightning_attention")}
+                           if op in ("attention_decode", "linear", "linear_int4", "block_sparse_attention",
+                                     "lightning_attention")}
     del model
     return result
 
@@ -105,6 +110,22 @@ def copy_gb_per_s(device: str, megabytes: int) -> float:
     return copy_bandwidth(device, timer(device), megabytes)["gb_per_s"]
 
 
+def int4_decode(dry_run: bool, device: str, dtype: str, steps: int, graph: bool, cache_dir: Path,
+                dense_tokens_per_s: float) -> dict[str, Any]:
+    """The GPTQ int4 twin of the small preset against its dense decode measured in this run."""
+    from model.synthetic import write_checkpoint
+
+    preset = "tiny" if dry_run else "0.5b"
+    path = cache_dir / f"synthetic-{preset}-gptq-int4-g128"
+    if not (path / "config.json").is_file():
+        write_checkpoint(path, preset, quantize_gptq=True)
+    result = ours(path, device, dtype, steps, graph)
+    tokens_per_s = result.get("graph_decode_tokens_per_s", result["decode_tokens_per_s"])
+    return {"checkpoint": path.name, "ours": result, "int4_tokens_per_s": tokens_per_s,
+            "dense_tokens_per_s": dense_tokens_per_s, "int4_over_dense": tokens_per_s / dense_tokens_per_s,
+            "target": 1.5}
+
+
 def run(dry_run: bool, device: str, dtype: str, steps: int, roofline_layers: int, cache_dir: Path) -> dict[str, Any]:
     from model.synthetic import default_checkpoint, write_checkpoint
 
@@ -120,6 +141,7 @@ def run(dry_run: bool, device: str, dtype: str, steps: int, roofline_layers: int
     out["vs_transformers"] = {"checkpoint": small.name, "ours": mine, "transformers_eager_tokens_per_s": eager,
                               "transformers_sdpa_tokens_per_s": sdpa, "ours_over_eager": best / eager,
                               "ours_over_sdpa": best / sdpa, "targets": {"over_eager": 10.0, "over_sdpa": 2.0}}
+    out["int4_vs_bf16"] = int4_decode(dry_run, device, dtype, steps, graph, cache_dir, best)
     preset = "tiny" if dry_run else "8b"
     big = cache_dir / f"synthetic-{preset}-{roofline_layers}layers"
     if not (big / "config.json").is_file():

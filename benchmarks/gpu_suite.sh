@@ -7,7 +7,8 @@
 #   DRY_RUN=1 OUT=/tmp/dry benchmarks/gpu_suite.sh        # CPU dry run: Triton interpreted, tiny shapes
 #
 # $OUT/suite.json: one record per step (name, exit code, seconds); each step's output is in
-# $OUT/<step>.log, the benchmarks' numbers in $OUT/attention.json and $OUT/decode.json, the
+# $OUT/<step>.log, the benchmarks' numbers in $OUT/attention.json, $OUT/decode.json (with the int4
+# decode) and $OUT/quant_nmse.json, the
 # comparison reports in $OUT/compare-*/. Exit 0 when every step passed, 1 when one failed, 2 when
 # the device or triton is missing.
 set -uo pipefail
@@ -86,6 +87,9 @@ else  # the CLI on one op (the CPU grid is tests/ops' job)
 fi
 step attention 300 "$PY" -m benchmarks.gpu_attention "${DRY[@]}" --out "$OUT/attention.json"
 step decode 300 "$PY" -m benchmarks.gpu_decode "${DRY[@]}" --out "$OUT/decode.json"
+# quantized linears: NMSE per format and dtype of the Triton kernels (bfloat16 on the GPU only);
+# their batch-1 decode speed is decode.json's int4_vs_bf16 (0.5b GPTQ int4 vs bfloat16, target >= 1.5x)
+step quant-nmse 200 "$PY" -m benchmarks.quant_nmse --json "$OUT/quant_nmse.json"
 
 "$PY" - "$OUT" "${DRY_RUN:-0}" <<'PYEOF'
 import json, platform, subprocess, sys, time

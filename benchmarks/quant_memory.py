@@ -5,12 +5,13 @@
 For each format the model is loaded on the CPU in bfloat16 in a fresh process, and two numbers
 are taken: the weight bytes the model holds (``validation.quantization.describe``: dense tensors
 plus each quantized linear as prepared by the bound implementation; the checkpoint containers'
-bytes beside them) and the process RSS after loading minus the RSS before (same imports). Each
+bytes beside them) and the process RSS after loading minus the RSS before (same imports; freed heap returned to the OS
+with ``malloc_trim`` before each reading). Each
 is given as a ratio to dense bfloat16, for the whole model and for the decoder linears only (the
 embedding stays dense: on SmolLM2-135M it is 28.3M of 134.5M parameters).
 
 Formats: ``bf16`` (the GGUF decoded at load into bfloat16), the GGUF kept quantized (Q4_1; Q4_0
-with ``--q4-0``), and ``python -m model.quantize`` outputs of the same weights (gptq-int4 g128,
+with ``--q4-0``), and ``python -m model.quantize`` outputs of the same weights (gptq-int4 g64: 128 does not divide 576,
 int8 per channel, ternary per row packed at load), written once under HAL_CACHE_DIR.
 ``benchmarks.cpu_speed`` may import :func:`measure` for its table.
 """
@@ -34,6 +35,17 @@ def _rss_bytes() -> int:
     raise RuntimeError("no VmRSS in /proc/self/status")
 
 
+def _trim() -> None:
+    """Return freed heap to the OS (glibc ``malloc_trim``), so RSS counts what the model holds,
+    not the arena high-water mark of loading (packing makes transient copies)."""
+    import ctypes
+
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):
+        pass
+
+
 def _one(path: str, quantize: str | None) -> dict[str, Any]:
     """In this process: load ``path`` in bfloat16 on the CPU and measure (see module docstring)."""
     import gc
@@ -45,9 +57,11 @@ def _one(path: str, quantize: str | None) -> dict[str, Any]:
 
     torch.set_num_threads(1)
     gc.collect()
+    _trim()
     before = _rss_bytes()
     model = hal.load_model(path, "cpu", "bfloat16", quantize=quantize)
     gc.collect()
+    _trim()
     after = _rss_bytes()
     q = quantization.describe(model)
     embed = model.embed.numel() * model.embed.element_size()
@@ -80,7 +94,7 @@ def _checkpoints(gguf: Path, q4_0: Path | None) -> list[tuple[str, Path, str | N
     runs = [("bf16 (dense)", gguf, "dequantize"), (f"{gguf.stem.rsplit('.', 1)[-1]} GGUF kept", gguf, None)]
     if q4_0 is not None:
         runs.append(("Q4_0 GGUF kept", q4_0, None))
-    for fmt, args, mode in (("gptq-int4", {"group_size": 128}, None), ("int8", {}, None),
+    for fmt, args, mode in (("gptq-int4", {"group_size": 64}, None), ("int8", {}, None),
                             ("ternary", {}, "ternary")):
         out = root / fmt
         if not out.is_dir():

@@ -16,7 +16,7 @@ import time
 import torch
 
 SHAPES = {"qkv": (960, 576), "o": (576, 576), "gate_up": (3072, 576), "down": (576, 1536)}
-FORMATS = (("linear_int4", "q4_0", 32), ("linear_int4", "gptq", 128), ("linear_int8", "q8_0", 32),
+FORMATS = (("linear_int4", "q4_0", 32), ("linear_int4", "gptq", 64), ("linear_int8", "q8_0", 32),
            ("linear_int8", "rtn", -1), ("linear_ternary", "bitcpm4", -1))
 
 

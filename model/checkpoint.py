@@ -346,7 +346,10 @@ def _gptq_linear(reader: CheckpointReader, prefix: str, parts: dict[str, torch.T
 def check_finite_container(path: Path, name: str, weight: quant.QuantizedWeight) -> None:
     """:func:`check_finite` on a container's float fields (scales, zeros, mins)."""
     for field, tensor in weight.tensors().items():
-        check_finite(path, f"{name} ({field})", tensor)
+        try:
+            check_finite(path, name, tensor)
+        except CheckpointError as exc:
+            raise CheckpointError(f"{exc} (in its {field})") from None
 
 
 def fuse_parts(weights: dict[str, torch.Tensor], name: str, dtype: torch.dtype | None = None,

@@ -58,7 +58,7 @@ class Case:
     def context(self, device: str) -> BindContext:
         """What ``supports()`` is asked with: the case's sizes under the model's letters."""
         d = dict(self.dims)
-        shapes = {k: d[k] for k in ("E", "F", "V", "H", "Hk", "D") if k in d}
+        shapes = {k: d[k] for k in ("E", "F", "V", "H", "Hk", "D", "G") if k in d}
         if "K" in d:
             shapes.setdefault("E", d["K"])
         return BindContext(device=device, dtype=TORCH_DTYPE[self.dtype], shapes=shapes)

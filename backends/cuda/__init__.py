@@ -13,14 +13,17 @@ lightning_attention     cuda.triton      chunked Simple GLA with a float32 on-ch
 everything else         cuda.torch       the portable torch ops of ``backends/cpu`` (cuBLAS GEMMs,
                                          SDPA flash prefill, torch elementwise)
 attention_decode        cuda.torch_full  whole-capacity masked SDPA (capturable fallback)
+linear_int4 / _int8 /   cuda.triton      weight-only quantized GEMV (decode, split-K) and GEMM (prefill)
+linear_ternary                           on the packed codes (``quant_linear.py``)
+                        cuda.dequant     the container decoded once to a dense weight (fallback)
 
 Every Triton implementation reads lengths and block ids on the device (capturable in a CUDA
 graph). ``supports.py`` says why one is passed over (no triton, head_dim, dtype).
 """
 from __future__ import annotations
 
-from backends.cpu import CAPTURABLE, OPS, register_dequantized, torch_fn
-from backends.cuda.supports import triton_kernel
+from backends.cpu import CAPTURABLE, OPS, QUANTIZED_LINEARS, register_dequantized, torch_fn
+from backends.cuda.supports import quant_kernel, triton_kernel
 from hal.registry import Impl, register
 
 TRITON_KERNELS = {
@@ -39,4 +42,9 @@ for _op in OPS:
 register(Impl(op="attention_decode", backend="cuda", name="torch_full",
               fn="backends.cpu.ops:attention_decode_full_cpu", priority=55, capturable=True))
 
+QUANT_KERNELS = {op: "backends.cuda.quant_linear:linear_quantized_triton" for op in QUANTIZED_LINEARS}
+"""op -> the Triton implementation of the weight-only quantized linears (``prepare_packed`` repacks)."""
+for _op, _fn in QUANT_KERNELS.items():
+    register(Impl(op=_op, backend="cuda", name="triton", fn=_fn, priority=10, capturable=True,
+                  supports=quant_kernel(_op), prepare="backends.cuda.quant_linear:prepare_packed"))
 register_dequantized("cuda")

@@ -67,10 +67,31 @@ def variants(dtype: str = "bf16", quick: bool = False) -> list[tuple[str, Any, d
                         {"q_ptr": act, "k_ptr": act, "v_ptr": act, "slopes_ptr": f32, "state_ptr": f32, "o_ptr": act,
                          "new_state_ptr": f32}, ("scale",),
                         {"BT": 64, "HEAD_DIM": dim, "BV": bv}))
+    return out + quant_variants(dtype, quick)
+
+
+def quant_variants(dtype: str = "bf16", quick: bool = False) -> list:
+    """The quantized linears' variants (``quant_linear.py``): GEMV and GEMM for int4 (GPTQ zeros and
+    Q4_1 mins, float16 scales), int8 and ternary (float32 scales); ``quick``: the int4 pair only."""
+    from backends.cuda import quant_linear as ql
+
+    act, f32 = f"*{dtype}", "*fp32"
+    formats = [("int4 zeros+mins fp16-scales", 4, "*u8", "*fp16", True, True)]
+    if not quick:
+        formats += [("int8 fp32-scales", 8, "*i8", f32, False, False), ("ternary fp32-scales", 2, "*u8", f32, False, False)]
+    out: list = []
+    for label, bits, codes, scales, zeros, mins in formats:
+        ptrs = {"x_ptr": act, "codes_ptr": codes, "scales_ptr": scales, "zeros_ptr": scales, "mins_ptr": scales,
+                "out_ptr": act}
+        flags = {"GROUP": 128, "BITS": bits, "HAS_ZEROS": zeros, "HAS_MINS": mins}
+        out.append((f"quant gemv {label}", ql._gemv_kernel, {**ptrs, "part_ptr": f32}, ("zero",),
+                    {"BLOCK_N": 64, "BLOCK_K": 128, "DIRECT": False, **flags}))
+        out.append((f"quant gemm {label}", ql._gemm_kernel, ptrs, ("zero",),
+                    {"BLOCK_M": 64, "BLOCK_N": 64, "BLOCK_K": 64, "IEEE": dtype == "fp32", **flags}))
     return out
 
 
-def compile_all(arch: int, dtype: str, quick: bool = False) -> list[str]:
+def compile_all(arch: int, dtype: str, quick: bool = False, only: str = "") -> list[str]:
     """Compiles every variant for ``sm_<arch>``; returns the failures (one line each)."""
     import triton
     from triton.backends.compiler import GPUTarget
@@ -79,6 +100,8 @@ def compile_all(arch: int, dtype: str, quick: bool = False) -> list[str]:
     target = GPUTarget("cuda", arch, 32)
     failures = []
     for label, fn, pointers, floats, constexprs in variants(dtype, quick):
+        if not label.startswith(only):
+            continue
         sig, consts = _signature(fn, pointers, floats, constexprs)
         warps = 8 if label.startswith("lightning D128") else 4
         try:
@@ -102,6 +125,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--dtype", action="append", default=[], choices=("bf16", "fp16", "fp32"),
                    help="activation dtype (default: bf16)")
     p.add_argument("--quick", action="store_true", help="one variant per kernel (head_dim 128)")
+    p.add_argument("--only", default="", metavar="PREFIX", help="the variants whose label starts so (e.g. 'quant')")
     args = p.parse_args(argv)
     if os.environ.get("TRITON_INTERPRET") == "1":
         print("error: compile_check lowers real kernels: unset TRITON_INTERPRET", file=sys.stderr)
@@ -109,7 +133,7 @@ def main(argv: list[str] | None = None) -> int:
     failures = []
     for arch in args.arch or [90, 80]:
         for dtype in args.dtype or ["bf16"]:
-            failures += compile_all(arch, dtype, args.quick)
+            failures += compile_all(arch, dtype, args.quick, args.only)
     print(f"{'all variants compiled' if not failures else f'{len(failures)} failed'}")
     return 1 if failures else 0
 

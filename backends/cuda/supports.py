@@ -35,3 +35,25 @@ def triton_kernel(op: str, grouped: bool = True) -> Callable[[BindContext], "str
         return None
 
     return check
+
+
+QUANT_GROUP_MULTIPLE = 16
+
+
+def quant_kernel(op: str) -> Callable[[BindContext], "str | None"]:
+    """supports() of the Triton quantized linears (``quant_linear.py``). ``G`` in the shapes, when
+    the binder gives it, is the checkpoint's group size; a container with another one is refused by
+    ``prepare_packed`` itself with the same reason (its name in it)."""
+
+    def check(ctx: BindContext) -> str | None:
+        if not triton_available():
+            return f"cuda.{op}: triton must be installed (pip install 'minicpm-hal[cuda]'), got none"
+        if ctx.dtype_name not in DTYPES:
+            return f"cuda.{op}: dtype must be one of {DTYPES}, got {ctx.dtype_name}"
+        group = ctx.shapes.get("G")
+        if group is not None and group % QUANT_GROUP_MULTIPLE:
+            return (f"cuda.{op}: group_size must be a multiple of {QUANT_GROUP_MULTIPLE} (one group per K tile, "
+                    f"tl.dot's smallest K), got {group}")
+        return None
+
+    return check

@@ -20,6 +20,10 @@ kv_write           npu.torch_npu       npu_scatter_pa_kv_cache on the same page 
                    npu.torch           float32 and decode graphs (index_put_, portable torch)
 lightning_attention npu.torch          (chunked Simple GLA in plain torch: torch_npu has no lightning op)
 sample             npu.torch_npu       npu_top_k_top_p + exponential race
+linear_int4        npu.torch_npu       npu_convert_weight_to_int4pack + npu_weight_quant_batchmatmul
+linear_int8        npu.torch_npu       npu_weight_quant_batchmatmul (per channel / per group)
+linear_ternary     npu.torch_unpack    2-bit codes unpacked to x's dtype on the device, then F.linear
+                   npu.dequant         (all three) the container decoded once to a dense weight
 infllm_*, block_sparse_attention  npu.torch  (portable torch: no torch_npu op fits InfLLM's 64-token
                                               blocks with causal masking inside them)
 
@@ -69,4 +73,12 @@ for _op in ("infllm_compress_keys", "infllm_append_kernel", "infllm_select_block
             "lightning_attention", "sigmoid_gate"):
     register(Impl(_op, "npu", "torch", torch_fn(_op), **_CAPTURABLE))
 
+# weight-only quantized linears: int4 / int8 through npu_weight_quant_batchmatmul (repacked once at
+# bind time), ternary unpacked from its 2-bit codes on the device (torch_npu has no 2-bit op)
+for _op in ("linear_int4", "linear_int8"):
+    register(Impl(_op, "npu", "torch_npu", f"{_M}.quant_linear:linear_weight_quant_npu",
+                  supports=supports.weight_quant(_op), prepare=f"{_M}.quant_linear:prepare_weight_quant",
+                  **_CAPTURABLE))
+register(Impl("linear_ternary", "npu", "torch_unpack", f"{_M}.quant_linear:linear_ternary_npu",
+              prepare=f"{_M}.quant_linear:prepare_packed_ternary", **_CAPTURABLE))
 register_dequantized("npu")

@@ -57,3 +57,22 @@ def kv_write(ctx: BindContext) -> str | None:
         return (f"npu.kv_write: dtype must be bfloat16 or float16 (npu_scatter_pa_kv_cache), "
                 f"got {ctx.dtype_name}")
     return None
+
+
+def weight_quant(op: str):
+    """supports() of ``npu_weight_quant_batchmatmul`` for ``op`` (linear_int4 / linear_int8). ``G`` in
+    the shapes, when the binder gives it, is the checkpoint's group size; each weight is checked
+    again when it is prepared (``quant_linear.unsupported_reason``: K, N, alignment, its name)."""
+
+    def check(ctx: BindContext) -> str | None:
+        if ctx.dtype_name not in FIA_DTYPES:
+            return (f"npu.{op}: dtype must be bfloat16 or float16 (npu_weight_quant_batchmatmul takes "
+                    f"float16 / bfloat16 x and scales), got {ctx.dtype_name}")
+        group = ctx.shapes.get("G")
+        per_channel = group is not None and group in (ctx.shapes.get("E"), ctx.shapes.get("F"))
+        if group is not None and not per_channel and (group < 32 or group % 32):
+            return (f"npu.{op}: group_size must be K (per channel) or a multiple of 32 in [32, K-1] "
+                    f"(npu_weight_quant_batchmatmul), got {group}")
+        return None
+
+    return check

@@ -25,7 +25,8 @@ from validation.opcheck import Case, case, check
 ON_GPU = torch.cuda.is_available()
 DEVICE = "cuda" if ON_GPU else "cpu"
 DTYPES = ("float32", "float16", "bfloat16") if ON_GPU else ("float32", "float16")
-KERNEL_MODULES = ("backends.cuda.decode_attention", "backends.cuda.infllm", "backends.cuda.lightning")
+KERNEL_MODULES = ("backends.cuda.decode_attention", "backends.cuda.infllm", "backends.cuda.lightning",
+                  "backends.cuda.quant_linear")
 
 
 @contextlib.contextmanager

@@ -22,4 +22,5 @@ def test_kernels_compile_for_sm90_bfloat16(tmp_path):
                           cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stdout + done.stderr
     compiled = [line for line in done.stdout.splitlines() if ": ok (shared" in line]
-    assert len(compiled) == 5, done.stdout  # decode split, combine, stage-1 scores, block-sparse, lightning
+    # decode split, combine, stage-1 scores, block-sparse, lightning, quantized int4 GEMV and GEMM
+    assert len(compiled) == 7, done.stdout

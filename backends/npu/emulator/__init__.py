@@ -18,6 +18,7 @@ from backends.npu.emulator.attention import npu_fused_infer_attention_score
 from backends.npu.emulator.checks import EmulatedOpError, NotEmulatedError
 from backends.npu.emulator.kv_cache import npu_scatter_pa_kv_cache
 from backends.npu.emulator.norm import npu_add_rms_norm, npu_rms_norm
+from backends.npu.emulator.quant_matmul import npu_convert_weight_to_int4pack, npu_weight_quant_batchmatmul
 from backends.npu.emulator.rope import npu_rotary_mul
 from backends.npu.emulator.sampling import npu_top_k_top_p
 from backends.npu.emulator.swiglu import npu_swiglu
@@ -29,8 +30,8 @@ DESCRIPTION = ("emulated Ascend NPU: pure-torch torch_npu stand-in on the CPU (H
 
 __all__ = [
     "DESCRIPTION", "EMULATED", "EmulatedOpError", "NotEmulatedError", "install", "npu",
-    "npu_add_rms_norm", "npu_fused_infer_attention_score", "npu_rms_norm", "npu_rotary_mul",
-    "npu_scatter_pa_kv_cache", "npu_swiglu", "npu_top_k_top_p",
+    "npu_add_rms_norm", "npu_convert_weight_to_int4pack", "npu_fused_infer_attention_score", "npu_rms_norm",
+    "npu_rotary_mul", "npu_scatter_pa_kv_cache", "npu_swiglu", "npu_top_k_top_p", "npu_weight_quant_batchmatmul",
 ]
 
 
