@@ -1,9 +1,20 @@
-"""CPU speed and load-memory benchmark: our MiniCPM vs transformers' folded ``LlamaForCausalLM``.
+"""CPU speed and memory benchmarks.
 
-    python -m benchmarks.cpu_speed [--dtypes float32 bfloat16] [--prompt-tokens 128]
+    python -m benchmarks.cpu_speed [--model GGUF] [--formats float32 bfloat16 int4] [--threads 2]
+                                   [--prompt-tokens 128] [--new-tokens 64] [--rounds 3]
+                                   [--no-llama-cpp] [--no-memory] [--quick]
+
+prints issue 13's table (``benchmarks/cpu_vs_llama.py``): ours against llama.cpp on the same GGUF
+weights (F32, and Q4_0 for int4) in one run, decode and prefill tok/s with the ratios, weight
+bytes and RSS per format. Default model: the trained SmolLM2-135M-Instruct (``python -m
+model.trained --fetch``); the F32 and Q4_0 files are built from it on first use (cached).
+``--quick``: 16 prompt tokens, 8 new tokens, one round (a smoke run).
+
+    python -m benchmarks.cpu_speed --vs-transformers [--dtypes float32 bfloat16] [--prompt-tokens 128]
                                    [--new-tokens 32] [--rounds 3] [--threads N] [--no-rss]
 
-Runs on the ``0.5b`` synthetic checkpoint (real MiniCPM4-0.5B shapes), written on first use into
+prints the earlier table: our MiniCPM vs transformers' folded ``LlamaForCausalLM``.
+It runs on the ``0.5b`` synthetic checkpoint (real MiniCPM4-0.5B shapes), written on first use into
 the cache folder (``HAL_CACHE_DIR``, ~870 MB). Both models get the same dtype, the same torch
 thread count, the same prompt and the same number of greedy steps, each with its own KV cache:
 
@@ -31,6 +42,8 @@ from typing import Any, Callable
 
 import torch
 
+from benchmarks.cpu_vs_llama import FORMATS, memory_child, run_tables
+
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 PRESET = "0.5b"
 
@@ -49,7 +62,8 @@ def prompt_ids(vocab: int, tokens: int, seed: int = 0) -> torch.Tensor:
 
 
 class OursRunner:
-    """Prefill and greedy decode through ``model.forward`` with our ``KVCache``."""
+    """Prefill through ``model.forward`` with our ``KVCache``, greedy decode through the fast CPU
+    step (``model/fast_decode.py``, what ``generate`` runs on the CPU)."""
 
     name = "ours"
 
@@ -65,11 +79,13 @@ class OursRunner:
         return cache, out.logits[:, -1].argmax(-1)
 
     def decode(self, cache: Any, token: torch.Tensor, steps: int) -> list[int]:
+        from model.fast_decode import DecodeStep
+
         tokens = []
+        step = DecodeStep(self.model, cache)
         with torch.inference_mode():
             for _ in range(steps):
-                out = self.model.forward(token[:, None], cache=cache, logits_last_only=True)
-                token = out.logits[:, -1].argmax(-1)
+                token = step.step(token).argmax(-1)
                 tokens.append(int(token[0]))
         return tokens
 
@@ -257,30 +273,83 @@ def speed_table(path: Path, dtypes: list[str], prompt_tokens: int, new_tokens: i
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m benchmarks.cpu_speed",
                                      description=__doc__.split("\n\n")[0])
+    parser.add_argument("--vs-transformers", action="store_true",
+                        help="the earlier table: ours vs transformers on the synthetic 0.5b checkpoint")
+    parser.add_argument("--model", type=Path, default=None,
+                        help="source GGUF (default: the trained SmolLM2-135M-Instruct)")
+    parser.add_argument("--formats", nargs="+", choices=FORMATS, default=list(FORMATS))
+    parser.add_argument("--no-llama-cpp", action="store_true", help="ours only (no llama.cpp columns)")
+    parser.add_argument("--no-memory", action="store_true", help="skip the weight bytes / RSS table")
+    parser.add_argument("--quick", action="store_true", help="16 prompt tokens, 8 new tokens, one round")
     parser.add_argument("--dtypes", nargs="+", choices=sorted(DTYPES), default=["float32", "bfloat16"])
-    parser.add_argument("--prompt-tokens", type=int, default=128)
-    parser.add_argument("--new-tokens", type=int, default=32)
-    parser.add_argument("--rounds", type=int, default=3)
-    parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
-    parser.add_argument("--no-rss", action="store_true", help="skip the peak-RSS-at-load measurement")
+    parser.add_argument("--prompt-tokens", type=int, default=None)
+    parser.add_argument("--new-tokens", type=int, default=None)
+    parser.add_argument("--rounds", type=int, default=None)
+    parser.add_argument("--threads", type=int, default=None,
+                        help="torch (and llama.cpp) threads (default: 2; --vs-transformers: torch's choice)")
+    parser.add_argument("--no-rss", action="store_true", help="--vs-transformers: skip the peak-RSS-at-load table")
     parser.add_argument("--rss-child", nargs=2, metavar=("PATH", "DTYPE"), help=argparse.SUPPRESS)
+    parser.add_argument("--memory-child", nargs=4, metavar=("ENGINE", "PATH", "FORMAT", "THREADS"),
+                        help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.rss_child:
         _rss_child(*args.rss_child)
         return 0
+    if args.memory_child:
+        engine, path, fmt, threads = args.memory_child
+        memory_child(engine, path, fmt, int(threads))
+        return 0
+    if args.vs_transformers:
+        return _vs_transformers(args)
+    return _vs_llama_cpp(args)
+
+
+def _vs_llama_cpp(args) -> int:
+    from hal.errors import InputError
+
+    prompt_tokens = args.prompt_tokens or (16 if args.quick else 128)
+    new_tokens = args.new_tokens or (8 if args.quick else 64)
+    rounds = args.rounds or (1 if args.quick else 3)
+    if min(prompt_tokens, new_tokens, rounds) < 1:
+        raise InputError("--prompt-tokens, --new-tokens and --rounds must be >= 1")
+    threads = args.threads or 2
+    torch.set_num_threads(threads)
+    if args.model is not None:
+        source = args.model
+        if not source.is_file() or source.suffix != ".gguf":
+            raise InputError(f"--model {source}: not a .gguf file")
+    else:
+        from model.trained import trained_gguf
+
+        source = trained_gguf()
+    from benchmarks.engines import llama_cpp_version
+
+    version = llama_cpp_version() if not args.no_llama_cpp else None
+    print(f"model: {source}; torch {torch.__version__}, llama-cpp-python {version or 'not used'}, "
+          f"threads {threads} (torch and llama.cpp), prompt {prompt_tokens} tokens, {new_tokens} greedy tokens, "
+          f"{rounds} timed rounds (+1 warm-up), engines interleaved; load average before: {load_average()}")
+    lines = run_tables(source, args.formats, prompt_tokens, new_tokens, rounds, threads,
+                       llama_cpp=not args.no_llama_cpp, memory=not args.no_memory)
+    print("\n".join([""] + lines))
+    print(f"\nload average after: {load_average()}")
+    return 0
+
+
+def _vs_transformers(args) -> int:
     if args.threads:
         torch.set_num_threads(args.threads)
+    prompt_tokens, new_tokens, rounds = args.prompt_tokens or 128, args.new_tokens or 32, args.rounds or 3
     path = checkpoint()
     import transformers
 
     print(f"checkpoint: {path} (synthetic {PRESET})")
     print(f"torch {torch.__version__}, transformers {transformers.__version__}, "
-          f"threads {torch.get_num_threads()}, prompt {args.prompt_tokens} tokens, "
-          f"{args.new_tokens} new tokens, {args.rounds} timed rounds "
+          f"threads {torch.get_num_threads()}, prompt {prompt_tokens} tokens, "
+          f"{new_tokens} new tokens, {rounds} timed rounds "
           f"(+1 warm-up), ours and transformers interleaved; load average before: {load_average()}")
     if not args.no_rss:  # first, while this process is small (see measure_rss)
         rss = rss_table(path, args.dtypes)
-    print("\n".join([""] + speed_table(path, args.dtypes, args.prompt_tokens, args.new_tokens, args.rounds)))
+    print("\n".join([""] + speed_table(path, args.dtypes, prompt_tokens, new_tokens, rounds)))
     if not args.no_rss:
         print("\n".join([""] + rss))
     print(f"\nload average after: {load_average()}")

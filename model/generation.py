@@ -115,7 +115,8 @@ def generate(model, input_ids: torch.Tensor | Sequence[Sequence[int]], max_new_t
         streamer: called as ``streamer(row, token_id)`` for every new token as it is produced.
         use_cache: False recomputes the whole sequence each step (a check of the cache path).
         decode_graph: replay every decode step from a device graph (CUDA graph / NPUGraph, see
-            ``model/decode_graph.py``); cuda and npu only.
+            ``model/decode_graph.py``); cuda and npu only. On the CPU every decode step runs
+            through ``model/fast_decode.py`` (the same results as ``model.forward``).
         prefill_chunk: feed a longer prompt through the cache this many tokens at a time
             (bounds prefill memory: attention scores are chunk x length, not length^2); 0 = one
             forward. Ignored without the cache.
@@ -172,6 +173,10 @@ def generate(model, input_ids: torch.Tensor | Sequence[Sequence[int]], max_new_t
         from model.decode_graph import DecodeGraph
 
         graph = DecodeGraph(model, cache, kv_start if starts is not None else None)
+    elif use_cache and model.device.type == "cpu":
+        from model.fast_decode import DecodeStep  # the eager decode with its per-step overhead removed
+
+        graph = DecodeStep(model, cache, kv_start if starts is not None else None)
     outputs: list[list[int]] = [[] for _ in prompts]
     finished = [False] * len(prompts)
     step_input = ids

@@ -126,17 +126,19 @@ def test_legitimate_edge_values_are_accepted(tiny_model):
 
 
 def test_non_finite_logits_stop_generation_naming_step_and_dtype(tiny_model, monkeypatch):
-    real = tiny_model.forward
+    # poisoned in the logits op, which the prompt's forward and every decode step call (the CPU
+    # decode steps run through model/fast_decode.py, not model.forward)
+    real = tiny_model.ops.logits
     calls = []
 
     def poisoned(*args, **kwargs):
         out = real(*args, **kwargs)
         calls.append(1)
         if len(calls) == 3:
-            out.logits[..., 7] = float("nan")
+            out[..., 7] = float("nan")
         return out
 
-    monkeypatch.setattr(tiny_model, "forward", poisoned)
+    monkeypatch.setattr(tiny_model.ops, "logits", poisoned)
     with pytest.raises(NonFiniteError, match=r"logits turned non-finite \(NaN\) at step 2 .* in float32"):
         tiny_model.generate([[1, 2, 3]], 6, do_sample=False)
 

@@ -4,7 +4,8 @@ everyday torch implementations of every catalogue op. Imports nothing heavy.
 ``CAPTURABLE`` lists the torch implementations that never read tensor values on the host (they
 can run inside a device graph when the CUDA backend borrows them); ``attention_decode`` has a
 second, capturable implementation ``torch_full`` that reads the whole cache capacity.
-InfLLM-v2 and lightning attention live in modules of their own (``infllm.py``, ``lightning.py``)."""
+InfLLM-v2 and lightning attention live in modules of their own (``infllm.py``, ``lightning.py``);
+the fast decode step's variants (``cpu.decode``) in ``decode.py``."""
 from __future__ import annotations
 
 from hal.registry import Impl, register
@@ -48,6 +49,12 @@ for _op in OPS:
                   fn=f"backends.cpu.reference.{_module}:{_op}_ref", priority=100))
 register(Impl(op="attention_decode", backend="cpu", name="torch_full", fn="backends.cpu.ops:attention_decode_full_cpu",
               priority=5, capturable=True))
+DECODE_STEP_PRIORITY = 50
+"""Never the default binding: only the fast decode step (``model/fast_decode.py``) binds ``cpu.decode``."""
+register(Impl(op="kv_write", backend="cpu", name="decode", fn="backends.cpu.decode:kv_write_decode_cpu",
+              priority=DECODE_STEP_PRIORITY))
+register(Impl(op="rotary", backend="cpu", name="decode", fn="backends.cpu.decode:rotary_decode_cpu",
+              priority=DECODE_STEP_PRIORITY, capturable=True))
 
 QUANTIZED_LINEARS = ("linear_int4", "linear_int8", "linear_ternary")
 

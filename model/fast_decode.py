@@ -1,0 +1,84 @@
+"""The CPU decode step without the eager path's per-step overhead: one new token per row through
+the same layers (:meth:`MiniCPMForCausalLM.run`, so the layer code exists once), with the
+host work done once per step instead of per forward or per layer.
+
+What differs from ``model.forward(tokens[:, None], cache=cache, kv_start=...)`` (the eager path,
+which tests/test_fast_decode.py holds it equal to: logits, greedy tokens and cache contents):
+
+* The cache is checked against the model once (at construction), the rotary tables are made to
+  cover the whole cache once, and per step the positions are the slots ``KVCache.plan`` gives
+  (each row's real tokens start at slot 0, so a decode token's position is its slot): no
+  position arithmetic and no table-length read per step.
+* Two ops are bound to their ``cpu.decode`` variants (``backends/cpu/decode.py``): ``kv_write``
+  reads the slots on the host (free on the CPU) and stores with one ``index_put_`` per cache
+  instead of the ~20 calls that avoid that read; ``rotary`` rotates q and k in one pass where
+  they are views of one qkv output. Same arithmetic, bitwise the same values.
+
+Measured on SmolLM2-135M (float32, 2 threads) in benchmarks/RESULTS.md ("CPU decode (issue 13)").
+``torch.compile`` of the step was measured too and is not used: see that section.
+
+Cuda and npu models use decode graphs instead (``model/decode_graph.py``).
+"""
+from __future__ import annotations
+
+import torch
+
+from hal.errors import DeviceUnavailable, InputError
+from hal.registry import Binding, BoundOps, implementations
+from model.cache import KVCache
+
+FAST_OPS = ("kv_write", "rotary")
+"""The ops the step binds to their ``cpu.decode`` variant (where the model has ``cpu.torch``)."""
+
+
+def decode_ops(ops: BoundOps) -> BoundOps:
+    """``ops`` with each of :data:`FAST_OPS` served by ``cpu.decode`` where ``ops`` binds it to
+    ``cpu.torch``; overrides, the reference and other backends' ops are kept as they are."""
+    fns = {op: getattr(ops, op) for op in ops._fns}  # the attributes: a test may have patched one
+    record = dict(ops.record)
+    for op in FAST_OPS:
+        if record[op].impl != "cpu.torch":
+            continue
+        impl = next(i for i in implementations(op, "cpu") if i.name == "decode")
+        fns[op] = impl.load()
+        record[op] = Binding(op, impl.qualname, False, (("cpu.torch", "the fast decode step binds cpu.decode"),))
+    return BoundOps(fns, record, ops.context)
+
+
+class DecodeStep:
+    """Decode steps of ``model`` (on the CPU) into ``cache``, after the prompt went through
+    ``model.forward(ids, cache=cache, kv_start=kv_start)``; then ``logits = step(tokens)`` once
+    per new token. kv_start: `[B]` left padding of each row (as given to forward), or None.
+
+    Raises DeviceUnavailable for a model that is not on the CPU, InputError for a cache that
+    was not made for the model."""
+
+    def __init__(self, model, cache: KVCache, kv_start: torch.Tensor | None = None):
+        if model.device.type != "cpu":
+            raise DeviceUnavailable(f"the fast decode step runs on the cpu; this model is on {model.device} "
+                                    "(decode_graph=True replays decode steps there)")
+        model._check_cache(cache)
+        self.model = model
+        self.cache = cache
+        self.kv_start = None if kv_start is None else kv_start.to("cpu", torch.int64)
+        self.ops = decode_ops(model.ops)
+        model.rope.ensure(cache.capacity)
+
+    @property
+    def bound_ops(self) -> dict[str, str]:
+        """Op name -> implementation serving it in the step (``kv_write -> cpu.decode``, ...)."""
+        return {op: b.impl for op, b in self.ops.record.items()}
+
+    @torch.inference_mode()
+    def step(self, tokens: torch.Tensor) -> torch.Tensor:
+        """tokens: `[B]` int64, each row's newest token -> its next-token logits `[B, V]` float32."""
+        if tokens.shape != (self.cache.batch,):
+            raise InputError(f"DecodeStep.step: tokens must be [{self.cache.batch}], got {list(tokens.shape)}")
+        model = self.model
+        slots, kv_lens = self.cache.plan(1, self.kv_start)
+        sparse = model.config.sparse
+        use_sparse = sparse is not None and sparse.applies(int(kv_lens.max()))
+        out = model.run(self.ops, tokens[:, None], model.rope.lookup(slots), self.cache, None, True, slots,
+                        kv_lens, logits_last_only=True, sparse=use_sparse)
+        self.cache.advance(1)
+        return out.logits[:, -1]

@@ -1,0 +1,145 @@
+"""The fast CPU decode step (model/fast_decode.py) against the eager path it replaces,
+``model.forward`` one token at a time: the same logits (bitwise, float32), greedy tokens and
+cache contents (keys, values, lightning states, InfLLM-v2 kernels), on a dense, a SALA
+(lightning) and an InfLLM-v2 sparse checkpoint, batch 1 and batch 3 with left padding; its two
+``cpu.decode`` ops against the everyday ones on the layouts the model gives them."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+import hal
+from backends.cpu.decode import kv_write_decode_cpu, rotary_decode_cpu
+from backends.cpu.ops import kv_write_cpu, rotary_cpu
+from hal.errors import InputError
+from model.fast_decode import DecodeStep
+from model.synthetic import _config, write_checkpoint
+
+# InfLLM-v2 scaled down (as tests/test_sparse_model.py): sparse from 64 keys, so decode crosses it
+SPARSE = {"kernel_size": 8, "kernel_stride": 4, "init_blocks": 1, "block_size": 16, "window_size": 32,
+          "topk": 3, "use_nope": False, "dense_len": 64}
+
+
+@pytest.fixture(scope="module")
+def models(tmp_path_factory):
+    root = tmp_path_factory.mktemp("fast")
+    sala_sparse = dict(_config("tiny-sala")["sparse_config"], dense_len=64)
+    folders = {
+        "tiny": write_checkpoint(root / "tiny", "tiny", dtype="float32"),
+        "tiny-sala": write_checkpoint(root / "sala", "tiny-sala", dtype="float32",
+                                      overrides={"sparse_config": sala_sparse}),
+        "sparse": write_checkpoint(root / "sparse", "tiny", dtype="float32", overrides={"sparse_config": SPARSE}),
+    }
+    return {name: hal.load_model(folder, "cpu", "float32") for name, folder in folders.items()}
+
+
+def _prompts(batch: int) -> list[list[int]]:
+    lengths = [58, 41, 50][:batch]  # the sparse models cross dense_len=64 while decoding
+    return [[(37 * i + 11 * row) % 900 + 3 for i in range(n)] for row, n in enumerate(lengths)]
+
+
+def _decode(model, prompts, steps: int, fast: bool):
+    """Prefill through forward, then ``steps`` greedy steps: the eager forward or the fast step.
+    Returns (logits [steps, B, V], tokens [steps, B], cache)."""
+    longest = max(len(p) for p in prompts)
+    ids = torch.zeros(len(prompts), longest, dtype=torch.long)
+    for row, p in enumerate(prompts):
+        ids[row, longest - len(p):] = torch.tensor(p)
+    kv_start = torch.tensor([longest - len(p) for p in prompts]) if len(prompts) > 1 else None
+    cache = model.new_cache(len(prompts), longest + steps)
+    logits, tokens = [], []
+    with torch.inference_mode():
+        out = model.forward(ids, cache=cache, kv_start=kv_start, logits_last_only=True)
+        token = out.logits[:, -1].argmax(-1)
+        step = DecodeStep(model, cache, kv_start) if fast else None
+        for _ in range(steps):
+            if fast:
+                last = step.step(token)
+            else:
+                last = model.forward(token[:, None], cache=cache, kv_start=kv_start, logits_last_only=True).logits[:, -1]
+            token = last.argmax(-1)
+            logits.append(last.clone())
+            tokens.append(token)
+    return torch.stack(logits), torch.stack(tokens), cache
+
+
+def _cache_tensors(cache) -> list[torch.Tensor]:
+    out = [t for t in cache.keys + cache.values if t is not None]
+    for group in (cache.states, cache.kernels, cache.coarse):
+        out += [group[i] for i in sorted(group)]
+    return out
+
+
+@pytest.mark.parametrize("batch", [1, 3])
+@pytest.mark.parametrize("name", ["tiny", "tiny-sala", "sparse"])
+def test_fast_step_equals_eager_forward(models, name, batch):
+    model = models[name]
+    prompts = _prompts(batch)
+    steps = 24
+    eager_logits, eager_tokens, eager_cache = _decode(model, prompts, steps, fast=False)
+    fast_logits, fast_tokens, fast_cache = _decode(model, prompts, steps, fast=True)
+    if model.config.sparse is not None:  # the steps cross into sparse attention
+        assert model.config.sparse.applies(int(fast_cache.lengths.max()))
+        assert not model.config.sparse.applies(max(len(p) for p in prompts))
+    assert torch.equal(fast_tokens, eager_tokens)
+    assert torch.equal(fast_logits, eager_logits), (fast_logits - eager_logits).abs().max()
+    assert torch.equal(fast_cache.lengths, eager_cache.lengths)
+    for fast_t, eager_t in zip(_cache_tensors(fast_cache), _cache_tensors(eager_cache), strict=True):
+        assert torch.equal(fast_t, eager_t)
+
+
+def test_generate_on_cpu_decodes_as_the_eager_loop(models):
+    model = models["tiny"]
+    prompts = _prompts(3)
+    _, eager_tokens, _ = _decode(model, prompts, 10, fast=False)
+    out = model.generate(prompts, max_new_tokens=11, do_sample=False, eos_token_id=[])
+    # generate's first token comes from the prompt, then 10 decode steps
+    assert [row[1:] for row in out] == eager_tokens.t().tolist()
+
+
+def test_step_binds_the_decode_ops_and_keeps_the_rest(models):
+    model = models["tiny"]
+    step = DecodeStep(model, model.new_cache(1, 8))
+    assert step.bound_ops["kv_write"] == "cpu.decode" and step.bound_ops["rotary"] == "cpu.decode"
+    assert all(step.bound_ops[op] == model.bound_ops[op] for op in model.bound_ops if op not in ("kv_write", "rotary"))
+    assert model.bound_ops["kv_write"] == model.bound_ops["rotary"] == "cpu.torch"  # the eager path's binding
+
+
+def test_step_refuses_a_foreign_cache_and_bad_tokens(models):
+    with pytest.raises(InputError, match="not made for this model"):
+        DecodeStep(models["tiny-sala"], models["tiny"].new_cache(1, 8))
+    step = DecodeStep(models["tiny"], models["tiny"].new_cache(2, 8))
+    with pytest.raises(InputError, match=r"tokens must be \[2\], got \[1\]"):
+        step.step(torch.tensor([1]))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize(("batch", "new"), [(1, 1), (3, 1), (2, 5)])
+def test_rotary_in_one_pass_equals_rotary_on_qkv_views(dtype, batch, new):
+    heads, kv_heads, d = 6, 2, 16
+    g = torch.Generator().manual_seed(batch * 10 + new)
+    qkv = torch.randn(batch, new, (heads + 2 * kv_heads) * d, generator=g).to(dtype)
+    q, k, _ = qkv.split((heads * d, kv_heads * d, kv_heads * d), dim=-1)
+    q, k = q.view(batch, new, heads, d), k.view(batch, new, kv_heads, d)
+    angles = torch.rand(batch, new, d, generator=g) * 6
+    cos, sin = angles.cos(), angles.sin()
+    fast_q, fast_k = rotary_decode_cpu(q, k, cos, sin)
+    ref_q, ref_k = rotary_cpu(q, k, cos, sin)
+    assert fast_q.data_ptr() != ref_q.data_ptr()
+    assert torch.equal(fast_q, ref_q) and torch.equal(fast_k, ref_k)
+    # not adjacent (k first, or separate tensors): the two-pass rotary
+    swapped_q, swapped_k = rotary_decode_cpu(k.expand(batch, new, kv_heads, d), q, cos, sin)
+    assert torch.equal(swapped_k, rotary_cpu(k, q, cos, sin)[1])
+
+
+def test_kv_write_with_host_slots_equals_kv_write_with_and_without_skips():
+    g = torch.Generator().manual_seed(3)
+    caches = [torch.randn(2, 128, 2, 8, generator=g) for _ in range(2)]
+    k, v = torch.randn(2, 4, 2, 8, generator=g), torch.randn(2, 4, 2, 8, generator=g)
+    for slots in (torch.tensor([[5, 6, 7, 8], [0, 1, 2, 3]]), torch.tensor([[-1, -1, 0, 1], [9, 10, 11, 12]])):
+        fast = [c.clone() for c in caches]
+        ref = [c.clone() for c in caches]
+        kv_write_decode_cpu(*fast, k, v, slots)
+        kv_write_cpu(*ref, k, v, slots)
+        assert all(torch.equal(a, b) for a, b in zip(fast, ref))
+        assert not torch.equal(fast[0], caches[0])
