@@ -8,7 +8,7 @@
 #
 # $OUT/suite.json: one record per step (name, exit code, seconds); each step's output is in
 # $OUT/<step>.log, the benchmarks' numbers in $OUT/attention.json, $OUT/decode.json (with the int4
-# decode) and $OUT/quant_nmse.json, the
+# decode), $OUT/quant_nmse.json and (with 2 or more GPUs: tensor parallel) $OUT/tp_decode.json, the
 # comparison reports in $OUT/compare-*/. Exit 0 when every step passed, 1 when one failed, 2 when
 # the device or triton is missing.
 set -uo pipefail
@@ -90,6 +90,19 @@ step decode 300 "$PY" -m benchmarks.gpu_decode "${DRY[@]}" --out "$OUT/decode.js
 # quantized linears: NMSE per format and dtype of the Triton kernels (bfloat16 on the GPU only);
 # their batch-1 decode speed is decode.json's int4_vs_bf16 (0.5b GPTQ int4 vs bfloat16, target >= 1.5x)
 step quant-nmse 200 "$PY" -m benchmarks.quant_nmse --json "$OUT/quant_nmse.json"
+# tensor parallel over 2 ranks (NCCL; the dry run: gloo on the CPU, tiny): compare, and decode TP 1 vs 2
+gpus=$("$PY" -c "import torch; print(torch.cuda.device_count())" 2>/dev/null || echo 0)
+if [ "$DEVICE" = cpu ] || [ "$gpus" -ge 2 ]; then
+    step compare-tp2 150 "$PY" -m torch.distributed.run --nproc-per-node 2 -m validation.compare --tp 2 \
+        --device "$DEVICE" --dtype "$DTYPE" --model "$(checkpoint tiny)" --report-dir "$OUT/compare-tp2"
+    step tp-decode 300 "$PY" -m benchmarks.tp_decode --sizes 1,2 --device "$DEVICE" --dtype "$DTYPE" \
+        $([ "$DEVICE" = cuda ] && echo --graph) --preset "$([ "$DEVICE" = cuda ] && echo 0.5b || echo tiny)" \
+        --out "$OUT/tp_decode.json"
+else
+    echo "== tensor parallel: skipped (needs 2 GPUs, $gpus visible)"
+    printf '{"step": "tp", "rc": null, "seconds": 0, "skipped": "%s GPU(s) visible, 2 needed"}\n' "$gpus" \
+        >> "$OUT/steps.jsonl"
+fi
 
 "$PY" - "$OUT" "${DRY_RUN:-0}" <<'PYEOF'
 import json, platform, subprocess, sys, time

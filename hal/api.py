@@ -67,7 +67,8 @@ linears (BitCPM4) into ``hal.quant.TernaryWeight``."""
 
 def load_model(path: str | Path, device: str = "auto", dtype: str | torch.dtype | None = None, *,
                reference: bool = False, allow_fallback: bool = False,
-               op_overrides: dict[str, Callable[..., Any]] | None = None, quantize: str | None = None):
+               op_overrides: dict[str, Callable[..., Any]] | None = None, quantize: str | None = None,
+               tp: int | None = None):
     """Load a MiniCPM checkpoint (Hugging Face layout, or a GGUF file) and bind it to a device.
 
     Args:
@@ -87,19 +88,47 @@ def load_model(path: str | Path, device: str = "auto", dtype: str | torch.dtype 
             embedding, norms and lm_head are dense); ``"dequantize"``: every weight dense in
             ``dtype`` (the old behaviour); ``"ternary"``: also pack the fake-quantized ternary
             linears of a BitCPM4-style checkpoint (``model/ternary.py``; CheckpointError when a
-            decoder linear is not ternary).
+            decoder linear is not ternary). With ``tp`` > 1, ``None`` means ``"dequantize"`` (the
+            ranks slice dense weights) and ``"keep"`` / ``"ternary"`` are refused.
+        tp: tensor-parallel size (``hal/distributed.py``, ``model/sharding.py``): this process is
+            one of ``tp`` ranks (``torchrun --nproc-per-node tp``; the default process group is
+            initialised from the launcher's environment unless the caller did) and loads only its
+            slice of the weights; logits come back whole (float32, all V) on every rank. Every
+            rank must call this; a rank that fails makes every rank raise (the failed rank's line).
+            Default: None (one process, as is 1: the launcher's WORLD_SIZE is not checked then).
 
     Raises:
-        DeviceUnavailable, ConfigError, CheckpointError, UnsupportedOpError, InputError.
+        DeviceUnavailable, ConfigError, CheckpointError, UnsupportedOpError, InputError,
+        DistributedError (another rank failed, or the process group broke).
     """
+    if quantize is not None and quantize not in QUANTIZE_MODES:
+        raise InputError(f"quantize must be one of {', '.join(QUANTIZE_MODES)} (or None), got {quantize!r}")
+    kind = resolve_device(device)
+    if tp is None or tp == 1:
+        return _load(path, kind, dtype, reference, allow_fallback, op_overrides, quantize, None)
+    if quantize in ("keep", "ternary"):
+        raise InputError(f"tp={tp}: tensor parallel of quantized weights is not supported (quantize={quantize!r}); "
+                         "use quantize='dequantize' (--quantize dequantize) or tp=1")
+    from hal import distributed
+
+    group = distributed.setup(kind, tp)  # the same outcome on every rank: nothing below can hang
+    model, error = None, None
+    try:
+        model = _load(path, kind, dtype, reference, allow_fallback, op_overrides, "dequantize", group)
+    except Exception as exc:  # noqa: BLE001 - re-raised by agree() on this rank, reported to the others
+        error = exc
+    group.agree(error)
+    return model
+
+
+def _load(path: str | Path, kind: str, dtype: str | torch.dtype | None, reference: bool, allow_fallback: bool,
+          op_overrides: dict[str, Callable[..., Any]] | None, quantize: str | None, group):
+    """:func:`load_model` on one rank; ``group`` (a :class:`hal.distributed.TPGroup`) or None."""
     from model.checkpoint import load_weights
     from model.config import GenerationDefaults, load_config, load_generation_config
     from model.minicpm import MiniCPMForCausalLM
 
-    if quantize is not None and quantize not in QUANTIZE_MODES:
-        raise InputError(f"quantize must be one of {', '.join(QUANTIZE_MODES)} (or None), got {quantize!r}")
     keep = quantize != "dequantize"
-    kind = resolve_device(device)
     folder = Path(path)
     gguf_file = None
     if is_gguf(folder):
@@ -117,24 +146,44 @@ def load_model(path: str | Path, device: str = "auto", dtype: str | torch.dtype 
     torch_dtype = parse_dtype(dtype)
     if reference and kind != "cpu":
         raise InputError(f"reference=True binds the CPU float32 reference; device must be cpu, got {kind}")
-    ops = bind(kind, torch_dtype, config.shapes(), reference=reference, allow_fallback=allow_fallback,
-               overrides=op_overrides)
+    device = torch_device(kind) if group is None else group.device
+    shard = tp = None
+    if group is not None:
+        from model.sharding import plan
+        from model.tp import TensorParallel
+
+        shard = plan(config, group.size, group.rank, source=str(folder))
+        tp = TensorParallel(shard, group)
+    ops = bind(kind, torch_dtype, config.shapes() if shard is None else shard.shapes(config), reference=reference,
+               allow_fallback=allow_fallback, overrides=op_overrides)
     if gguf_file is None:
-        weights = load_weights(folder, config, torch_dtype, torch_device(kind), keep=keep)
+        weights = load_weights(folder, config, torch_dtype, device, shard=shard, keep=keep)
         if quantize == "ternary":
             weights = _pack_ternary(weights, folder)
-        return MiniCPMForCausalLM(config, weights, ops, torch_device(kind), torch_dtype, path=folder,
-                                  generation=generation)
+        if shard is not None:
+            _refuse_quantized(weights, folder, shard.size)
+        return MiniCPMForCausalLM(config, weights, ops, device, torch_dtype, path=folder,
+                                  generation=generation, tp=tp)
     from model.gguf_checkpoint import load_gguf_weights
 
     tokenizer_loader = _gguf_tokenizer_loader(gguf_file)
     gguf_file.forget_vocabulary()  # before the weights: the parsed vocabulary is not kept beside them
-    weights = load_gguf_weights(gguf_file, config, torch_dtype, torch_device(kind), keep=keep)
+    weights = load_gguf_weights(gguf_file, config, torch_dtype, device, keep=keep, shard=shard)
     del gguf_file  # closes the memory map: its pages leave the process
     if quantize == "ternary":
         weights = _pack_ternary(weights, folder)
-    return MiniCPMForCausalLM(config, weights, ops, torch_device(kind), torch_dtype, path=folder,
-                              generation=generation, tokenizer_loader=tokenizer_loader)
+    if shard is not None:
+        _refuse_quantized(weights, folder, shard.size)
+    return MiniCPMForCausalLM(config, weights, ops, device, torch_dtype, path=folder,
+                              generation=generation, tokenizer_loader=tokenizer_loader, tp=tp)
+
+
+def _refuse_quantized(weights: dict[str, Any], path: Path, tp: int) -> None:
+    """Tensor parallel slices dense tensors only: a weight kept quantized (not a plain tensor) is refused."""
+    kept = next((name for name, w in weights.items() if not isinstance(w, torch.Tensor)), None)
+    if kept is not None:
+        raise InputError(f"tp={tp}: tensor parallel of quantized weights is not supported ({path}: '{kept}' is "
+                         f"kept quantized); use tp=1")
 
 
 def _pack_ternary(weights: dict[str, Any], where: Path) -> dict[str, Any]:

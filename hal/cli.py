@@ -74,6 +74,10 @@ def _quiet_stdout() -> None:
 
 
 def _say(line: str) -> None:
+    from hal.distributed import is_quiet_rank
+
+    if is_quiet_rank():  # a tensor-parallel rank > 0: rank 0 prints the line for every rank
+        return
     try:
         print(line, file=sys.stderr, flush=True)
     except (OSError, ValueError):

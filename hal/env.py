@@ -13,6 +13,8 @@ HAL_NPU_EMULATE          ``1`` runs the ``npu`` device on an emulator: a pure-to
 HAL_NPU_FIA_LAYOUT       ``TND`` or ``BSND``: bind only that layout's fused attention on the npu device
                          (default: TND for the head dims its docs give, BSND otherwise). For the
                          runbook to measure both paths on one model; other values are refused.
+HAL_TP_TIMEOUT           seconds a tensor-parallel rank waits for its peers (process-group rendezvous
+                         and every collective) before giving up with one line. Default: 300.
 HAL_CACHE_DIR            where the built-in synthetic checkpoint is written, and the trained fixture
                          is fetched (``trained/``, ``python -m model.trained --fetch``).
                          Default: ``$XDG_CACHE_HOME/minicpm-hal`` or ``~/.cache/minicpm-hal``.
@@ -57,6 +59,23 @@ def npu_fia_layout() -> str | None:
 
         raise InputError(f"HAL_NPU_FIA_LAYOUT must be TND or BSND, got {value!r}")
     return value or None
+
+
+TP_TIMEOUT_DEFAULT = 300.0
+
+
+def tp_timeout() -> float:
+    """HAL_TP_TIMEOUT as seconds > 0 (default :data:`TP_TIMEOUT_DEFAULT`); InputError for another value."""
+    raw = os.environ.get("HAL_TP_TIMEOUT", "").strip()
+    if not raw:
+        return TP_TIMEOUT_DEFAULT
+    try:
+        value = float(raw)
+    except ValueError:
+        value = float("nan")
+    if not value > 0 or value == float("inf"):
+        raise InputError(f"HAL_TP_TIMEOUT must be a number of seconds > 0, got {raw!r}")
+    return value
 
 
 def cache_dir() -> Path:

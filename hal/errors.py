@@ -29,3 +29,7 @@ class InputError(HalError, ValueError):
 
 class NonFiniteError(HalError, RuntimeError):
     """A computation produced NaN or Inf (e.g. float16 overflow): the message names dtype and step."""
+
+
+class DistributedError(HalError, RuntimeError):
+    """A tensor-parallel rank failed, vanished or timed out: the message names the rank and why."""

@@ -14,6 +14,7 @@ from hal.errors import CheckpointError
 from model import gptq
 from model.config import INT8_METHOD, MiniCPMConfig
 from model.safetensors_mmap import SafetensorsFile
+from model.sharding import ShardPlan, narrow
 
 SINGLE = "model.safetensors"
 INDEX = "model.safetensors.index.json"
@@ -229,16 +230,24 @@ class CheckpointReader:
         """Drop the mapped pages of a tensor that is no longer referenced."""
         self.location[name].release(name)
 
-    def tensors(self, dtype: torch.dtype, device: torch.device) -> Iterator[tuple[str, torch.Tensor]]:
+    def tensors(self, dtype: torch.dtype, device: torch.device,
+                shard: ShardPlan | None = None) -> Iterator[tuple[str, torch.Tensor]]:
         """Yields (name, tensor in dtype on device). Tensors already in the right dtype on CPU are
-        zero-copy views of the mapping; converted ones have their source pages released."""
+        zero-copy views of the mapping; converted ones have their source pages released.
+        shard: keep only this tensor-parallel rank's slice (``model/sharding.py``), narrowed on the
+        mapped view before any copy (a column slice is copied once, contiguous)."""
         for name in expected_shapes(self.config):
             source = self.location[name]
             raw = source.tensor(name)
             if name.endswith(INTEGER_PARTS + (".scales",) + INT8_PARTS):
                 yield name, raw  # GPTQ / int8 parts: built into containers on the CPU by load_weights
                 continue
+            if shard is not None:
+                raw = narrow(raw, shard.part(name))
             if raw.dtype == dtype and device.type == "cpu":
+                if not raw.is_contiguous():
+                    raw = raw.contiguous()
+                    source.release(name)
                 yield name, raw
                 continue
             converted = raw.to(device=device, dtype=dtype)
@@ -282,15 +291,16 @@ One GEMM instead of three (q/k/v) or two (gate/up) per layer, as vLLM and CPM.cu
 
 
 def load_weights(checkpoint: Path, config: MiniCPMConfig, dtype: torch.dtype,
-                 device: torch.device, keep: bool = False) -> dict[str, torch.Tensor]:
+                 device: torch.device, shard: ShardPlan | None = None, keep: bool = False) -> dict[str, torch.Tensor]:
     """Every tensor of the checkpoint in ``dtype`` on ``device``, GPTQ linears dequantized
     (``model/gptq.py``), with each layer's projections fused as :data:`FUSED` says (the parts
     are not kept; their mapped pages are released). ``keep``: GPTQ linears with plain groups
-    stay ``hal.quant.Int4Weight`` containers (on the CPU) instead."""
+    stay ``hal.quant.Int4Weight`` containers (on the CPU) instead. shard: only this
+    tensor-parallel rank's slices (``model/sharding.py``; each part is sliced before the fusion)."""
     reader = CheckpointReader(checkpoint, config)
     weights: dict[str, torch.Tensor] = {}
     packed: dict[str, dict[str, torch.Tensor]] = {}
-    for name, tensor in reader.tensors(dtype, device):
+    for name, tensor in reader.tensors(dtype, device, shard):
         part = next((p for p in gptq.PARTS if name.endswith("." + p)), None)
         if part is not None:
             prefix = name[: -len(part)]

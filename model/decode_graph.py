@@ -16,6 +16,10 @@ What the graph holds fixed, and how each step still differs:
   capacity check) and one copy moves (token, slot, length) per row into the graph's input
   buffer; then the lengths refresh and ``replay()``. The positions are the slots (each row's
   real tokens start at 0).
+* Tensor parallel (``model/tp.py``): the step's all_reduce / all_gather calls are captured with the
+  rest. CUDA graphs capture NCCL collectives (NCCL >= 2.9.6), so ``cuda`` replays them; capturing
+  HCCL collectives in an NPUGraph is not supported here (refused, with that reason). Neither is
+  verified on hardware yet.
 * The graph belongs to one :class:`~model.cache.KVCache` (the addresses of its buffers) and its
   batch size. It is captured on the first step, after a warm-up run of the same step. A model
   with InfLLM-v2 gets a second graph, captured on the first step past ``dense_len`` (the
@@ -25,7 +29,7 @@ from __future__ import annotations
 
 import torch
 
-from hal.errors import InputError
+from hal.errors import InputError, UnsupportedOpError
 from hal.graphs import GraphRuntime, graph_runtime, host_kv_lens
 from hal.registry import bind
 from model.cache import KVCache
@@ -52,6 +56,9 @@ class DecodeGraph:
     def __init__(self, model, cache: KVCache, kv_start: torch.Tensor | None = None):
         context = model.ops.context
         self.runtime: GraphRuntime = graph_runtime(context.device)
+        if model.tp.size > 1 and context.device != "cuda":
+            raise UnsupportedOpError(f"decode graph with {model.tp.describe()} on {context.device}: only CUDA graphs "
+                                     "capture the collectives (NCCL); run without --decode-graph")
         self.ops = bind(context.device, context.dtype, context.shapes, capture=GRAPH_OPS,
                         graph_updates=self.runtime.updatable)
         self.model = model
@@ -76,7 +83,10 @@ class DecodeGraph:
     @property
     def mode(self) -> str:
         """One line for reports: the graph runtime, how it is captured and what attention serves."""
-        return f"{self.runtime.name}; {self.runtime.mode}; attention_decode -> {self.bound_ops['attention_decode']}"
+        mode = f"{self.runtime.name}; {self.runtime.mode}; attention_decode -> {self.bound_ops['attention_decode']}"
+        if self.model.tp.size > 1:
+            mode += f"; {self.model.tp.describe()}: all_reduce / all_gather captured in the graph"
+        return mode
 
     def step(self, tokens: torch.Tensor) -> torch.Tensor:
         """tokens: `[B]` int64, each row's newest token -> its next-token logits `[B, V]` float32.

@@ -3,6 +3,7 @@
     python -m model.generate --model PATH --device auto "prompt"
     python -m model.generate --chat "What is a NPU?"          # built-in synthetic checkpoint
     python -m model.generate --device npu --decode-graph "prompt"  # decode steps from an NPUGraph
+    torchrun --nproc-per-node 2 -m model.generate --tp 2 "prompt"   # tensor parallel over 2 ranks
 """
 from __future__ import annotations
 
@@ -58,17 +59,35 @@ def _main(argv: list[str] | None = None) -> int:
                         help="prompt tokens per prefill forward (default 8192; 0 = the whole prompt at once)")
     parser.add_argument("--decode-graph", action="store_true",
                         help="replay decode steps from a device graph (CUDA graph / NPUGraph); cuda and npu")
+    parser.add_argument("--tp", type=int, default=1,
+                        help="tensor-parallel ranks; run under torchrun --nproc-per-node N (default: 1)")
     args = parser.parse_args(argv)
 
+    from hal import distributed
+
+    distributed.check_world(args.tp)
+    try:
+        return _generate(args, quiet=distributed.is_quiet_rank())
+    finally:
+        distributed.shutdown()
+
+
+def _generate(args: argparse.Namespace, quiet: bool) -> int:
+    """The generation; ``quiet`` (a tensor-parallel rank > 0) computes in lockstep but prints nothing."""
     import hal
     from model.synthetic import default_checkpoint
     from model.tokenizer import render_chat
 
+    def say(line: str) -> None:
+        if not quiet:
+            print(line, file=sys.stderr)
+
     path = args.model if args.model is not None else default_checkpoint()
-    print(f"[minicpm-hal] loading {path} on {args.device}", file=sys.stderr)
+    parallel = f" (tensor parallel, {args.tp} ranks)" if args.tp > 1 else ""
+    say(f"[minicpm-hal] loading {path} on {args.device}{parallel}")
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        model = hal.load_model(path, device=args.device, dtype=args.dtype)
+        model = hal.load_model(path, device=args.device, dtype=args.dtype, tp=args.tp)
     tokenizer = model.tokenizer
     text = args.prompt
     if args.chat:
@@ -77,21 +96,21 @@ def _main(argv: list[str] | None = None) -> int:
                            enable_thinking=thinking)
     # The ChatML template emits no BOS; add_bos_token in tokenizer_config.json adds it here.
     prompt_ids = tokenizer(text)["input_ids"]
-    print(f"[minicpm-hal] {model.device} {hal.api.dtype_name(model.dtype)}, "
-          f"prompt {len(prompt_ids)} tokens",
-          file=sys.stderr)
-    stream = _TextStream(tokenizer, sys.stdout)
+    say(f"[minicpm-hal] {model.device} {hal.api.dtype_name(model.dtype)}, prompt {len(prompt_ids)} tokens")
+    stream = None if quiet else _TextStream(tokenizer, sys.stdout)
     start = time.perf_counter()
     out = model.generate([prompt_ids], args.max_new_tokens, do_sample=False if args.greedy else None,
                          temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, seed=args.seed,
                          streamer=stream, decode_graph=args.decode_graph,
                          **({} if args.prefill_chunk is None else {"prefill_chunk": args.prefill_chunk}))
     elapsed = time.perf_counter() - start
+    if quiet:
+        return 0
     sys.stdout.write("\n")
     sys.stdout.flush()  # a closed pipe shows here, inside run_main, not at interpreter exit
     mode = " (decode graph)" if args.decode_graph else ""
-    print(f"[minicpm-hal] {len(out[0])} tokens in {elapsed:.2f} s ({len(out[0]) / elapsed:.1f} tok/s){mode}",
-          file=sys.stderr)
+    mode += f" (tp={args.tp})" if args.tp > 1 else ""
+    say(f"[minicpm-hal] {len(out[0])} tokens in {elapsed:.2f} s ({len(out[0]) / elapsed:.1f} tok/s){mode}")
     return 0
 
 

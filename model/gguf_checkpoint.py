@@ -41,6 +41,7 @@ from hal import quant
 from model.checkpoint import QUANTIZED, expected_shapes, fuse_parts
 from model.config import MiniCPMConfig, parse_config
 from model.gguf_file import GGUFFile
+from model.sharding import ShardPlan
 
 ARCHITECTURES = ("llama", "minicpm")
 ROPE_FACTORS = {"long_factor": "rope_factors_long.weight", "short_factor": "rope_factors_short.weight"}
@@ -220,34 +221,39 @@ def _quantized_tensor(file: GGUFFile, gguf_name: str) -> quant.QuantizedWeight:
     return weight
 
 
-def iter_hf_tensors(file: GGUFFile, config: MiniCPMConfig, dtype: torch.dtype, keep: bool = False):
+def iter_hf_tensors(file: GGUFFile, config: MiniCPMConfig, dtype: torch.dtype, keep: bool = False,
+                    shard: ShardPlan | None = None):
     """Yields (HF name, tensor in ``dtype`` on the CPU, HF row order), one tensor at a time;
-    ``keep``: Q4_0 / Q4_1 / Q8_0 decoder linears as ``hal.quant`` containers instead."""
+    ``keep``: Q4_0 / Q4_1 / Q8_0 decoder linears as ``hal.quant`` containers instead.
+    shard: only this tensor-parallel rank's slice of each (dense) tensor (``model/sharding.py``;
+    ``keep`` does not apply then); the q/k row permutation stays inside each head, so a slice of
+    whole heads unpermutes alone."""
     names = tensor_names(config, file.architecture)
     _check_tensors(file, config, names)
     for hf_name, gguf_name in names.items():
-        if keep and kept_quantized(file, hf_name, gguf_name):
+        if keep and shard is None and kept_quantized(file, hf_name, gguf_name):
             tensor = _quantized_tensor(file, gguf_name)
         else:
             # the permutation is undone in float32 when the tensor is read as float32 anyway
-            tensor = file.tensor(gguf_name, dtype)
+            tensor = file.tensor(gguf_name, dtype, shard.part(hf_name) if shard is not None else None)
         heads = (config.num_attention_heads if hf_name.endswith("self_attn.q_proj.weight") else
                  config.num_key_value_heads if hf_name.endswith("self_attn.k_proj.weight") else None)
         if heads is not None and isinstance(tensor, quant.QuantizedWeight):
             tensor = tensor.map_rows(lambda t: unpermute_rows(t, heads))
-        elif heads is not None:
-            tensor = unpermute_rows(tensor, heads).contiguous()
+        elif heads is not None:  # a rank's slice holds fewer, whole heads
+            tensor = unpermute_rows(tensor, tensor.shape[0] // config.head_dim).contiguous()
         yield hf_name, tensor
 
 
 def load_gguf_weights(file: GGUFFile, config: MiniCPMConfig, dtype: torch.dtype,
-                      device: torch.device, keep: bool = False) -> dict[str, torch.Tensor]:
+                      device: torch.device, keep: bool = False,
+                      shard: ShardPlan | None = None) -> dict[str, torch.Tensor]:
     """Every tensor of the GGUF dequantized into ``dtype`` on ``device``, under the HF names, with
     each layer's projections fused as ``model.checkpoint.FUSED`` says: what
     ``model.checkpoint.load_weights`` returns for the same model in safetensors. ``keep``: the
     Q4_0 / Q4_1 / Q8_0 decoder linears stay ``hal.quant`` containers (on the CPU)."""
     weights: dict[str, torch.Tensor] = {}
-    for name, tensor in iter_hf_tensors(file, config, dtype, keep):
+    for name, tensor in iter_hf_tensors(file, config, dtype, keep, shard):
         weights[name] = tensor if isinstance(tensor, quant.QuantizedWeight) else tensor.to(device)
         fuse_parts(weights, name, dtype, device)
     return weights

@@ -7,6 +7,7 @@ lists it that way in ``ReaderTensor.shape``. Everything this module returns is i
 """
 from __future__ import annotations
 
+import math
 import mmap
 from pathlib import Path
 from typing import Any
@@ -131,11 +132,13 @@ class GGUFFile:
     def type_name(self, name: str) -> str:
         return self.tensors[name].tensor_type.name
 
-    def tensor(self, name: str, dtype: torch.dtype) -> torch.Tensor:
+    def tensor(self, name: str, dtype: torch.dtype, part: tuple[int, int, int] | None = None) -> torch.Tensor:
         """Tensor ``name`` dequantized (``gguf.quants.dequantize``) into ``dtype`` on the CPU. Rows
         are dequantized in chunks of about :data:`CHUNK_BYTES` of float32 (a row holds whole
         quantization blocks), so the float32 intermediate never holds the whole tensor; the
-        tensor's mapped file pages are released afterwards."""
+        tensor's mapped file pages are released afterwards. part: (dim, start, length) of a 2-D
+        tensor, the only rows (dim 0: only those are read) or columns (dim 1: each chunk's are
+        kept) returned, for a tensor-parallel rank (``model/sharding.py``)."""
         from gguf import quants
 
         if name not in self.tensors:
@@ -146,19 +149,26 @@ class GGUFFile:
             raise CheckpointError(f"{self.path}: tensor '{name}' is truncated ({info.data.nbytes} of "
                                   f"{info.n_bytes} bytes present)")
         rows = shape[0] if len(shape) > 1 else 1
+        full = math.prod(shape[1:]) if len(shape) > 1 else math.prod(shape)  # elements per row
         data = info.data.reshape(rows, -1)
-        out = torch.empty(shape, dtype=dtype).reshape(rows, -1)
-        step = max(1, CHUNK_BYTES // max(1, 4 * out.shape[1]))
+        columns, width = slice(None), full
+        if part is not None and part[0] == 0:
+            data, rows = data[part[1]:part[1] + part[2]], part[2]
+        elif part is not None:
+            columns, width = slice(part[1], part[1] + part[2]), part[2]
+        out = torch.empty(rows, width, dtype=dtype)
+        step = max(1, CHUNK_BYTES // max(1, 4 * full))
         for first in range(0, rows, step):
             values = self._dequantize(quants, name, info.tensor_type, data[first:first + step])
-            if values.size != out[first:first + step].numel():
+            if values.size != min(step, rows - first) * full:
                 raise CheckpointError(f"{self.path}: tensor '{name}' of type {info.tensor_type.name} does "
                                       f"not dequantize to its shape {list(shape)}")
-            if not values.flags.writeable:  # F32: a view of the read-only memory map
-                values = values.copy()
-            out[first:first + step] = torch.from_numpy(values.reshape(-1, out.shape[1]))
+            values = values.reshape(-1, full)[:, columns]
+            if not values.flags.writeable or not values.flags.c_contiguous:  # F32: a view of the read-only map
+                values = np.array(values, order="C")
+            out[first:first + step] = torch.from_numpy(values)
         self.release(name)
-        return out.reshape(shape)
+        return out.reshape(shape) if part is None else out
 
     def _dequantize(self, quants, name: str, kind, data: np.ndarray) -> np.ndarray:
         try:

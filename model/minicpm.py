@@ -9,7 +9,7 @@ hidden_size / dim_model_base before lm_head; logits are float32.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Callable
 
@@ -21,6 +21,8 @@ from model.cache import KVCache
 from model.config import GenerationDefaults, MiniCPMConfig
 from model.rope import RopeTable
 from model.slopes import alibi_slopes
+from model.tp import TensorParallel
+from model.tp import single as single_rank
 
 
 @dataclass(frozen=True)
@@ -114,8 +116,11 @@ class MiniCPMForCausalLM:
     def __init__(self, config: MiniCPMConfig, weights: dict[str, torch.Tensor], ops: BoundOps,
                  device: torch.device, dtype: torch.dtype, path: Path | None = None,
                  generation: GenerationDefaults | None = None,
-                 tokenizer_loader: Callable[[], object] | None = None):
+                 tokenizer_loader: Callable[[], object] | None = None, tp: TensorParallel | None = None):
         self.config = config
+        # tensor parallel (model/tp.py): this rank's slice of heads / FFN / vocabulary, its collectives
+        self.tp = tp if tp is not None else single_rank(config, device)
+        shard = self.tp.plan
         self.ops = ops
         self.device = device
         self.dtype = dtype
@@ -130,14 +135,17 @@ class MiniCPMForCausalLM:
         # on every scale that multiplies a rotated q.k (attention and InfLLM-v2 selection; lightning)
         rotated = self.rope.qk_scale
         self.attn_scale = config.head_dim ** -0.5 * (rotated if config.attn_use_rope else 1.0)
+        # this rank's lightning heads (all of them at tp=1)
+        self.lightning = replace(config.lightning, heads=shard.heads) if config.lightning else None
         self.lightning_scale = (config.lightning.scale * (rotated if config.lightning.use_rope else 1.0)
                                 if config.lightning else None)
         # per layer α (μP residual scale); a list so validation/faults.py can drop one layer's
         self.residual_scales = [config.residual_scale] * config.num_hidden_layers
-        kv_width = config.num_key_value_heads * config.head_dim
-        self.qkv_sizes = (config.num_attention_heads * config.head_dim, kv_width, kv_width)
+        kv_width = shard.kv_heads * config.head_dim
+        self.qkv_sizes = (shard.heads * config.head_dim, kv_width, kv_width)
         self.lightning_layers = frozenset(i for i, layer in enumerate(self.layers) if layer.mixer == "lightning")
-        self.slopes = alibi_slopes(config.lightning.heads).to(device) if config.lightning else None
+        self.slopes = (alibi_slopes(config.lightning.heads)[shard.head_start:shard.head_start + shard.heads].to(device)
+                       if config.lightning else None)
         self._tokenizer = None
         self._tokenizer_loader = tokenizer_loader  # GGUF: the tokenizer comes from the file's metadata
 
@@ -191,6 +199,8 @@ class MiniCPMForCausalLM:
         """See :func:`model.generation.generate`."""
         from model.generation import generate
 
+        if self.tp.size > 1 and kwargs.get("seed") is None:
+            kwargs["seed"] = self.tp.group.shared_seed()  # every rank samples the same tokens
         return generate(self, *args, **kwargs)
 
     # -- forward ------------------------------------------------------------------------------
@@ -245,8 +255,9 @@ class MiniCPMForCausalLM:
     def new_cache(self, batch: int, capacity: int) -> KVCache:
         """An empty KV cache for ``batch`` rows of up to ``capacity`` tokens on the model device."""
         cfg = self.config
-        return KVCache(cfg.num_hidden_layers, batch, capacity, cfg.num_key_value_heads, cfg.head_dim, self.dtype,
-                       self.device, self.lightning_layers, cfg.lightning.heads if cfg.lightning else 0,
+        shard = self.tp.plan
+        return KVCache(cfg.num_hidden_layers, batch, capacity, shard.kv_heads, cfg.head_dim, self.dtype,
+                       self.device, self.lightning_layers, shard.heads if cfg.lightning else 0,
                        cfg.sparse.geometry if cfg.sparse else None)
 
     def run(self, ops: BoundOps, input_ids: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor],
@@ -264,29 +275,29 @@ class MiniCPMForCausalLM:
         cfg = self.config
         cos, sin = rope
         real = self._real_tokens(input_ids, cache, kv_start) if self.lightning_layers else None
-        h = ops.embedding(input_ids, self.embed) * cfg.scale_emb
+        h = self.tp.embed(ops, input_ids, self.embed) * cfg.scale_emb
         hidden: list[torch.Tensor] | None = [h] if output_hidden_states else None
         residual = h
         x = ops.rms_norm(h, self.layers[0].input_norm, cfg.rms_norm_eps)
         for index, layer in enumerate(self.layers):
             alpha = self.residual_scales[index]
             if layer.mixer == "lightning":
-                attn = self._lightning(ops, index, layer, x, cos, sin, cache, real)
+                attn = self.tp.reduce(self._lightning(ops, index, layer, x, cos, sin, cache, real))
             else:
-                attn = self._attention(ops, index, layer, x, cos, sin, cache, kv_start, decode, slots, kv_lens,
-                                       sparse)
+                attn = self.tp.reduce(self._attention(ops, index, layer, x, cos, sin, cache, kv_start, decode, slots,
+                                                      kv_lens, sparse))
             x, residual = ops.add_rms_norm(attn, residual, layer.post_norm, cfg.rms_norm_eps, alpha)
             gate, up = _linear(ops, x, layer.gate_up).chunk(2, dim=-1)
             mlp = _linear(ops, ops.swiglu(gate, up), layer.down)
             next_norm = self.layers[index + 1].input_norm if index + 1 < len(self.layers) else self.final_norm
-            x, residual = ops.add_rms_norm(mlp, residual, next_norm, cfg.rms_norm_eps, alpha)
+            x, residual = ops.add_rms_norm(self.tp.reduce(mlp), residual, next_norm, cfg.rms_norm_eps, alpha)
             if hidden is not None:
                 hidden.append(residual)
             if hidden_hook is not None:
                 hidden_hook(index, residual)
         if logits_last_only:
             x = x[:, -1:]
-        logits = ops.logits(x / cfg.logit_scale, self.lm_head)
+        logits = self.tp.logits(ops, x / cfg.logit_scale, self.lm_head)
         return ForwardOutput(logits=logits, hidden_states=hidden)
 
     def _attention(self, ops: BoundOps, index: int, layer: LayerWeights, x: torch.Tensor, cos: torch.Tensor,
@@ -299,9 +310,10 @@ class MiniCPMForCausalLM:
         batch, new, _ = x.shape
         d = cfg.head_dim
         q, k, v = _linear(ops, x, layer.qkv).split(self.qkv_sizes, dim=-1)
-        q = q.view(batch, new, cfg.num_attention_heads, d)
-        k = k.view(batch, new, cfg.num_key_value_heads, d)
-        v = v.view(batch, new, cfg.num_key_value_heads, d)
+        heads, kv_heads = self.tp.plan.heads, self.tp.plan.kv_heads
+        q = q.view(batch, new, heads, d)
+        k = k.view(batch, new, kv_heads, d)
+        v = v.view(batch, new, kv_heads, d)
         if cfg.attn_use_rope:
             q, k = ops.rotary(q, k, cos, sin)
         if cache is not None:
@@ -336,7 +348,7 @@ class MiniCPMForCausalLM:
         decayed linear attention from the cached state (zeros without a cache), RMSNorm over
         all heads, sigmoid gate z_proj(x), o_proj. Left-padding tokens get zero keys, so they
         add nothing to the state (they all precede the real tokens, and the state starts at 0)."""
-        cfg, spec = self.config, self.config.lightning
+        cfg, spec = self.config, self.lightning
         batch, new, _ = x.shape
         heads, d = spec.heads, cfg.head_dim
         q, k, v = (t.view(batch, new, heads, d) for t in _linear(ops, x, layer.qkv).chunk(3, dim=-1))
@@ -355,8 +367,8 @@ class MiniCPMForCausalLM:
         if cache is not None:
             state.copy_(new_state)  # in place: the cache's buffer keeps its address (decode graphs)
         o = o.reshape(batch, new, heads * d)
-        if layer.o_norm is not None:
-            o = ops.rms_norm(o, layer.o_norm, cfg.rms_norm_eps)
+        if layer.o_norm is not None:  # over all heads: gathered from the ranks, normed, sliced back
+            o = self.tp.local_heads(ops.rms_norm(self.tp.gather_heads(o), layer.o_norm, cfg.rms_norm_eps))
         if layer.z is not None:
             o = ops.sigmoid_gate(o, _linear(ops, x, layer.z))
         return _linear(ops, o, layer.o)
@@ -378,6 +390,7 @@ class MiniCPMForCausalLM:
         cached semantic kernels (fine, and coarse for the normaliser), then attention over the
         selected blocks."""
         g = self.config.sparse.geometry
-        blocks = ops.infllm_select_blocks(q, cache.kernels[index], cache.coarse[index], kv_lens, g, self.attn_scale)
+        blocks = ops.infllm_select_blocks(self.tp.group_queries(q), cache.kernels[index], cache.coarse[index],
+                                          kv_lens, g, self.attn_scale)
         return ops.block_sparse_attention(q, cache.keys[index], cache.values[index], blocks, kv_lens, g.block_size,
                                           self.attn_scale)

@@ -67,6 +67,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="how the device and the reference load quantized linears (hal.load_model's quantize): "
                         "keep (default: packed on the device, decoded in float32 by the reference), "
                         "dequantize, or ternary (pack BitCPM4 fake-quantized linears)")
+    p.add_argument("--tp", type=int, default=1, metavar="N",
+                   help="tensor-parallel ranks of the device under test; run under torchrun --nproc-per-node N "
+                        "(every rank compares; rank 0 prints and writes the report; default: 1)")
     p.add_argument("--inject-fault", default=None, metavar="NAME",
                    help="developer option: inject a fault of validation/faults.py into the device "
                         "(e.g. rotary-interleaved) to see the verdict catch it")
@@ -74,7 +77,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def progress(message: str) -> None:
-    print(f"[compare] {message}", file=sys.stderr, flush=True)
+    from hal.distributed import is_quiet_rank
+
+    if not is_quiet_rank():  # tensor parallel: rank 0 speaks for every rank
+        print(f"[compare] {message}", file=sys.stderr, flush=True)
 
 
 def _json_safe(value: Any) -> Any:
@@ -143,7 +149,7 @@ def _run(args: argparse.Namespace) -> int:
                                 prompts_file=args.prompts, top_k=args.top_k, positions=args.positions,
                                 thresholds=thresholds, allow_fallback=args.allow_fallback,
                                 reference=args.reference, trust_remote_code=args.trust_remote_code,
-                                decode_graph=args.decode_graph, quantize=args.quantize)
+                                decode_graph=args.decode_graph, quantize=args.quantize, tp=args.tp)
     if args.decode_graph and (kind == "cpu" or args.corpus is not None):
         raise InputError("--decode-graph needs --device cuda or npu (the cpu has no device graphs) and "
                          "the prompt protocol (not --corpus)")
@@ -153,6 +159,10 @@ def _run(args: argparse.Namespace) -> int:
         from validation import faults
 
         settings.fault = faults.get(args.inject_fault).name
+    if args.tp > 1:
+        if args.corpus is not None:
+            raise InputError("--tp applies to the prompt protocol (not --corpus)")
+        return _run_tensor_parallel(settings, args, kind, label, dtype, started)
     stage = report_dir.StagedDir(args.report_dir or report_dir.default_dir(label, dtype))
     try:
         if args.corpus is not None:
@@ -171,6 +181,42 @@ def _run(args: argparse.Namespace) -> int:
     print(report_md_text(final))
     print(f"Report: {final}/ ({', '.join(names)}) in {time.perf_counter() - started:.1f} s")
     return EXIT_PASS if report.get("passed", True) else EXIT_FAIL  # corpus mode reports, it does not judge
+
+
+def _run_tensor_parallel(settings: Any, args: argparse.Namespace, kind: str, label: str, dtype: str,
+                         started: float) -> int:
+    """Every rank runs the comparison (the device model's collectives need all of them); rank 0
+    alone writes and prints the report; every rank returns the same exit code (a failed report
+    write on rank 0 fails every rank)."""
+    from hal import distributed
+    from validation import harness, report_dir
+
+    group = distributed.setup(kind, args.tp)
+    report = harness.run(settings, progress)
+    final, names, error = None, [], None
+    if group.rank == 0:
+        stage = None
+        try:
+            stage = report_dir.StagedDir(args.report_dir or report_dir.default_dir(f"{label}-tp{args.tp}", dtype))
+            progress("writing the report")
+            try:
+                names = write_report(report, stage.path)
+            except OSError as exc:
+                raise InputError(f"cannot write the report to {stage.final}: {exc.strerror or exc}") from None
+            final = stage.commit()
+        except Exception as exc:  # noqa: BLE001 - re-raised by agree() here, reported to the other ranks
+            error = exc
+        except BaseException:
+            if stage is not None:
+                stage.discard()
+            raise
+        if error is not None and stage is not None:
+            stage.discard()
+    group.agree(error)
+    if final is not None:
+        print(report_md_text(final))
+        print(f"Report: {final}/ ({', '.join(names)}) in {time.perf_counter() - started:.1f} s")
+    return EXIT_PASS if report.get("passed", True) else EXIT_FAIL
 
 
 def _run_corpus(args: argparse.Namespace, settings: Any, folder: Path) -> tuple[dict[str, Any], list[str]]:
@@ -217,9 +263,13 @@ def _main(argv: list[str] | None = None) -> int:
     import torch
 
     threads = torch.get_num_threads()
+    from hal import distributed
+
     try:
+        distributed.check_world(args.tp)
         return _run(args)
     finally:
+        distributed.shutdown()
         torch.set_num_threads(threads)  # in-process callers (tests) keep their setting and environment
         if emulate_before is None:
             os.environ.pop("HAL_NPU_EMULATE", None)

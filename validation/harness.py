@@ -60,6 +60,9 @@ class Settings:
     fault: str | None = None
     decode_graph: bool = False
     quantize: str | None = None  # hal.load_model's quantize, for the device and our reference
+    tp: int = 1
+    """Tensor-parallel ranks of the device under test (every rank runs the whole comparison; the
+    reference and the floors are single-process on each rank, so the ranks agree bit for bit)."""
 
 
 class OurReference:
@@ -108,6 +111,13 @@ def _token_text(tokenizer: Any, token_id: int) -> str:
 
 
 def _parameter_count(model: Any) -> int:
+    """Parameters of the whole model (a tensor-parallel rank holds a slice: counted from the config)."""
+    if getattr(model, "tp", None) is not None and model.tp.size > 1:
+        import math
+
+        from model.checkpoint import expected_shapes
+
+        return sum(math.prod(shape) for shape in expected_shapes(model.config).values())
     total = model.embed.numel() + model.final_norm.numel()
     if model.lm_head is not model.embed:
         total += model.lm_head.numel()
@@ -136,6 +146,14 @@ def quantized_cases(model: Any, dtype: str, lengths: list[int]) -> list[Any]:
             seen[(value.op, source, value.shape[1], value.shape[0], int(group[1:]))] = None
     return [case(op, dtype, (source,), B=1, T=t, K=k, O=o, G=g)
             for (op, source, k, o, g) in seen for t in sorted(set(lengths))]
+
+
+def _tensor_parallel(model: Any) -> dict[str, Any]:
+    """ranks, and the weight bytes each rank holds (gathered: every rank runs this)."""
+    from model.tp import weight_bytes
+
+    mine = torch.tensor([weight_bytes(model)], dtype=torch.int64, device=model.tp.group.device)
+    return {"ranks": model.tp.size, "rank_weight_bytes": model.tp.group.all_gather(mine, dim=0).tolist()}
 
 
 def run_fields(kind: str, description: str, emulated: bool, dtype: str, reference: str) -> dict[str, Any]:
@@ -192,9 +210,10 @@ def _load(settings: Settings, progress: Progress, reuse: dict[Any, Any] | None) 
     reference = reuse[key]
     fault = faults.get(settings.fault) if settings.fault else None
     overrides = {**(settings.op_overrides or {}), **(fault.overrides() if fault else {})} or None
-    progress(f"loading the device under test ({kind}, {dtype})" + (f", fault {fault.name} injected" if fault else ""))
+    progress(f"loading the device under test ({kind}, {dtype})" + (f", fault {fault.name} injected" if fault else "")
+             + (f", tensor parallel over {settings.tp} ranks" if settings.tp > 1 else ""))
     device_model = hal.load_model(settings.model, kind, dtype, allow_fallback=settings.allow_fallback,
-                                  op_overrides=overrides, quantize=settings.quantize)
+                                  op_overrides=overrides, quantize=settings.quantize, tp=settings.tp)
     if fault is not None:
         fault.install(device_model)
     progress(f"models loaded in {time.perf_counter() - started:.1f} s")
@@ -348,7 +367,7 @@ def run(settings: Settings, progress: Progress = _silent, reuse: dict[Any, Any] 
         **run_fields(kind, description, emulated, dtype, reference.name),
         "settings": {"top_k": k, "positions": settings.positions, "prompts_file": settings.prompts_file,
                      "allow_fallback": settings.allow_fallback, "thresholds": thresholds.as_dict(),
-                     "decode_graph": graph_mode},
+                     "decode_graph": graph_mode, "tensor_parallel": _tensor_parallel(model)},
         **{key: value for key, value in summary.items()},
         "prompt_end": {**metrics.summarize(end_rows, end_labels, k),
                        "top1_mismatch_rate": metrics.mismatch_rate(end_rows, margin)},

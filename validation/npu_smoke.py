@@ -50,7 +50,7 @@ def _parser() -> argparse.ArgumentParser:
                         "need ~50 GB RAM)")
     p.add_argument("--dtype", default="bfloat16", help="dtype under test (default: bfloat16)")
     p.add_argument("--new-tokens", type=int, default=32, help="decode steps timed in the speed step")
-    p.add_argument("--skip", nargs="*", default=[], choices=("conformance", "compare", "speed", "graph"))
+    p.add_argument("--skip", nargs="*", default=[], choices=("conformance", "compare", "speed", "graph", "tp"))
     p.add_argument("--layouts", nargs="+", choices=FIA_LAYOUTS, default=list(FIA_LAYOUTS),
                    help="FIA layouts to compare and time (default: TND BSND)")
     p.add_argument("--emulate", action="store_true", help="run on the torch_npu emulator (EMULATED)")
@@ -158,6 +158,27 @@ def _summary(out: Path, env_info: dict[str, object], steps: list[dict[str, objec
     return text
 
 
+def _tensor_parallel(args, out: Path, env: dict[str, str], emulate: list[str]) -> list[dict[str, object]]:
+    """Tensor parallel over 2 ranks (HCCL; gloo on the emulator): compare on tiny, decode TP 1 vs 2."""
+    from model.synthetic import default_checkpoint
+
+    if not emulate:
+        from backends.npu.runtime import torch_npu
+
+        count = torch_npu().npu.device_count()
+        if count < 2:
+            _log(f"tp: skipped (needs 2 NPUs, {count} visible)")
+            return []
+    tiny = str(default_checkpoint("tiny"))
+    compare = ["torch.distributed.run", "--nproc-per-node", "2", "-m", "validation.compare", "--tp", "2",
+               "--device", "npu", "--dtype", args.dtype, "--model", tiny, "--report-dir", str(out / "compare-tp2"),
+               *emulate]
+    decode = ["benchmarks.tp_decode", "--sizes", "1,2", "--device", "npu", "--dtype", args.dtype, "--preset",
+              "0.5b" if "0.5b" in args.presets else "tiny", "--out", str(out / "tp_decode.json")]
+    return [_step("compare-tp2", compare, out, env),
+            _step("tp-decode", decode, out, dict(env, HAL_NPU_EMULATE="1") if emulate else env)]
+
+
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     if args.emulate:
@@ -209,6 +230,8 @@ def main(argv: list[str] | None = None) -> int:
                 record.update(exit=1, result=f"error: {text}")
             record["seconds"] = round(time.perf_counter() - start, 1)
             steps.append(record)
+    if "tp" not in args.skip:
+        steps += _tensor_parallel(args, out, child_env, emulate)
     print(_summary(out, env_info, steps, args.emulate))
     _log(f"report folder: {out}")
     return EXIT_PASS if all(s["exit"] == 0 for s in steps) else EXIT_FAIL

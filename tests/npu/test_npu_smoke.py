@@ -29,7 +29,8 @@ def test_runbook_on_the_emulator(emulated, tmp_path, capsys):
     assert all(name.startswith("compare-") and code_ == 1 for name, code_ in failed.items()), summary
     assert code == (1 if failed else 0), summary
     assert data["emulated"] and list(steps) == ["compare-synthetic-tiny-TND", "compare-synthetic-tiny-BSND",
-                                                "speed-TND", "speed-BSND"]
+                                                "speed-TND", "speed-BSND", "compare-tp2", "tp-decode"]
+    assert steps["tp-decode"]["exit"] == 0, summary  # tensor parallel over 2 ranks (gloo on the emulator)
     for layout in ("TND", "BSND"):
         report = (tmp_path / f"compare-synthetic-tiny-{layout}" / "report.md").read_text()
         assert "EMULATED" in report.splitlines()[0]
