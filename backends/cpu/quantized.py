@@ -74,11 +74,14 @@ class NibbleOrder:
     blocks of ``block_rows`` output rows (the last block may be shorter: ``tail_rows``); block b
     is a `[K, rows_b / 2]` byte table whose byte j holds two rows' nibbles, low nibble = column
     2j, high = 2j + 1; row r of a full block is column ``block_columns[r]``, of the tail block
-    ``tail_columns[r]``."""
+    ``tail_columns[r]``; ``block_kind`` / ``tail_kind``: their :func:`split_kind`, fixed here so
+    the decoding reads no tensor value."""
 
     block_rows: int
     block_columns: torch.Tensor
     tail_columns: torch.Tensor
+    block_kind: str
+    tail_kind: str
 
 
 def _pack_positions(rows: int, k: int) -> torch.Tensor:
@@ -116,8 +119,9 @@ def nibble_order(rows: int) -> NibbleOrder:
         raise RuntimeError("cpu.torch: torch's int4 packing is not blocked by output rows as expected; "
                            "the prefill decoding cannot read it")
     tail = rows % block_rows
-    return NibbleOrder(block_rows, column[:block_rows].clone(), column[rows - tail:].clone() if tail
-                       else column[:0].clone())
+    block_columns = column[:block_rows].clone()
+    tail_columns = column[rows - tail:].clone() if tail else column[:0].clone()
+    return NibbleOrder(block_rows, block_columns, tail_columns, split_kind(block_columns), split_kind(tail_columns))
 
 
 @dataclass(frozen=True)
@@ -232,30 +236,32 @@ def split_kind(columns: torch.Tensor) -> str:
     (row r is nibble r % 2 of byte r // 2: its short blocks and scalar build) or ``gather``
     (anything else: an index per row, slower)."""
     block = columns.numel()
+    if block == 0:
+        return "pairs"  # no tail block
     if torch.equal(columns, torch.cat([torch.arange(0, block, 2), torch.arange(1, block, 2)])):
         return "halves"
     return "pairs" if torch.equal(columns, torch.arange(block)) else "gather"
 
 
-def _decode_block_codes(weight: Int4Packed, start: int, stop: int, columns: torch.Tensor) -> torch.Tensor:
+def _decode_block_codes(weight: Int4Packed, start: int, stop: int, columns: torch.Tensor,
+                        kind: str) -> torch.Tensor:
     """uint8 `[K', stop - start]`: the codes of output rows ``start:stop`` (whole packer blocks of
-    ``columns.numel()`` rows each), transposed."""
+    ``columns.numel()`` rows each, ordered as ``kind`` says), transposed."""
     k = weight.packed.shape[1] * 2
     block = columns.numel()
     table = weight.packed.view(-1)[start * k // 2:stop * k // 2].view(-1, k, block // 2).transpose(0, 1)
-    kind = split_kind(columns)
     if kind == "halves":
         return torch.cat([table & 0xF, table >> 4], dim=-1).view(k, stop - start)
     nibbles = torch.stack([table & 0xF, table >> 4], dim=-1).view(k, -1, block)  # [K', blocks, column]
     return nibbles.view(k, stop - start) if kind == "pairs" else nibbles[:, :, columns].reshape(k, stop - start)
 
 
-def _decode_chunk(weight: Int4Packed, start: int, stop: int, columns: torch.Tensor) -> torch.Tensor:
+def _decode_chunk(weight: Int4Packed, start: int, stop: int, columns: torch.Tensor, kind: str) -> torch.Tensor:
     """`[K, stop - start]` in the scales' dtype: rows ``start:stop`` of the weight, transposed,
     each ``q * scale + (zero - 8 scale)`` (= ``(q - 8) * scale + zero``) evaluated in float32
     and rounded once. Grouped int8 first joins its nibbles back into ``u = 16 hi + lo = q + 128``
     (integer, exact) and evaluates ``u * s - 128 s`` with s the low half's scale."""
-    codes = _decode_block_codes(weight, start, stop, columns)
+    codes = _decode_block_codes(weight, start, stop, columns, kind)
     k2, rows = codes.shape
     sz = weight.scales_zeros[:, start:stop].float()  # [G', rows, 2]
     if weight.doubled:
@@ -282,9 +288,9 @@ def decode_rows(weight: Int4Packed) -> Iterator[tuple[int, int, torch.Tensor]]:
     step = max(1, DECODE_CHUNK_BYTES // (4 * k2 * order.block_rows)) * order.block_rows
     for start in range(0, full, step):
         stop = min(start + step, full)
-        yield start, stop, _decode_chunk(weight, start, stop, order.block_columns)
+        yield start, stop, _decode_chunk(weight, start, stop, order.block_columns, order.block_kind)
     if full < rows:
-        yield full, rows, _decode_chunk(weight, full, rows, order.tail_columns)
+        yield full, rows, _decode_chunk(weight, full, rows, order.tail_columns, order.tail_kind)
 
 
 def decode_linear(x: torch.Tensor, weight: Int4Packed) -> torch.Tensor:

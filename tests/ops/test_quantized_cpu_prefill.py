@@ -6,6 +6,8 @@ is exact (the packer's nibble order on every block shape), and that the path tak
 the row count selects."""
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 import torch
 
@@ -83,14 +85,14 @@ def test_chunks_stay_under_the_temporary_bound_and_cover_every_row(monkeypatch):
     assert _nmse(got, x.float() @ weight.dequantize().t()) < get_spec("linear_int4").tolerance("bfloat16")
 
 
-def test_the_gather_order_agrees_with_the_structured_ones(monkeypatch):
+def test_the_gather_order_agrees_with_the_structured_ones():
     g = torch.Generator().manual_seed(5)
     weight = random_container(g, "linear_int4", "q4_0", 80, 64, 32)
     prepared = _prepare(weight)
     x = torch.randn(100, 64, generator=g).bfloat16()
     fast = quantized.linear_packed(x, prepared)
-    monkeypatch.setattr(quantized, "split_kind", lambda columns: "gather")
-    assert torch.equal(quantized.linear_packed(x, prepared), fast)
+    gather = dataclasses.replace(prepared.order, block_kind="gather", tail_kind="gather")
+    assert torch.equal(quantized.linear_packed(x, dataclasses.replace(prepared, order=gather)), fast)
 
 
 @pytest.mark.parametrize(("op", "source", "rows", "k", "group"), [KINDS[0], KINDS[3], KINDS[4]])
