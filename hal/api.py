@@ -1,6 +1,7 @@
 """Public entry point: :func:`load_model`."""
 from __future__ import annotations
 
+import math
 from pathlib import Path
 from typing import Any, Callable
 
@@ -9,7 +10,8 @@ import torch
 from hal.probing import resolve as resolve_device
 from hal.probing import torch_device
 from hal.errors import CheckpointError, InputError
-from hal.registry import bind
+from hal.quant import QuantizedWeight
+from hal.registry import BoundOps, bind
 
 DTYPE_NAMES = {
     "float32": torch.float32, "fp32": torch.float32,
@@ -162,6 +164,7 @@ def _load(path: str | Path, kind: str, dtype: str | torch.dtype | None, referenc
             weights = _pack_ternary(weights, folder)
         if shard is not None:
             _refuse_quantized(weights, folder, shard.size)
+        ops = _bind_for_groups(ops, weights, reference, allow_fallback, op_overrides)
         return MiniCPMForCausalLM(config, weights, ops, device, torch_dtype, path=folder,
                                   generation=generation, tp=tp)
     from model.gguf_checkpoint import load_gguf_weights
@@ -174,8 +177,24 @@ def _load(path: str | Path, kind: str, dtype: str | torch.dtype | None, referenc
         weights = _pack_ternary(weights, folder)
     if shard is not None:
         _refuse_quantized(weights, folder, shard.size)
+    ops = _bind_for_groups(ops, weights, reference, allow_fallback, op_overrides)
     return MiniCPMForCausalLM(config, weights, ops, device, torch_dtype, path=folder,
                               generation=generation, tokenizer_loader=tokenizer_loader, tp=tp)
+
+
+def _bind_for_groups(ops: BoundOps, weights: dict[str, Any], reference: bool, allow_fallback: bool,
+                     op_overrides: dict[str, Callable[..., Any]] | None) -> BoundOps:
+    """``ops`` bound again with the checkpoint's quantization group size ``G`` in the shapes, so each
+    quantized linear's ``supports()`` can pass over a kernel that refuses it (the first binding,
+    made before the weights were read, fails fast on an unusable device). ``G`` is the gcd of the
+    grouped containers' sizes (per-channel containers, one group per row, are left to ``prepare``)."""
+    groups = {w.group_size for w in weights.values()
+              if isinstance(w, QuantizedWeight) and w.group_size != w.in_features}
+    if not groups:
+        return ops
+    ctx = ops.context
+    return bind(ctx.device, ctx.dtype, {**ctx.shapes, "G": math.gcd(*groups)}, reference=reference,
+                allow_fallback=allow_fallback, overrides=op_overrides)
 
 
 def _refuse_quantized(weights: dict[str, Any], path: Path, tp: int) -> None:

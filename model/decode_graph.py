@@ -33,11 +33,14 @@ from hal.errors import InputError, UnsupportedOpError
 from hal.graphs import GraphRuntime, graph_runtime, host_kv_lens
 from hal.registry import bind
 from model.cache import KVCache
+from model.minicpm import PreparedLinear
 
 GRAPH_OPS = frozenset(("embedding", "rms_norm", "add_rms_norm", "rotary", "swiglu", "linear", "logits",
                        "kv_write", "attention_decode", "infllm_append_kernel", "infllm_select_blocks",
-                       "block_sparse_attention", "lightning_attention", "sigmoid_gate"))
-"""The ops a decode step calls; each must be served by a ``capturable`` implementation."""
+                       "block_sparse_attention", "lightning_attention", "sigmoid_gate",
+                       "linear_int4", "linear_int8", "linear_ternary"))
+"""The ops a decode step calls; each must be served by a ``capturable`` implementation. The quantized
+linears also by the implementation bound at load: their weights are in its prepared layout."""
 
 _TOKEN, _SLOT, _LENGTH = range(3)
 
@@ -61,6 +64,13 @@ class DecodeGraph:
                                      "capture the collectives (NCCL); run without --decode-graph")
         self.ops = bind(context.device, context.dtype, context.shapes, capture=GRAPH_OPS,
                         graph_updates=self.runtime.updatable)
+        for layer in model.layers:
+            for linear in vars(layer).values():
+                if isinstance(linear, PreparedLinear) and self.ops.record[linear.op].impl != linear.impl:
+                    raise UnsupportedOpError(
+                        f"decode graph: {linear.op} was prepared for {linear.impl} at load, which the graph cannot "
+                        f"capture (it binds {self.ops.record[linear.op].impl}, another weight layout); "
+                        "run without --decode-graph")
         self.model = model
         self.cache = cache
         self.kv_start = None if kv_start is None else kv_start.to("cpu", torch.int64)

@@ -6,6 +6,7 @@ GGUF and the emulator decoding every weight per call: its real Q4_1 / Q8_0 tenso
 op by op in test_quant_npu.py instead.)"""
 from __future__ import annotations
 
+import pytest
 import torch
 
 import hal
@@ -37,3 +38,57 @@ def test_a_gptq_checkpoint_runs_on_the_fused_int4_op(emulated, monkeypatch, tmp_
     assert err < 2.0 * baseline + 1e-6, f"NPU NMSE {err:.2e} vs CPU dense bf16 NMSE {baseline:.2e}"
     assert agree >= 0.9, agree
 
+
+
+def test_a_group_size_the_fused_op_refuses_binds_the_dequant_path_with_the_reason(emulated, monkeypatch, tmp_path):
+    """The binding sees the checkpoint's group size (hal.api rebinds with G after reading the
+    weights): group 16 is below npu_weight_quant_batchmatmul's 32, so linear_int4 is served by
+    npu.dequant and the record says why, instead of the fused op's prepare failing at load."""
+    path = write_checkpoint(tmp_path / "g16", "tiny", seed=3, dtype="float32", quantize_gptq=True,
+                            overrides={"quantization_config": {"quant_method": "gptq", "bits": 4, "group_size": 16,
+                                                               "desc_act": False, "sym": True}})
+    err, baseline, agree, bound = _compare(path, monkeypatch)
+    assert bound["linear_int4"] == "npu.dequant"
+    assert err < 2.0 * baseline + 1e-6, f"NPU NMSE {err:.2e} vs CPU dense bf16 NMSE {baseline:.2e}"
+    record = hal.load_model(path, "npu", "bfloat16").ops.record["linear_int4"]
+    assert any(q == "npu.torch_npu" and "got 16" in why for q, why in record.passed_over), record.passed_over
+
+
+def _gptq_tiny(tmp_path):
+    return write_checkpoint(tmp_path / "gptq", "tiny", seed=3, dtype="float32", quantize_gptq=True,
+                            overrides={"quantization_config": {"quant_method": "gptq", "bits": 4, "group_size": 32,
+                                                               "desc_act": False, "sym": True}})
+
+
+def test_decode_graph_replays_the_fused_int4_op_as_eager_decode_runs_it(emulated, monkeypatch, tmp_path):
+    """A quantized model's decode steps replayed from the emulated NPUGraph: the fused int4 op inside
+    the graph, every step's logits equal to the same model's eager decode steps."""
+    from model.decode_graph import DecodeGraph
+
+    monkeypatch.setenv("HAL_NPU_EMULATE", "1")
+    npu = hal.load_model(_gptq_tiny(tmp_path), "npu", "bfloat16")
+    prompt = PROMPTS[:1]
+    eager_cache, graph_cache = npu.new_cache(1, 32), npu.new_cache(1, 32)
+    eager = npu.forward(prompt, cache=eager_cache, logits_last_only=True).logits[:, -1]
+    npu.forward(prompt, cache=graph_cache, logits_last_only=True)
+    graph = DecodeGraph(npu, graph_cache)
+    assert graph.bound_ops["linear_int4"] == "npu.torch_npu"
+    for _ in range(4):
+        token = eager.float().argmax(-1)
+        eager = npu.forward(token.view(1, 1), cache=eager_cache, logits_last_only=True).logits[:, -1]
+        replayed = graph.step(token).clone()
+        assert torch.equal(replayed.float(), eager.float())
+    assert graph.captured
+
+
+def test_decode_graph_refuses_a_weight_prepared_for_another_implementation(emulated, monkeypatch, tmp_path):
+    """A linear prepared at load for an implementation the graph does not bind (here an override: the
+    container itself) would reach the graph's kernel in the wrong layout: refused, naming both."""
+    from hal.errors import UnsupportedOpError
+    from backends.cpu.reference.linear import quantized_linear_ref
+    from model.decode_graph import DecodeGraph
+
+    monkeypatch.setenv("HAL_NPU_EMULATE", "1")
+    npu = hal.load_model(_gptq_tiny(tmp_path), "npu", "bfloat16", op_overrides={"linear_int4": quantized_linear_ref})
+    with pytest.raises(UnsupportedOpError, match="linear_int4 was prepared for override at load.*npu.torch_npu"):
+        DecodeGraph(npu, npu.new_cache(1, 32))
