@@ -24,9 +24,10 @@ is prepared as its dense decoding (:class:`DenseFallback`, named in reports).
 
 Prefill: the int4 kernel is a GEMV at heart. At 1 thread it beats a dense bfloat16 matmul 2-3x for
 one row but is 6-17x slower at 128 rows (measured, ``python -m benchmarks.quant_ops``). Above
-:func:`kernel_max_rows` rows (64 for int4 / ternary, 32 for int8) the packed weight is instead decoded to bfloat16 on the fly, in
-output-row chunks of at most :data:`DECODE_CHUNK_BYTES` of float32 temporaries, each chunk
-followed by one dense matmul (:func:`decode_rows`). The decoding reads the kernel's own packed
+:func:`kernel_max_rows` rows (64 for int4 / ternary, 32 for int8) the packed weight is instead
+decoded to bfloat16 on the fly in chunks of output rows (:func:`decode_rows`; a chunk's weight
+would take at most :data:`DECODE_CHUNK_BYTES` in float32: its temporaries, uint8 codes and the
+bfloat16 weight, take 3/4 of that), each chunk followed by one dense matmul. The decoding reads the kernel's own packed
 layout, whose nibble order depends on the CPU (torch packs blocks of 64 rows on AVX512, 32 on
 AVX2): :func:`nibble_order` learns it at prepare time by packing row numbers, so no second copy
 of the weight is kept. Each weight is evaluated in float32 from the kernel's own bfloat16
@@ -65,7 +66,8 @@ KERNEL_MAX_ROWS_INT8 = 32
 64 rows 1812 / 1699, gate_up 3017 / 4692, 6271 / 4853; per channel qkv 479 / 687, 954 / 720,
 gate_up 1594 / 2204, 3353 / 2325."""
 DECODE_CHUNK_BYTES = 8 << 20
-"""The float32 decoded weight of one chunk of output rows is at most this many bytes."""
+"""One decoded chunk of output rows, counted in float32, is at most this many bytes (its actual
+temporaries, uint8 codes and the bfloat16 weight, take 3/4 of it)."""
 
 
 @dataclass(frozen=True)
