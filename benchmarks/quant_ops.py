@@ -1,10 +1,12 @@
 """Speed of the CPU quantized linears (cpu.torch, bfloat16) against the dense matmuls, on the
 SmolLM2-135M decoder shapes (fused qkv, o, gate_up, down).
 
-    python -m benchmarks.quant_ops [--threads 2] [--rows 1,128] [--repeats 200]
+    python -m benchmarks.quant_ops [--threads 2] [--rows 1,128] [--repeats 200] [--crossover]
 
 Each cell is the median of ``--repeats`` calls after a warm-up, in microseconds, of the bound
 implementation's function on its prepared weight (random containers of each format).
+``--crossover`` instead times, per format and row count, torch's kernel against the on-the-fly
+decoding + dense matmul (``backends/cpu/quantized.py``: what ``KERNEL_MAX_ROWS`` is chosen from).
 """
 from __future__ import annotations
 
@@ -36,6 +38,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--rows", default="1,128")
     p.add_argument("--repeats", type=int, default=200)
+    p.add_argument("--crossover", action="store_true", help="kernel vs decode + matmul per row count")
     args = p.parse_args(argv)
     from backends.cpu import quantized
     from hal.registry import BindContext
@@ -44,6 +47,8 @@ def main(argv: list[str] | None = None) -> int:
     torch.set_num_threads(args.threads)
     ctx = BindContext("cpu", torch.bfloat16, {})
     g = torch.Generator().manual_seed(0)
+    if args.crossover:
+        return _crossover(args, ctx, g)
     labels = ["dense bf16", "dense fp32"] + [f"{source} g{group}" for _, source, group in FORMATS]
     print(f"threads {args.threads}, torch {torch.__version__}, median us per call")
     print("| rows | linear [O, K] | " + " | ".join(labels) + " |")
@@ -60,6 +65,30 @@ def main(argv: list[str] | None = None) -> int:
                 prepared = getattr(quantized, f"prepare_{op.removeprefix('linear_')}")(weight, ctx)
                 cells.append(_median_us(lambda: quantized.linear_packed(x, prepared), args.repeats))
             print(f"| {rows} | {name} [{out}, {k}] | " + " | ".join(f"{c:.0f}" for c in cells) + " |")
+    return 0
+
+
+def _crossover(args, ctx, g) -> int:
+    from backends.cpu import quantized
+    from validation.opcheck import random_container
+
+    rows_list = [int(r) for r in args.rows.split(",")]
+    print(f"threads {args.threads}, torch {torch.__version__}, median us per call: kernel / decode + matmul")
+    print("| linear [O, K] | format | " + " | ".join(f"{r} rows" for r in rows_list) + " |")
+    print("|---|---|" + "---|" * len(rows_list))
+    for name, (out, k) in SHAPES.items():
+        for op, source, group in FORMATS:
+            weight = random_container(g, op, source, out, k, k if group < 0 else group)
+            prepared = getattr(quantized, f"prepare_{op.removeprefix('linear_')}")(weight, ctx)
+            decode = (quantized.decode_linear if isinstance(prepared, quantized.Int4Packed)
+                      else quantized.decode_int8_linear)
+            cells = []
+            for rows in rows_list:
+                x = torch.randn(rows, k, generator=g).bfloat16()
+                repeats = max(3, args.repeats // rows)
+                kernel = _median_us(lambda: quantized.kernel_linear(x, prepared), repeats)
+                cells.append(f"{kernel:.0f} / {_median_us(lambda: decode(x, prepared), repeats):.0f}")
+            print(f"| {name} [{out}, {k}] | {source} g{group} | " + " | ".join(cells) + " |")
     return 0
 
 

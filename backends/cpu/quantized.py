@@ -22,6 +22,17 @@ that divides it (scales repeated); output rows are padded to a multiple of 16 (z
 scales) and the padding sliced off. A container that fits neither (group not a multiple of 32)
 is prepared as its dense decoding (:class:`DenseFallback`, named in reports).
 
+Prefill: the int4 kernel is a GEMV at heart. At 1 thread it beats a dense bfloat16 matmul 2-3x for
+one row but is 6-17x slower at 128 rows (measured, ``python -m benchmarks.quant_ops``). Above
+:func:`kernel_max_rows` rows (64 for int4 / ternary, 32 for int8) the packed weight is instead
+decoded to bfloat16 on the fly in chunks of output rows (:func:`decode_rows`; a chunk's weight
+would take at most :data:`DECODE_CHUNK_BYTES` in float32: its temporaries, uint8 codes and the
+bfloat16 weight, take 3/4 of that), each chunk followed by one dense matmul. The decoding reads the kernel's own packed
+layout, whose nibble order depends on the CPU (torch packs blocks of 64 rows on AVX512, 32 on
+AVX2): :func:`nibble_order` learns it at prepare time by packing row numbers, so no second copy
+of the weight is kept. Each weight is evaluated in float32 from the kernel's own bfloat16
+scales and zeros and rounded to bfloat16 once. The choice depends on shapes only (capturable).
+
 Only bfloat16 is served (``supports``): the kernels' float32 and float16 paths are scalar loops,
 measured 14-27x slower than the dense float32 matmul on the SmolLM2 shapes (1 thread, [1, 576] x
 [576, 960]: int4 float32 974 us, float16 1554 us, bfloat16 37 us; dense float32 68 us, dense
@@ -32,7 +43,10 @@ implementation.
 """
 from __future__ import annotations
 
+import dataclasses
+import functools
 from dataclasses import dataclass
+from typing import Iterator
 
 import torch
 
@@ -40,18 +54,90 @@ from hal import quant
 
 KERNEL_GROUPS = (256, 128, 64, 32)
 ROW_MULTIPLE = 16
+KERNEL_MAX_ROWS = 64
+"""Int4 and ternary: torch's kernel up to this many activation rows, decoding + dense matmul above.
+Measured at 1 thread (``python -m benchmarks.quant_ops --threads 1 --crossover``, median us,
+kernel / decode + matmul), q4_0 g32: qkv [960, 576] 64 rows 922 / 1235, 128 rows 1892 / 1450;
+gate_up [3072, 576] 3152 / 3514, 5832 / 3749; down [576, 1536] 1440 / 1904, 2973 / 1957
+(gptq g64 and ternary alike; the kernel costs ~15 us per row of qkv, the decoding ~1.2 ms once)."""
+KERNEL_MAX_ROWS_INT8 = 32
+"""Int8 (grouped: the int4 kernel over K' = 2K, twice the int4 cost; per channel:
+``_weight_int8pack_mm``): the same choice, measured the same way: q8_0 g32 qkv 32 rows 908 / 1602,
+64 rows 1812 / 1699, gate_up 3017 / 4692, 6271 / 4853; per channel qkv 479 / 687, 954 / 720,
+gate_up 1594 / 2204, 3353 / 2325."""
+DECODE_CHUNK_BYTES = 8 << 20
+"""One decoded chunk of output rows, counted in float32, is at most this many bytes (its actual
+temporaries, uint8 codes and the bfloat16 weight, take 3/4 of it)."""
+
+
+@dataclass(frozen=True)
+class NibbleOrder:
+    """Where ``_convert_weight_to_int4pack_for_cpu`` put each row's nibbles. The packed bytes are
+    blocks of ``block_rows`` output rows (the last block may be shorter: ``tail_rows``); block b
+    is a `[K, rows_b / 2]` byte table whose byte j holds two rows' nibbles, low nibble = column
+    2j, high = 2j + 1; row r of a full block is column ``block_columns[r]``, of the tail block
+    ``tail_columns[r]``; ``block_kind`` / ``tail_kind``: their :func:`split_kind`, fixed here so
+    the decoding reads no tensor value."""
+
+    block_rows: int
+    block_columns: torch.Tensor
+    tail_columns: torch.Tensor
+    block_kind: str
+    tail_kind: str
+
+
+def _pack_positions(rows: int, k: int) -> torch.Tensor:
+    """int64 `[rows * k]`: for every nibble of the packed `[rows, k]` (low nibble of byte 0, high
+    nibble of byte 0, ...) the flat index ``n * k + k'`` of the code it holds, found by packing
+    the flat indices 4 bits at a time."""
+    index = torch.arange(rows * k, dtype=torch.int64).reshape(rows, k)
+    where = torch.zeros(rows * k, dtype=torch.int64)
+    shift = 0
+    while shift == 0 or (index >> shift).any():
+        codes = ((index >> shift) & 0xF).to(torch.int32)
+        packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(codes, 1).flatten().to(torch.int64)
+        where |= torch.stack([packed & 0xF, packed >> 4], dim=-1).flatten() << shift
+        shift += 4
+    return where
+
+
+@functools.lru_cache(maxsize=None)
+def nibble_order(rows: int) -> NibbleOrder:
+    """The packer's row order for ``rows`` (a multiple of 16) output rows, from packing row
+    numbers with K = 2 and K = 4 and checked against every position of the K = 4 packing (the
+    order must not depend on K: the kernel's documented blocking)."""
+    positions = {k: torch.empty(rows * k, dtype=torch.int64) for k in (2, 4)}
+    for k in positions:
+        where = _pack_positions(rows, k)
+        positions[k][where] = torch.arange(rows * k)  # positions[k][n * k + k'] = nibble index
+    p2, p4 = positions[2][0::2], positions[4][0::4]  # k' = 0 of every row
+    start = (p4 - p2) // 2  # nibble index of k' = 0 in row n = start * K + column
+    column = p2 - 2 * start
+    block_rows = next((int(s) for s in start.unique() if s > 0), rows)
+    size = torch.bincount(start)[start]  # rows in each row's block
+    n, kk = torch.meshgrid(torch.arange(rows), torch.arange(4), indexing="ij")
+    expected = start[n] * 4 + kk * size[n] + column[n]
+    if not torch.equal(positions[4].view(rows, 4), expected):
+        raise RuntimeError("cpu.torch: torch's int4 packing is not blocked by output rows as expected; "
+                           "the prefill decoding cannot read it")
+    tail = rows % block_rows
+    block_columns = column[:block_rows].clone()
+    tail_columns = column[rows - tail:].clone() if tail else column[:0].clone()
+    return NibbleOrder(block_rows, block_columns, tail_columns, split_kind(block_columns), split_kind(tail_columns))
 
 
 @dataclass(frozen=True)
 class Int4Packed:
     """What the int4 kernel takes: ``packed`` (its uint8 layout of `[N', K']`), ``scales_zeros``
     `[K'/group, N', 2]` bfloat16, N' = ``out_features`` padded to 16; ``doubled``: K' = 2K and
-    the activation is ``[x | x]`` (grouped int8)."""
+    the activation is ``[x | x]`` (grouped int8); ``order``: where the packer put each row's
+    nibbles (for :func:`decode_rows`)."""
 
     packed: torch.Tensor
     scales_zeros: torch.Tensor
     group: int
     out_features: int
+    order: NibbleOrder
     doubled: bool = False
     layout = "torch int4pack"
 
@@ -112,7 +198,7 @@ def pack_int4_kernel(codes: torch.Tensor, scales: torch.Tensor, zeros: torch.Ten
     packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(_pad_rows(codes.to(torch.int32), rows), 1)
     sz = torch.stack([scales.repeat_interleave(repeat, 1), zeros.repeat_interleave(repeat, 1)], dim=-1)
     sz = _pad_rows(sz, rows).transpose(0, 1).contiguous().to(dtype)  # [K/group, N', 2]
-    return Int4Packed(packed, sz, group, n)
+    return Int4Packed(packed, sz, group, n, nibble_order(rows))
 
 
 def prepare_int4(weight: quant.Int4Weight, ctx) -> Int4Packed | DenseFallback:
@@ -143,22 +229,122 @@ def prepare_int8(weight: quant.Int8Weight, ctx) -> Int4Packed | Int8PerChannel |
     scales = torch.cat([16 * s, s], dim=1)
     zeros = torch.cat([torch.zeros_like(s), 8 * s], dim=1)
     packed = pack_int4_kernel(codes, scales, zeros, weight.group_size, ctx.dtype)
-    return Int4Packed(packed.packed, packed.scales_zeros, packed.group, packed.out_features, doubled=True)
+    return dataclasses.replace(packed, doubled=True)
+
+
+def split_kind(columns: torch.Tensor) -> str:
+    """How a block's nibble columns map to rows: ``halves`` (rows 0..B/2-1 are the low nibbles
+    of bytes 0..B/2-1, the rest the high nibbles: torch's AVX2 / AVX512 full blocks), ``pairs``
+    (row r is nibble r % 2 of byte r // 2: its short blocks and scalar build) or ``gather``
+    (anything else: an index per row, slower)."""
+    block = columns.numel()
+    if block == 0:
+        return "pairs"  # no tail block
+    if torch.equal(columns, torch.cat([torch.arange(0, block, 2), torch.arange(1, block, 2)])):
+        return "halves"
+    return "pairs" if torch.equal(columns, torch.arange(block)) else "gather"
+
+
+def _decode_block_codes(weight: Int4Packed, start: int, stop: int, columns: torch.Tensor,
+                        kind: str) -> torch.Tensor:
+    """uint8 `[K', stop - start]`: the codes of output rows ``start:stop`` (whole packer blocks of
+    ``columns.numel()`` rows each, ordered as ``kind`` says), transposed."""
+    k = weight.packed.shape[1] * 2
+    block = columns.numel()
+    table = weight.packed.view(-1)[start * k // 2:stop * k // 2].view(-1, k, block // 2).transpose(0, 1)
+    if kind == "halves":
+        return torch.cat([table & 0xF, table >> 4], dim=-1).view(k, stop - start)
+    nibbles = torch.stack([table & 0xF, table >> 4], dim=-1).view(k, -1, block)  # [K', blocks, column]
+    return nibbles.view(k, stop - start) if kind == "pairs" else nibbles[:, :, columns].reshape(k, stop - start)
+
+
+def _decode_chunk(weight: Int4Packed, start: int, stop: int, columns: torch.Tensor, kind: str) -> torch.Tensor:
+    """`[K, stop - start]` in the scales' dtype: rows ``start:stop`` of the weight, transposed,
+    each ``q * scale + (zero - 8 scale)`` (= ``(q - 8) * scale + zero``) evaluated in float32
+    and rounded once. Grouped int8 first joins its nibbles back into ``u = 16 hi + lo = q + 128``
+    (integer, exact) and evaluates ``u * s - 128 s`` with s the low half's scale."""
+    codes = _decode_block_codes(weight, start, stop, columns, kind)
+    k2, rows = codes.shape
+    sz = weight.scales_zeros[:, start:stop].float()  # [G', rows, 2]
+    if weight.doubled:
+        codes = (codes[:k2 // 2] << 4) | codes[k2 // 2:]
+        scale = sz[sz.shape[0] // 2:, :, 0]
+        zero = -128 * scale
+    else:
+        scale, zero = sz[..., 0], sz[..., 1] - 8 * sz[..., 0]
+    k, groups = codes.shape[0], scale.shape[0]
+    out = torch.empty(k, rows, dtype=weight.scales_zeros.dtype)
+    torch.addcmul(zero.unsqueeze(1), codes.view(groups, k // groups, rows), scale.unsqueeze(1),
+                  out=out.view(groups, k // groups, rows))
+    return out
+
+
+def decode_rows(weight: Int4Packed) -> Iterator[tuple[int, int, torch.Tensor]]:
+    """``(start, stop, w)`` over the padded output rows in chunks of whole packer blocks, ``w``
+    `[K, stop - start]` the decoded weight of rows ``start:stop`` transposed, each chunk's float32
+    temporaries at most :data:`DECODE_CHUNK_BYTES` (at least one block)."""
+    order = weight.order
+    rows = weight.scales_zeros.shape[1]
+    k2 = weight.packed.shape[1] * 2
+    full = rows - order.tail_columns.numel()
+    step = max(1, DECODE_CHUNK_BYTES // (4 * k2 * order.block_rows)) * order.block_rows
+    for start in range(0, full, step):
+        stop = min(start + step, full)
+        yield start, stop, _decode_chunk(weight, start, stop, order.block_columns, order.block_kind)
+    if full < rows:
+        yield full, rows, _decode_chunk(weight, full, rows, order.tail_columns, order.tail_kind)
+
+
+def decode_linear(x: torch.Tensor, weight: Int4Packed) -> torch.Tensor:
+    """x `[M, K]` @ the weight decoded chunk by chunk -> `[M, out_features]`."""
+    y = x.new_empty(x.shape[0], weight.out_features)
+    for start, stop, w in decode_rows(weight):
+        stop_out = min(stop, weight.out_features)
+        if start < stop_out:
+            y[:, start:stop_out] = x @ w[:, :stop_out - start]
+    return y
+
+
+def decode_int8_linear(x: torch.Tensor, weight: Int8PerChannel) -> torch.Tensor:
+    """x `[M, K]` @ the per-channel int8 weight decoded in row chunks (q * scale in float32,
+    rounded once) -> `[M, N]`."""
+    n, k = weight.q.shape
+    y = x.new_empty(x.shape[0], n)
+    step = max(1, DECODE_CHUNK_BYTES // (4 * k))
+    for start in range(0, n, step):
+        stop = min(start + step, n)
+        w = torch.empty(stop - start, k, dtype=x.dtype)
+        torch.mul(weight.q[start:stop], weight.scales[start:stop, None].float(), out=w)
+        y[:, start:stop] = torch.nn.functional.linear(x, w)
+    return y
+
+
+def kernel_max_rows(weight: Int4Packed | Int8PerChannel) -> int:
+    """Up to how many activation rows torch's kernel is faster than decoding (shapes only)."""
+    return KERNEL_MAX_ROWS_INT8 if isinstance(weight, Int8PerChannel) or weight.doubled else KERNEL_MAX_ROWS
+
+
+def kernel_linear(x: torch.Tensor, weight: Int4Packed | Int8PerChannel) -> torch.Tensor:
+    """x `[M, K]` @ a packed weight through torch's kernel -> `[M, out_features]`."""
+    if isinstance(weight, Int8PerChannel):
+        return torch.ops.aten._weight_int8pack_mm(x.contiguous(), weight.q, weight.scales)
+    if weight.doubled:
+        x = torch.cat([x, x], dim=1)
+    y = torch.ops.aten._weight_int4pack_mm_for_cpu(x.contiguous(), weight.packed, weight.group, weight.scales_zeros)
+    return y if y.shape[1] == weight.out_features else y[:, :weight.out_features]
 
 
 def linear_packed(x: torch.Tensor, weight: Int4Packed | Int8PerChannel | DenseFallback) -> torch.Tensor:
-    """x `[..., K]` bfloat16 @ a prepared weight -> `[..., O]` in x's dtype."""
+    """x `[..., K]` bfloat16 @ a prepared weight -> `[..., O]` in x's dtype: torch's kernel up to
+    :func:`kernel_max_rows` rows, the chunked decoding + dense matmul above."""
     lead = x.shape[:-1]
     flat = x.reshape(-1, x.shape[-1])
-    if isinstance(weight, Int4Packed):
-        if weight.doubled:
-            flat = torch.cat([flat, flat], dim=1)
-        y = torch.ops.aten._weight_int4pack_mm_for_cpu(flat.contiguous(), weight.packed, weight.group,
-                                                       weight.scales_zeros)
-        if y.shape[1] != weight.out_features:
-            y = y[:, :weight.out_features]
-    elif isinstance(weight, Int8PerChannel):
-        y = torch.ops.aten._weight_int8pack_mm(flat.contiguous(), weight.q, weight.scales)
-    else:
+    if isinstance(weight, DenseFallback):
         y = torch.nn.functional.linear(flat, weight.weight)
+    elif flat.shape[0] <= kernel_max_rows(weight):
+        y = kernel_linear(flat, weight)
+    elif isinstance(weight, Int4Packed):
+        y = decode_linear(flat, weight)
+    else:
+        y = decode_int8_linear(flat, weight)
     return y.reshape(*lead, y.shape[-1])
