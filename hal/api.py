@@ -158,21 +158,16 @@ def _load(path: str | Path, kind: str, dtype: str | torch.dtype | None, referenc
         tp = TensorParallel(shard, group)
     ops = bind(kind, torch_dtype, config.shapes() if shard is None else shard.shapes(config), reference=reference,
                allow_fallback=allow_fallback, overrides=op_overrides)
+    tokenizer_loader = None
     if gguf_file is None:
         weights = load_weights(folder, config, torch_dtype, device, shard=shard, keep=keep)
-        if quantize == "ternary":
-            weights = _pack_ternary(weights, folder)
-        if shard is not None:
-            _refuse_quantized(weights, folder, shard.size)
-        ops = _bind_for_groups(ops, weights, reference, allow_fallback, op_overrides)
-        return MiniCPMForCausalLM(config, weights, ops, device, torch_dtype, path=folder,
-                                  generation=generation, tp=tp)
-    from model.gguf_checkpoint import load_gguf_weights
+    else:
+        from model.gguf_checkpoint import load_gguf_weights
 
-    tokenizer_loader = _gguf_tokenizer_loader(gguf_file)
-    gguf_file.forget_vocabulary()  # before the weights: the parsed vocabulary is not kept beside them
-    weights = load_gguf_weights(gguf_file, config, torch_dtype, device, keep=keep, shard=shard)
-    del gguf_file  # closes the memory map: its pages leave the process
+        tokenizer_loader = _gguf_tokenizer_loader(gguf_file)
+        gguf_file.forget_vocabulary()  # before the weights: the parsed vocabulary is not kept beside them
+        weights = load_gguf_weights(gguf_file, config, torch_dtype, device, keep=keep, shard=shard)
+        del gguf_file  # closes the memory map: its pages leave the process
     if quantize == "ternary":
         weights = _pack_ternary(weights, folder)
     if shard is not None:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 import re
 from pathlib import Path
-from typing import Iterator
+from typing import Callable, Iterator
 
 import torch
 
@@ -68,8 +68,10 @@ MIN_TENSORS_PER_LAYER = 9  # two norms, q/k/v/o, gate/up/down (see expected_shap
 MIN_TENSORS_PER_LAYER_GPTQ = 2 + 4 * len(QUANTIZED)  # norms + qweight/qzeros/scales/g_idx per linear
 
 
-def _gptq_shapes(shapes: dict[str, tuple[int, ...]], config: MiniCPMConfig) -> dict[str, tuple[int, ...]]:
-    """``<linear>.weight`` `[N, K]` -> qweight `[K/8, N]`, qzeros `[G, N/8]`, scales `[G, N]`, g_idx `[K]`."""
+def _packed_shapes(shapes: dict[str, tuple[int, ...]], group_size: int,
+                   parts: Callable[[int, int, int], dict[str, tuple[int, ...]]]) -> dict[str, tuple[int, ...]]:
+    """Each decoder linear's ``<linear>.weight`` `[N, K]` replaced by the shapes of its stored parts,
+    ``parts(N, K, G)`` (suffix -> shape; G groups per row, 1 for group_size -1)."""
     out: dict[str, tuple[int, ...]] = {}
     for name, shape in shapes.items():
         prefix = name.removesuffix(".weight")
@@ -77,10 +79,15 @@ def _gptq_shapes(shapes: dict[str, tuple[int, ...]], config: MiniCPMConfig) -> d
             out[name] = shape
             continue
         n, k = shape
-        groups = 1 if config.gptq.group_size < 0 else k // config.gptq.group_size
-        out.update({prefix + ".qweight": (k // 8, n), prefix + ".qzeros": (groups, n // 8),
-                    prefix + ".scales": (groups, n), prefix + ".g_idx": (k,)})
+        groups = 1 if group_size < 0 else k // group_size
+        out.update({prefix + suffix: part for suffix, part in parts(n, k, groups).items()})
     return out
+
+
+def _gptq_shapes(shapes: dict[str, tuple[int, ...]], config: MiniCPMConfig) -> dict[str, tuple[int, ...]]:
+    """``<linear>.weight`` `[N, K]` -> qweight `[K/8, N]`, qzeros `[G, N/8]`, scales `[G, N]`, g_idx `[K]`."""
+    return _packed_shapes(shapes, config.gptq.group_size, lambda n, k, g: {
+        ".qweight": (k // 8, n), ".qzeros": (g, n // 8), ".scales": (g, n), ".g_idx": (k,)})
 
 
 INT8_PARTS = ("weight_int8", "weight_scale")
@@ -89,16 +96,8 @@ INT8_PARTS = ("weight_int8", "weight_scale")
 
 def _int8_shapes(shapes: dict[str, tuple[int, ...]], config: MiniCPMConfig) -> dict[str, tuple[int, ...]]:
     """``<linear>.weight`` `[N, K]` -> weight_int8 `[N, K]`, weight_scale `[N, G]`."""
-    out: dict[str, tuple[int, ...]] = {}
-    for name, shape in shapes.items():
-        prefix = name.removesuffix(".weight")
-        if not (name.startswith("model.layers.") and prefix.endswith(QUANTIZED)):
-            out[name] = shape
-            continue
-        n, k = shape
-        groups = 1 if config.int8.group_size < 0 else k // config.int8.group_size
-        out.update({prefix + ".weight_int8": (n, k), prefix + ".weight_scale": (n, groups)})
-    return out
+    return _packed_shapes(shapes, config.int8.group_size, lambda n, k, g: {
+        ".weight_int8": (n, k), ".weight_scale": (n, g)})
 
 
 def _shard_files(checkpoint: Path) -> dict[str, Path]:

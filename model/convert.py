@@ -19,9 +19,9 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
-from hal.errors import HalError, InputError
+from hal.errors import InputError
 
-EXIT_OK, EXIT_USAGE, EXIT_INTERNAL = 0, 2, 3
+EXIT_OK = 0
 DTYPES = ("float32", "bfloat16", "float16")
 
 
@@ -102,26 +102,24 @@ def convert(source: str | Path, out_dir: str | Path, dtype: str = "float32") -> 
     return out
 
 
-def main(argv: list[str] | None = None) -> int:
+def _main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m model.convert", description=__doc__.split("\n\n")[0])
     parser.add_argument("source", type=Path, help="the .gguf file (architectures minicpm, llama)")
     parser.add_argument("out_dir", type=Path, help="the folder to write (must not exist, or be empty)")
     parser.add_argument("--dtype", default="float32", choices=DTYPES,
                         help="dtype of model.safetensors (default: float32, exact)")
     args = parser.parse_args(argv)
-    try:
-        out = convert(args.source, args.out_dir, args.dtype)
-    except HalError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return EXIT_USAGE
-    except KeyboardInterrupt:
-        print("error: interrupted; no output folder was left", file=sys.stderr)
-        return EXIT_USAGE
-    except OSError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return EXIT_USAGE
+    out = convert(args.source, args.out_dir, args.dtype)
     print(f"wrote {out} (config.json, model.safetensors, tokenizer and generation files) from {args.source}")
     return EXIT_OK
+
+
+def main(argv: list[str] | None = None) -> int:
+    """The CLI under the project's exit-code rule (hal/cli.py): a bad input is one line and 2, an
+    interrupt 130 (the output is written atomically: nothing is left either way)."""
+    from hal.cli import run_main
+
+    return run_main(_main, argv, "model.convert")
 
 
 if __name__ == "__main__":

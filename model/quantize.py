@@ -33,10 +33,10 @@ from pathlib import Path
 
 import torch
 
-from hal.errors import HalError, InputError
+from hal.errors import InputError
 
 FORMATS = ("gptq-int4", "int8", "ternary")
-EXIT_OK, EXIT_USAGE = 0, 2
+EXIT_OK = 0
 DEFAULT_GROUP = {"gptq-int4": 128, "int8": -1, "ternary": -1}
 
 
@@ -136,7 +136,7 @@ def quantize(source: str | Path, out_dir: str | Path, fmt: str, group_size: int 
     return out
 
 
-def main(argv: list[str] | None = None) -> int:
+def _main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m model.quantize", description=__doc__.split("\n\n")[0])
     parser.add_argument("source", type=Path, help="checkpoint folder (Hugging Face layout, not quantized)")
     parser.add_argument("out_dir", type=Path, help="the folder to write (must not exist, or be empty)")
@@ -146,19 +146,17 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--asym", action="store_true", help="gptq-int4: asymmetric (a zero point per group)")
     parser.add_argument("--checkpoint-format", default="gptq", help="gptq-int4: gptq (zero - 1 stored) or gptq_v2")
     args = parser.parse_args(argv)
-    try:
-        out = quantize(args.source, args.out_dir, args.format, args.group_size, not args.asym, args.checkpoint_format)
-    except HalError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return EXIT_USAGE
-    except KeyboardInterrupt:
-        print("error: interrupted; no output folder was left", file=sys.stderr)
-        return EXIT_USAGE
-    except OSError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return EXIT_USAGE
+    out = quantize(args.source, args.out_dir, args.format, args.group_size, not args.asym, args.checkpoint_format)
     print(f"wrote {out} ({args.format}) from {args.source}")
     return EXIT_OK
+
+
+def main(argv: list[str] | None = None) -> int:
+    """The CLI under the project's exit-code rule (hal/cli.py): a bad input is one line and 2, an
+    interrupt 130 (the output is written atomically: nothing is left either way)."""
+    from hal.cli import run_main
+
+    return run_main(_main, argv, "model.quantize")
 
 
 if __name__ == "__main__":
