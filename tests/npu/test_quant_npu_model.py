@@ -17,6 +17,12 @@ PROMPTS = torch.tensor([[5, 17, 300, 42, 7, 99, 1000, 3, 64, 128, 256, 11],
                         [900, 2, 33, 44, 55, 66, 77, 88, 99, 110, 121, 132]])
 
 
+def _gptq_tiny(tmp_path, group=32):
+    return write_checkpoint(tmp_path / f"gptq{group}", "tiny", seed=3, dtype="float32", quantize_gptq=True,
+                            overrides={"quantization_config": {"quant_method": "gptq", "bits": 4, "group_size": group,
+                                                               "desc_act": False, "sym": True}})
+
+
 def _compare(path, monkeypatch, prompts=PROMPTS):
     reference = hal.load_model(path, "cpu", "float32", reference=True)  # the containers, decoded in float32
     dense_bf16 = hal.load_model(path, "cpu", "bfloat16", quantize="dequantize")
@@ -30,10 +36,7 @@ def _compare(path, monkeypatch, prompts=PROMPTS):
 
 
 def test_a_gptq_checkpoint_runs_on_the_fused_int4_op(emulated, monkeypatch, tmp_path):
-    path = write_checkpoint(tmp_path / "gptq", "tiny", seed=3, dtype="float32", quantize_gptq=True,
-                            overrides={"quantization_config": {"quant_method": "gptq", "bits": 4, "group_size": 32,
-                                                               "desc_act": False, "sym": True}})
-    err, baseline, agree, bound = _compare(path, monkeypatch)
+    err, baseline, agree, bound = _compare(_gptq_tiny(tmp_path), monkeypatch)
     assert bound["linear_int4"] == "npu.torch_npu"
     assert err < 2.0 * baseline + 1e-6, f"NPU NMSE {err:.2e} vs CPU dense bf16 NMSE {baseline:.2e}"
     assert agree >= 0.9, agree
@@ -44,20 +47,12 @@ def test_a_group_size_the_fused_op_refuses_binds_the_dequant_path_with_the_reaso
     """The binding sees the checkpoint's group size (hal.api rebinds with G after reading the
     weights): group 16 is below npu_weight_quant_batchmatmul's 32, so linear_int4 is served by
     npu.dequant and the record says why, instead of the fused op's prepare failing at load."""
-    path = write_checkpoint(tmp_path / "g16", "tiny", seed=3, dtype="float32", quantize_gptq=True,
-                            overrides={"quantization_config": {"quant_method": "gptq", "bits": 4, "group_size": 16,
-                                                               "desc_act": False, "sym": True}})
+    path = _gptq_tiny(tmp_path, group=16)
     err, baseline, agree, bound = _compare(path, monkeypatch)
     assert bound["linear_int4"] == "npu.dequant"
     assert err < 2.0 * baseline + 1e-6, f"NPU NMSE {err:.2e} vs CPU dense bf16 NMSE {baseline:.2e}"
     record = hal.load_model(path, "npu", "bfloat16").ops.record["linear_int4"]
     assert any(q == "npu.torch_npu" and "got 16" in why for q, why in record.passed_over), record.passed_over
-
-
-def _gptq_tiny(tmp_path):
-    return write_checkpoint(tmp_path / "gptq", "tiny", seed=3, dtype="float32", quantize_gptq=True,
-                            overrides={"quantization_config": {"quant_method": "gptq", "bits": 4, "group_size": 32,
-                                                               "desc_act": False, "sym": True}})
 
 
 def test_decode_graph_replays_the_fused_int4_op_as_eager_decode_runs_it(emulated, monkeypatch, tmp_path):
