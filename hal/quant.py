@@ -48,10 +48,14 @@ def _check(name: str, cond: bool, what: str) -> None:
         raise CheckpointError(f"{name}: {what}")
 
 
+def _check_tensor(name: str, tensor: torch.Tensor, field: str, dtype: torch.dtype, shape: tuple[int, ...]) -> None:
+    _check(name, tensor.dtype == dtype and tuple(tensor.shape) == shape,
+           f"{field} must be {str(dtype).removeprefix('torch.')} {list(shape)}, got "
+           f"{str(tensor.dtype).removeprefix('torch.')} {list(tensor.shape)}")
+
+
 def _check_groups(name: str, tensor: torch.Tensor, field: str, out: int, groups: int) -> None:
-    _check(name, tensor.dtype == torch.float32 and tuple(tensor.shape) == (out, groups),
-           f"{field} must be float32 [{out}, {groups}], got {str(tensor.dtype).removeprefix('torch.')} "
-           f"{list(tensor.shape)}")
+    _check_tensor(name, tensor, field, torch.float32, (out, groups))
 
 
 @dataclass(frozen=True, eq=False)
@@ -87,7 +91,8 @@ class QuantizedWeight:
         return sum(t.numel() * t.element_size() for t in self.tensors().values())
 
     def tensors(self) -> dict[str, torch.Tensor]:
-        raise NotImplementedError
+        """The container's tensors by field (absent optional fields left out)."""
+        return {k: v for k, v in self._fields().items() if v is not None}
 
     def to(self, device: torch.device | str) -> "QuantizedWeight":
         return replace(self, **{k: (v.to(device) if v is not None else None) for k, v in self._fields().items()})
@@ -154,19 +159,13 @@ class Int4Weight(QuantizedWeight):
     def __post_init__(self) -> None:
         self._validate_common()
         _check(self.name, self.in_features % 2 == 0, f"in_features {self.in_features} must be even")
-        _check(self.name, self.packed.dtype == torch.uint8
-               and tuple(self.packed.shape) == (self.out_features, self.in_features // 2),
-               f"packed must be uint8 [{self.out_features}, {self.in_features // 2}], "
-               f"got {str(self.packed.dtype).removeprefix('torch.')} {list(self.packed.shape)}")
+        _check_tensor(self.name, self.packed, "packed", torch.uint8, (self.out_features, self.in_features // 2))
         _check_groups(self.name, self.zeros, "zeros", self.out_features, self.groups)
         if self.mins is not None:
             _check_groups(self.name, self.mins, "mins", self.out_features, self.groups)
 
     def _fields(self) -> dict[str, torch.Tensor | None]:
         return {"packed": self.packed, "scales": self.scales, "zeros": self.zeros, "mins": self.mins}
-
-    def tensors(self) -> dict[str, torch.Tensor]:
-        return {k: v for k, v in self._fields().items() if v is not None}
 
     def values(self) -> torch.Tensor:
         """uint8 `[O, K]`: the 4-bit codes q."""
@@ -186,15 +185,10 @@ class Int8Weight(QuantizedWeight):
 
     def __post_init__(self) -> None:
         self._validate_common()
-        _check(self.name, self.q.dtype == torch.int8 and tuple(self.q.shape) == self.shape,
-               f"q must be int8 {list(self.shape)}, got {str(self.q.dtype).removeprefix('torch.')} "
-               f"{list(self.q.shape)}")
+        _check_tensor(self.name, self.q, "q", torch.int8, self.shape)
 
     def _fields(self) -> dict[str, torch.Tensor | None]:
         return {"q": self.q, "scales": self.scales}
-
-    def tensors(self) -> dict[str, torch.Tensor]:
-        return dict(self._fields())  # type: ignore[arg-type]
 
     def dequantize(self) -> torch.Tensor:
         return _expand(self.scales, self.group_size) * self.q.float()
@@ -209,16 +203,10 @@ class TernaryWeight(QuantizedWeight):
     def __post_init__(self) -> None:
         self._validate_common()
         _check(self.name, self.in_features % 4 == 0, f"in_features {self.in_features} must be a multiple of 4")
-        _check(self.name, self.packed.dtype == torch.uint8
-               and tuple(self.packed.shape) == (self.out_features, self.in_features // 4),
-               f"packed must be uint8 [{self.out_features}, {self.in_features // 4}], "
-               f"got {str(self.packed.dtype).removeprefix('torch.')} {list(self.packed.shape)}")
+        _check_tensor(self.name, self.packed, "packed", torch.uint8, (self.out_features, self.in_features // 4))
 
     def _fields(self) -> dict[str, torch.Tensor | None]:
         return {"packed": self.packed, "scales": self.scales}
-
-    def tensors(self) -> dict[str, torch.Tensor]:
-        return dict(self._fields())  # type: ignore[arg-type]
 
     def values(self) -> torch.Tensor:
         """int8 `[O, K]` in {-1, 0, 1}."""

@@ -42,7 +42,7 @@ def decode_ops(ops: BoundOps) -> BoundOps:
         impl = next(i for i in implementations(op, "cpu") if i.name == "decode")
         fns[op] = impl.load()
         record[op] = Binding(op, impl.qualname, False, (("cpu.torch", "the fast decode step binds cpu.decode"),))
-    return BoundOps(fns, record, ops.context)
+    return BoundOps(fns, record, ops.context, ops._prepares)
 
 
 class DecodeStep:

@@ -28,21 +28,23 @@ def no_npu_env(monkeypatch):
     reset_probes()
 
 
-@pytest.fixture(scope="session")
-def d64_checkpoint(tmp_path_factory):
-    """Tiny preset widened to head_dim 64 (hidden 256, 4 heads, 2 KV heads): FIA's head dims."""
-    factors = [1.0 + 0.1 * i for i in range(32)]
+def _widened(tmp_path_factory, head_dim: int, seed: int, factor_step: float):
+    """Tiny preset widened to ``head_dim`` (hidden 4 x head_dim, 4 heads, 2 KV heads) with LongRoPE
+    factors 1, 1 + step, ... (head_dim / 2 of them)."""
+    factors = [1.0 + factor_step * i for i in range(head_dim // 2)]
     rope = {"rope_type": "longrope", "original_max_position_embeddings": 2048,
             "long_factor": factors, "short_factor": factors}
-    return write_checkpoint(tmp_path_factory.mktemp("npu") / "tiny-d64", "tiny", seed=1,
-                            overrides={"hidden_size": 256, "rope_scaling": rope})
+    return write_checkpoint(tmp_path_factory.mktemp("npu") / f"tiny-d{head_dim}", "tiny", seed=seed,
+                            overrides={"hidden_size": 4 * head_dim, "rope_scaling": rope})
+
+
+@pytest.fixture(scope="session")
+def d64_checkpoint(tmp_path_factory):
+    """head_dim 64 (hidden 256): FIA's head dims."""
+    return _widened(tmp_path_factory, 64, seed=1, factor_step=0.1)
 
 
 @pytest.fixture(scope="session")
 def d128_checkpoint(tmp_path_factory):
-    """Tiny preset widened to head_dim 128 (hidden 512, 4 heads, 2 KV heads): FIA's TND head dim."""
-    factors = [1.0 + 0.05 * i for i in range(64)]
-    rope = {"rope_type": "longrope", "original_max_position_embeddings": 2048,
-            "long_factor": factors, "short_factor": factors}
-    return write_checkpoint(tmp_path_factory.mktemp("npu") / "tiny-d128", "tiny", seed=2,
-                            overrides={"hidden_size": 512, "rope_scaling": rope})
+    """head_dim 128 (hidden 512): FIA's TND head dim."""
+    return _widened(tmp_path_factory, 128, seed=2, factor_step=0.05)
