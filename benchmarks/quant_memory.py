@@ -7,7 +7,7 @@ For each format the model is loaded on the CPU in bfloat16 in a fresh process, a
 are taken: the weight bytes the model holds (``validation.quantization.describe``: dense tensors
 plus each quantized linear as prepared by the bound implementation; the checkpoint containers'
 bytes beside them) and the process RSS after loading minus the RSS before (same imports; freed heap returned to the OS
-with ``malloc_trim`` before each reading). Each
+with ``malloc_trim`` before each reading), and how much of that RSS is pages of mapped files. Each
 is given as a ratio to dense bfloat16, for the whole model and for the decoder linears only (the
 embedding stays dense: on SmolLM2-135M it is 28.3M of 134.5M parameters).
 
@@ -41,6 +41,19 @@ def _rss_bytes() -> int:
     raise RuntimeError("no VmRSS in /proc/self/status")
 
 
+def _file_rss_bytes() -> int:
+    """The resident pages of mapped files (``Rss - Anonymous`` in /proc/self/smaps_rollup): a
+    safetensors checkpoint loaded zero-copy stays mapped while its dense tensors are views of
+    it, and the pages that packing read stay counted in RSS with them."""
+    fields = {}
+    with open("/proc/self/smaps_rollup", encoding="ascii") as f:
+        for line in f:
+            parts = line.split()
+            if parts[0] in ("Rss:", "Anonymous:"):
+                fields[parts[0]] = int(parts[1]) * 1024
+    return fields["Rss:"] - fields["Anonymous:"]
+
+
 def _trim() -> None:
     """Return freed heap to the OS (glibc ``malloc_trim``), so RSS counts what the model holds,
     not the arena high-water mark of loading (packing makes transient copies)."""
@@ -67,14 +80,14 @@ def _one(path: str, quantize: str | None, prefer: dict[str, str] | None = None) 
     torch.set_num_threads(1)
     gc.collect()
     _trim()
-    before = _rss_bytes()
+    before, file_before = _rss_bytes(), _file_rss_bytes()
     model = hal.load_model(path, "cpu", "bfloat16", quantize=quantize, prefer=prefer)
     gc.collect()
     _trim()
-    after = _rss_bytes()
+    after, file_after = _rss_bytes(), _file_rss_bytes()
     q = quantization.describe(model)
     embed = model.embed.numel() * model.embed.element_size()
-    return {"rss_bytes": after - before, "weight_bytes": q["weight_bytes"], "embedding_bytes": embed,
+    return {"rss_bytes": after - before, "file_rss_bytes": file_after - file_before, "weight_bytes": q["weight_bytes"], "embedding_bytes": embed,
             "formats": sorted({g["format"] + " -> " + g["impl"] for g in q["groups"]}),
             "dense_linear_bytes": q["weight_bytes"]["dense"] - embed - model.final_norm.numel() * 2
                                   - sum(layer.input_norm.numel() * 2 + layer.post_norm.numel() * 2
@@ -145,8 +158,8 @@ def _table(title: str, runs: list[Run]) -> list[dict[str, Any]]:
     base_lin = base["dense_linear_bytes"]
     print(f"\n{title}\n")
     print("| Format | Linears as | Weight bytes | x bf16 | Linears bytes | x bf16 (linears) | Container "
-          "x bf16 (linears) | RSS | x bf16 (RSS) |")
-    print("|---|---|---|---|---|---|---|---|---|")
+          "x bf16 (linears) | RSS | x bf16 (RSS) | of which mapped files |")
+    print("|---|---|---|---|---|---|---|---|---|---|")
     for r in results:
         w = r["weight_bytes"]
         held = w["dense"] + w["quantized_prepared"]
@@ -154,7 +167,8 @@ def _table(title: str, runs: list[Run]) -> list[dict[str, Any]]:
         container = r["dense_linear_bytes"] + w["quantized"]
         print(f"| {r['format']} | {'; '.join(r['formats']) or 'dense'} | {held / 1e6:.1f} MB | {held / base_w:.3f} | "
               f"{linears / 1e6:.1f} MB | {linears / base_lin:.3f} | {container / base_lin:.3f} | "
-              f"{r['rss_bytes'] / 1e6:.1f} MB | {r['rss_bytes'] / base['rss_bytes']:.3f} |")
+              f"{r['rss_bytes'] / 1e6:.1f} MB | {r['rss_bytes'] / base['rss_bytes']:.3f} | "
+              f"{r['file_rss_bytes'] / 1e6:.1f} MB |")
     print(f"\nembedding (dense bf16): {base['embedding_bytes'] / 1e6:.1f} MB = "
           f"{base['embedding_bytes'] / base_w:.1%} of the bf16 weights")
     return results
