@@ -1,12 +1,16 @@
 """Speed of the CPU quantized linears (cpu.torch, bfloat16) against the dense matmuls, on the
 SmolLM2-135M decoder shapes (fused qkv, o, gate_up, down).
 
-    python -m benchmarks.quant_ops [--threads 2] [--rows 1,128] [--repeats 200] [--crossover]
+    python -m benchmarks.quant_ops [--threads 2] [--rows 1,128] [--repeats 200] [--crossover | --ternary-2bit]
 
 Each cell is the median of ``--repeats`` calls after a warm-up, in microseconds, of the bound
 implementation's function on its prepared weight (random containers of each format).
 ``--crossover`` instead times, per format and row count, torch's kernel against the on-the-fly
 decoding + dense matmul (``backends/cpu/quantized.py``: what ``KERNEL_MAX_ROWS`` is chosen from).
+``--ternary-2bit`` times ternary held in 2 bits (``cpu.torch_2bit``, ``backends/cpu/ternary2.py``)
+against the 4-bit codes of ``cpu.torch`` (the baseline), per row ternary and groups of 64, in
+interleaved rounds (the two alternate, ``--repeats // rows`` calls each per round, median of
+each over 7 rounds), and prints the ratio 2-bit / 4-bit.
 """
 from __future__ import annotations
 
@@ -39,6 +43,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--rows", default="1,128")
     p.add_argument("--repeats", type=int, default=200)
     p.add_argument("--crossover", action="store_true", help="kernel vs decode + matmul per row count")
+    p.add_argument("--ternary-2bit", action="store_true", help="ternary in 2 bits vs 4-bit codes per row count")
     args = p.parse_args(argv)
     from backends.cpu import quantized
     from hal.registry import BindContext
@@ -49,6 +54,8 @@ def main(argv: list[str] | None = None) -> int:
     g = torch.Generator().manual_seed(0)
     if args.crossover:
         return _crossover(args, ctx, g)
+    if args.ternary_2bit:
+        return _ternary_2bit(args, ctx, g)
     labels = ["dense bf16", "dense fp32"] + [f"{source} g{group}" for _, source, group in FORMATS]
     print(f"threads {args.threads}, torch {torch.__version__}, median us per call")
     print("| rows | linear [O, K] | " + " | ".join(labels) + " |")
@@ -89,6 +96,33 @@ def _crossover(args, ctx, g) -> int:
                 kernel = _median_us(lambda: quantized.kernel_linear(x, prepared), repeats)
                 cells.append(f"{kernel:.0f} / {_median_us(lambda: decode(x, prepared), repeats):.0f}")
             print(f"| {name} [{out}, {k}] | {source} g{group} | " + " | ".join(cells) + " |")
+    return 0
+
+
+def _ternary_2bit(args, ctx, g) -> int:
+    from backends.cpu import quantized, ternary2
+    from validation.opcheck import random_container
+
+    rows_list = [int(r) for r in args.rows.split(",")]
+    print(f"threads {args.threads}, torch {torch.__version__}, median us per call over 7 interleaved rounds")
+    print("| linear [O, K] | group | rows | 4-bit (cpu.torch) | 2-bit (cpu.torch_2bit) | 2-bit / 4-bit | held 2-bit / 4-bit |")
+    print("|---|---|---|---|---|---|---|")
+    for name, (out, k) in SHAPES.items():
+        for group in (-1, 64):
+            weight = random_container(g, "linear_ternary", "bitcpm4" if group < 0 else "rtn", out, k,
+                                      k if group < 0 else group)
+            four = quantized.prepare_ternary(weight, ctx)
+            two = ternary2.prepare_ternary_2bit(weight, ctx)
+            for rows in rows_list:
+                x = torch.randn(rows, k, generator=g).bfloat16()
+                repeats = max(3, args.repeats // rows)
+                times: dict[str, list[float]] = {"4": [], "2": []}
+                for _ in range(7):
+                    times["4"].append(_median_us(lambda: quantized.linear_packed(x, four), repeats))
+                    times["2"].append(_median_us(lambda: ternary2.linear_ternary_2bit(x, two), repeats))
+                t4, t2 = statistics.median(times["4"]), statistics.median(times["2"])
+                print(f"| {name} [{out}, {k}] | {'row' if group < 0 else group} | {rows} | {t4:.0f} | {t2:.0f} | "
+                      f"{t2 / t4:.2f} | {two.nbytes / four.nbytes:.3f} |")
     return 0
 
 

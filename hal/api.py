@@ -70,7 +70,7 @@ linears (BitCPM4) into ``hal.quant.TernaryWeight``."""
 def load_model(path: str | Path, device: str = "auto", dtype: str | torch.dtype | None = None, *,
                reference: bool = False, allow_fallback: bool = False,
                op_overrides: dict[str, Callable[..., Any]] | None = None, quantize: str | None = None,
-               tp: int | None = None):
+               tp: int | None = None, prefer: dict[str, str] | None = None):
     """Load a MiniCPM checkpoint (Hugging Face layout, or a GGUF file) and bind it to a device.
 
     Args:
@@ -98,6 +98,11 @@ def load_model(path: str | Path, device: str = "auto", dtype: str | torch.dtype 
             slice of the weights; logits come back whole (float32, all V) on every rank. Every
             rank must call this; a rank that fails makes every rank raise (the failed rank's line).
             Default: None (one process, as is 1: the launcher's WORLD_SIZE is not checked then).
+        prefer: op name -> implementation qualname tried before the priority order, e.g.
+            ``{"linear_ternary": "cpu.torch_2bit"}`` (ternary kept in 2 bits on the CPU: 0.13x of
+            bfloat16 instead of 0.28x, decode linears ~2x slower; ``backends/cpu/ternary2.py``).
+            One that does not support the model (dtype, shapes) is passed over with a warning and
+            its reason in ``model.bound_ops``. InputError for an unknown op or implementation.
 
     Raises:
         DeviceUnavailable, ConfigError, CheckpointError, UnsupportedOpError, InputError,
@@ -107,7 +112,7 @@ def load_model(path: str | Path, device: str = "auto", dtype: str | torch.dtype 
         raise InputError(f"quantize must be one of {', '.join(QUANTIZE_MODES)} (or None), got {quantize!r}")
     kind = resolve_device(device)
     if tp is None or tp == 1:
-        return _load(path, kind, dtype, reference, allow_fallback, op_overrides, quantize, None)
+        return _load(path, kind, dtype, reference, allow_fallback, op_overrides, quantize, None, prefer)
     if quantize in ("keep", "ternary"):
         raise InputError(f"tp={tp}: tensor parallel of quantized weights is not supported (quantize={quantize!r}); "
                          "use quantize='dequantize' (--quantize dequantize) or tp=1")
@@ -116,7 +121,7 @@ def load_model(path: str | Path, device: str = "auto", dtype: str | torch.dtype 
     group = distributed.setup(kind, tp)  # the same outcome on every rank: nothing below can hang
     model, error = None, None
     try:
-        model = _load(path, kind, dtype, reference, allow_fallback, op_overrides, "dequantize", group)
+        model = _load(path, kind, dtype, reference, allow_fallback, op_overrides, "dequantize", group, prefer)
     except Exception as exc:  # noqa: BLE001 - re-raised by agree() on this rank, reported to the others
         error = exc
     group.agree(error)
@@ -124,7 +129,8 @@ def load_model(path: str | Path, device: str = "auto", dtype: str | torch.dtype 
 
 
 def _load(path: str | Path, kind: str, dtype: str | torch.dtype | None, reference: bool, allow_fallback: bool,
-          op_overrides: dict[str, Callable[..., Any]] | None, quantize: str | None, group):
+          op_overrides: dict[str, Callable[..., Any]] | None, quantize: str | None, group,
+          prefer: dict[str, str] | None = None):
     """:func:`load_model` on one rank; ``group`` (a :class:`hal.distributed.TPGroup`) or None."""
     from model.checkpoint import load_weights
     from model.config import GenerationDefaults, load_config, load_generation_config
@@ -157,7 +163,7 @@ def _load(path: str | Path, kind: str, dtype: str | torch.dtype | None, referenc
         shard = plan(config, group.size, group.rank, source=str(folder))
         tp = TensorParallel(shard, group)
     ops = bind(kind, torch_dtype, config.shapes() if shard is None else shard.shapes(config), reference=reference,
-               allow_fallback=allow_fallback, overrides=op_overrides)
+               allow_fallback=allow_fallback, overrides=op_overrides, prefer=prefer)
     tokenizer_loader = None
     if gguf_file is None:
         weights = load_weights(folder, config, torch_dtype, device, shard=shard, keep=keep)
@@ -172,13 +178,14 @@ def _load(path: str | Path, kind: str, dtype: str | torch.dtype | None, referenc
         weights = _pack_ternary(weights, folder)
     if shard is not None:
         _refuse_quantized(weights, folder, shard.size)
-    ops = _bind_for_groups(ops, weights, reference, allow_fallback, op_overrides)
+    ops = _bind_for_groups(ops, weights, reference, allow_fallback, op_overrides, prefer)
     return MiniCPMForCausalLM(config, weights, ops, device, torch_dtype, path=folder,
                               generation=generation, tokenizer_loader=tokenizer_loader, tp=tp)
 
 
 def _bind_for_groups(ops: BoundOps, weights: dict[str, Any], reference: bool, allow_fallback: bool,
-                     op_overrides: dict[str, Callable[..., Any]] | None) -> BoundOps:
+                     op_overrides: dict[str, Callable[..., Any]] | None,
+                     prefer: dict[str, str] | None = None) -> BoundOps:
     """``ops`` bound again with the checkpoint's quantization group size ``G`` in the shapes, so each
     quantized linear's ``supports()`` can pass over a kernel that refuses it (the first binding,
     made before the weights were read, fails fast on an unusable device). ``G`` is the gcd of the
@@ -189,7 +196,7 @@ def _bind_for_groups(ops: BoundOps, weights: dict[str, Any], reference: bool, al
         return ops
     ctx = ops.context
     return bind(ctx.device, ctx.dtype, {**ctx.shapes, "G": math.gcd(*groups)}, reference=reference,
-                allow_fallback=allow_fallback, overrides=op_overrides)
+                allow_fallback=allow_fallback, overrides=op_overrides, prefer=prefer)
 
 
 def _refuse_quantized(weights: dict[str, Any], path: Path, tp: int) -> None:

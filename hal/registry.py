@@ -183,6 +183,18 @@ def _on_cpu(fn: Callable[..., Any], device: torch.device) -> Callable[..., Any]:
     return wrapper
 
 
+def _check_prefer(prefer: dict[str, str], device: str) -> None:
+    """InputError (one line) for an op not in the catalogue or a qualname that is not one of its
+    ``device`` implementations."""
+    for op, qualname in prefer.items():
+        if op not in CATALOGUE:
+            raise InputError(f"prefer: unknown op {op!r}; the catalogue has: {', '.join(CATALOGUE)}")
+        names = [i.qualname for i in implementations(op, device)]
+        if qualname not in names:
+            raise InputError(f"prefer: {op} has no {device} implementation {qualname!r}; choose from "
+                             f"{', '.join(names) or 'none'}")
+
+
 def bind(
     device: str,
     dtype: torch.dtype,
@@ -193,6 +205,7 @@ def bind(
     overrides: dict[str, Callable[..., Any]] | None = None,
     capture: frozenset[str] = frozenset(),
     graph_updates: bool = False,
+    prefer: dict[str, str] | None = None,
 ) -> BoundOps:
     """Resolve every catalogue op once.
 
@@ -209,6 +222,9 @@ def bind(
             may serve them (the others are passed over with that reason).
         graph_updates: the graph runtime refreshes host lengths before each replay, so
             ``graph_update`` implementations may serve ``capture`` ops too.
+        prefer: op name -> implementation qualname (``{"linear_ternary": "cpu.torch_2bit"}``)
+            tried before the priority order; one that does not support the call is passed over
+            as usual (its reason in the record, warned once). Default: priority order only.
 
     Raises:
         UnsupportedOpError: an op has no supporting implementation (all reasons listed).
@@ -221,6 +237,8 @@ def bind(
     if not_callable:
         raise InputError(f"op_overrides: {not_callable[0]!r} must map to a callable, "
                          f"got {overrides[not_callable[0]]!r}"[:200])
+    prefer = dict(prefer or {})
+    _check_prefer(prefer, device)
     ctx = BindContext(device=device, dtype=dtype, shapes=dict(shapes or {}))
     disabled = env.disabled_backends()
     fns: dict[str, Callable[..., Any]] = {}
@@ -234,7 +252,7 @@ def bind(
             continue
         passed: list[tuple[str, str]] = []
         chosen: Impl | None = None
-        for impl in implementations(op, device):
+        for impl in sorted(implementations(op, device), key=lambda i: i.qualname != prefer.get(op)):
             if impl.backend in disabled:
                 passed.append((impl.qualname, "disabled by HAL_DISABLE_BACKENDS"))
                 continue
@@ -252,6 +270,9 @@ def bind(
                 chosen = impl
             elif reason is not None:
                 passed.append((impl.qualname, reason))
+        if op in prefer and (chosen is None or chosen.qualname != prefer[op]):
+            why = next(r for q, r in passed if q == prefer[op])
+            warnings.warn(f"prefer: {op} -> {prefer[op]} passed over: {why}", stacklevel=2)
         if chosen is not None:
             fns[op] = chosen.load()
             prepare = chosen.load_prepare()

@@ -51,6 +51,7 @@ INFLLM_OP_TESTS = ("tests/ops/test_infllm_select_blocks.py", "tests/ops/test_inf
                    "tests/test_infllm_independent.py")
 SAMPLE_TESTS = ("tests/test_sampling_distribution.py", "tests/ops/test_sample.py", "tests/test_generation.py")
 METRIC_TESTS = ("tests/validation/test_metrics.py", "tests/validation/test_metrics_asymmetric.py")
+TERNARY_2BIT_TESTS = ("tests/ops/test_ternary_2bit.py", "tests/ops/test_linear_ternary.py")
 ST_TESTS = ("tests/test_safetensors_library_files.py", "tests/test_checkpoint.py")
 
 MUTATIONS: tuple[Mutation, ...] = (
@@ -114,6 +115,19 @@ MUTATIONS: tuple[Mutation, ...] = (
     _m("model/gptq.py", "_SHIFTS = torch.arange(0, 32, 4, dtype=torch.int32)",
        "_SHIFTS = torch.arange(28, -4, -4, dtype=torch.int32)", "GPTQ nibbles read high first",
        "tests/test_gptq.py", "tests/test_gptq_groups.py"),
+    _m("backends/cpu/ternary2.py", "torch.bitwise_left_shift(codes, 2, out=words[n:])",
+       "torch.bitwise_left_shift(codes, 1, out=words[n:])", "2-bit ternary: second half expanded with a wrong shift",
+       *TERNARY_2BIT_TESTS),
+    _m("backends/cpu/ternary2.py", "return (flat[:half] | (flat[half:] >> 2)).view(torch.int32)",
+       "return (flat[:half] | (flat[half:] >> 4)).view(torch.int32)", "2-bit ternary: second half stored shifted too far",
+       *TERNARY_2BIT_TESTS),
+    _m("backends/cpu/ternary2.py", "return y * chunk.scales if weight.per_row else y", "return y",
+       "2-bit ternary: per-row scales not applied", *TERNARY_2BIT_TESTS),
+    _m("backends/cpu/ternary2.py", "sz = torch.stack((chunk.scales * 0.25, chunk.scales), dim=-1)",
+       "sz = torch.stack((chunk.scales * 0.25, chunk.scales * 0), dim=-1)",
+       "2-bit ternary: grouped zero left out (codes read as t - 1)", *TERNARY_2BIT_TESTS),
+    _m("backends/cpu/ternary2.py", "        codes[:stop - start] += 4 * t", "        codes[:stop - start] += 4 * t.flip(1)",
+       "2-bit ternary: codes packed in reversed column order", *TERNARY_2BIT_TESTS),
 )
 
 

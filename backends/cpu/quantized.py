@@ -12,6 +12,8 @@ with group in {32, 64, 128, 256} and N a multiple of 16. Every container maps on
 ``Int4Weight``  ``s * (q - z) + m = (q - 8) * s + (s * (8 - z) + m)``: scale s, zero s (8 - z) + m.
 ``TernaryWeight`` codes c = t + 8 in {7, 8, 9}: ``s * t = (c - 8) * s``, zero 0 (a zero of 7 s with
                 codes t + 1 would round apart from the scale in bfloat16: NMSE 5e-4 measured).
+                This holds 4 bits per weight; ``backends/cpu/ternary2.py`` (``cpu.torch_2bit``,
+                chosen with ``hal.load_model(prefer=...)``) holds 2 and rebuilds these per call.
 ``Int8Weight``  grouped (Q8_0): the unsigned byte u = q + 128 = 16 hi + lo splits into two nibbles,
                 ``s q = (hi - 8) * 16 s + (lo - 8) * s + 8 s``: one int4 product over K' = 2K with
                 the weight ``[hi | lo]`` and the activation ``[x | x]``, 1 byte per weight as int8.
