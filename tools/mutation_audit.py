@@ -114,6 +114,14 @@ MUTATIONS: tuple[Mutation, ...] = (
     _m("model/gptq.py", "_SHIFTS = torch.arange(0, 32, 4, dtype=torch.int32)",
        "_SHIFTS = torch.arange(28, -4, -4, dtype=torch.int32)", "GPTQ nibbles read high first",
        "tests/test_gptq.py", "tests/test_gptq_groups.py"),
+    _m("backends/cpu/logits_fp16.py", "    return FP16_TOP_EXPONENT - (exponent - 1)", "    return 0",
+       "fbgemm lm_head packed without its power-of-two scale", "tests/ops/test_logits_fp16.py"),
+    _m("backends/cpu/logits_fp16.py", "    if bad:", "    if False:",
+       "fbgemm lm_head packed although float16 rounds some values", "tests/ops/test_logits_fp16.py"),
+    _m("backends/cpu/logits_fp16.py", "        out.mul_(2.0 ** -weight.shift)", "        pass",
+       "fbgemm logits not scaled back", "tests/ops/test_logits.py"),
+    _m("model/minicpm.py", ' and ops.record["logits"].impl == head.impl:', ":",
+       "packed lm_head handed to another logits implementation", "tests/ops/test_logits_fp16.py"),
 )
 
 
