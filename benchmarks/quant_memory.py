@@ -4,8 +4,8 @@
 
 For each format the model is loaded on the CPU in bfloat16 in a fresh process, and two numbers
 are taken: the weight bytes the model holds (``validation.quantization.describe``: dense tensors
-plus each quantized linear as prepared by the bound implementation; the checkpoint containers'
-bytes beside them) and the process RSS after loading minus the RSS before (same imports; freed heap returned to the OS
+plus each quantized linear as prepared by the bound implementation plus the lm_head's packed float16
+copy where ``cpu.fbgemm`` serves logits; the checkpoint containers' bytes beside them) and the process RSS after loading minus the RSS before (same imports; freed heap returned to the OS
 with ``malloc_trim`` before each reading). Each
 is given as a ratio to dense bfloat16, for the whole model and for the decoder linears only (the
 embedding stays dense: on SmolLM2-135M it is 28.3M of 134.5M parameters).
@@ -72,6 +72,11 @@ def _one(path: str, quantize: str | None) -> dict[str, Any]:
                                         for layer in model.layers)}
 
 
+def _held(w: dict[str, int]) -> int:
+    """Weight bytes the model holds: dense tensors, prepared quantized linears, the prepared lm_head."""
+    return w["dense"] + w["quantized_prepared"] + w.get("lm_head_prepared", 0)
+
+
 def measure(path: str | Path, quantize: str | None = None) -> dict[str, Any]:
     """:func:`_one` in a fresh Python process (so RSS is this model's alone)."""
     code = (f"import json, sys; from benchmarks.quant_memory import _one; "
@@ -115,14 +120,14 @@ def main(argv: list[str] | None = None) -> int:
         results.append({"format": label, "path": str(path), "quantize": mode, **m})
         print(f"measured {label}", file=sys.stderr)
     base = results[0]
-    base_w = base["weight_bytes"]["dense"] + base["weight_bytes"]["quantized_prepared"]
+    base_w = _held(base["weight_bytes"])
     base_lin = base["dense_linear_bytes"]
     print("| Format | Linears as | Weight bytes | x bf16 | Linears bytes | x bf16 (linears) | Container "
           "x bf16 (linears) | RSS | x bf16 (RSS) |")
     print("|---|---|---|---|---|---|---|---|---|")
     for r in results:
         w = r["weight_bytes"]
-        held = w["dense"] + w["quantized_prepared"]
+        held = _held(w)
         linears = r["dense_linear_bytes"] + w["quantized_prepared"]
         container = r["dense_linear_bytes"] + w["quantized"]
         print(f"| {r['format']} | {'; '.join(r['formats']) or 'dense'} | {held / 1e6:.1f} MB | {held / base_w:.3f} | "
@@ -130,6 +135,11 @@ def main(argv: list[str] | None = None) -> int:
               f"{r['rss_bytes'] / 1e6:.1f} MB | {r['rss_bytes'] / base['rss_bytes']:.3f} |")
     print(f"\nembedding (dense bf16): {base['embedding_bytes'] / 1e6:.1f} MB = "
           f"{base['embedding_bytes'] / base_w:.1%} of the bf16 weights")
+    for r in results:
+        extra = r["weight_bytes"].get("lm_head_prepared", 0)
+        if extra:
+            print(f"{r['format']}: weight bytes include the lm_head packed for cpu.fbgemm, {extra / 1e6:.1f} MB "
+                  "beside the dense embedding")
     if args.json:
         args.json.write_text(json.dumps(results, indent=2) + "\n", encoding="utf-8")
     return 0

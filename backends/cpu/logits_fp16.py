@@ -36,6 +36,12 @@ from backends.cpu.ops import logits_cpu
 
 FP16_TOP_EXPONENT = 15
 """float16's largest binade is [2^15, 2^16) (max 65504): the weight's largest magnitude goes there."""
+FBGEMM_MAX_ROWS = 16
+"""Up to this many activation rows the packed GEMM runs; above, the chunked float32 path on the
+dense tensor (shapes only). Measured on SmolLM2's [49152, 576], load < 1
+(``python -m benchmarks.lm_head --rows 1,8,32,128``), chunked / fbgemm ms at 1 thread: 1 row 11.7 / 5.3,
+8 rows 17.2 / 9.1, 32 rows 20.7 / 28.6, 128 rows 51.9 / 102.6 (2 threads alike): the crossover lies
+between 8 and 32 rows."""
 CHECK_ROWS = 4096
 """Rows of the weight checked per step at prepare (keeps the float32 temporaries small)."""
 
@@ -43,12 +49,21 @@ CHECK_ROWS = 4096
 @dataclass(frozen=True)
 class Fp16Packed:
     """fbgemm's packed float16 lm_head: ``packed`` holds ``weight * 2^shift`` exactly, `[V, E]`;
-    ``nbytes`` the bytes it holds (2 per element, in addition to the dense tensor)."""
+    ``dense`` the weight itself (the model's tensor, not a copy: the path above
+    :data:`FBGEMM_MAX_ROWS` rows); ``nbytes`` the bytes ``packed`` holds (2 per element, in
+    addition to the dense tensor)."""
 
     packed: torch.ScriptObject
     shift: int
-    vocab: int
-    width: int
+    dense: torch.Tensor
+
+    @property
+    def vocab(self) -> int:
+        return self.dense.shape[0]
+
+    @property
+    def width(self) -> int:
+        return self.dense.shape[1]
     layout = "fbgemm fp16 (exact, scaled by a power of two)"
 
     @property
@@ -127,17 +142,20 @@ def prepare_logits_fp16(weight: torch.Tensor, ctx=None) -> Fp16Packed | Fp16Refu
                                    f"{low:.3g}..{float(magnitudes.max()):.3g} span more binades than float16 holds")
     scaled = weight.float() * 2.0 ** shift
     packed = torch.ops.quantized.linear_prepack_fp16(scaled, None)
-    return Fp16Packed(packed, shift, weight.shape[0], weight.shape[1])
+    return Fp16Packed(packed, shift, weight)
 
 
 def logits_fp16(x: torch.Tensor, weight: Fp16Packed | Fp16Refused | torch.Tensor) -> torch.Tensor:
-    """x `[..., E]` @ the prepared lm_head `[V, E]` -> `[..., V]` float32 (a dense tensor or a
-    refused weight: ``logits_cpu``)."""
+    """x `[..., E]` @ the prepared lm_head `[V, E]` -> `[..., V]` float32: the packed GEMM up to
+    :data:`FBGEMM_MAX_ROWS` rows; ``logits_cpu`` above, and for a dense tensor or a refused weight."""
     if isinstance(weight, Fp16Refused):
         return logits_cpu(x, weight.weight)
     if isinstance(weight, torch.Tensor):
         return logits_cpu(x, weight)
-    flat = x.reshape(-1, x.shape[-1]).float().contiguous()
+    flat = x.reshape(-1, x.shape[-1])
+    if flat.shape[0] > FBGEMM_MAX_ROWS:
+        return logits_cpu(x, weight.dense)
+    flat = flat.float().contiguous()
     out = torch.ops.quantized.linear_dynamic_fp16(flat, weight.packed)
     if weight.shift:
         out.mul_(2.0 ** -weight.shift)
