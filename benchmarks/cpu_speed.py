@@ -190,7 +190,7 @@ def _rss_child(path: str, dtype: str) -> None:
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
     peak_hwm = _vm_hwm()
     seen: set[int] = set()
-    weight_bytes = 0
+    weight_bytes = loaded.head.prepared_bytes if loaded.head is not None else 0  # cpu.fbgemm's packed lm_head
     tensors = [loaded.embed, loaded.lm_head, loaded.final_norm]
     tensors += [t for layer in loaded.layers for t in vars(layer).values()]
     for t in tensors:

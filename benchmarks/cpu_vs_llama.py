@@ -6,7 +6,9 @@ Formats (the files: ``benchmarks/gguf_variants.py``, built from the source GGUF 
 * ``float32``: ours in float32 on the F32 GGUF, against llama.cpp on that file; ours also
   through the eager ``model.forward`` (the path before ``model/fast_decode.py``), for the
   before/after of the same run;
-* ``bfloat16``: ours in bfloat16 on the F32 GGUF (rounded at load), against llama.cpp F32;
+* ``bfloat16``: ours in bfloat16 on the F32 GGUF (rounded at load), against llama.cpp F32; ours
+  also with the lm_head through the chunked float32 path (the path before ``cpu.fbgemm``'s packed
+  float16 copy, ``backends/cpu/logits_fp16.py``), the same for ``int4``;
 * ``int4``: ours with the Q4_0 GGUF kept quantized (``hal.load_model(..., quantize="keep")``,
   bfloat16 activations, the dtype torch's CPU int4 kernel serves) against llama.cpp on that file.
   Runs only where the quantized loading exists (:func:`int4_unavailable` says why not).
@@ -75,11 +77,22 @@ def quantized_linears(model) -> int:
                if v is not None and not isinstance(v, (str, torch.Tensor)))
 
 
+def without_prepared_head(model):
+    """A shallow copy of ``model`` whose logits op receives the dense lm_head (``cpu.fbgemm`` then
+    runs the chunked float32 path, ``logits_cpu``): the before of the same weights and binding."""
+    import copy
+
+    plain = copy.copy(model)
+    plain.head = None
+    return plain
+
+
 def our_weight_bytes(model) -> int:
     """Bytes of the weights ``model`` holds: distinct tensor storages (tied and fused views once)
-    plus the prepared bytes of each quantized linear."""
+    plus the prepared bytes of each quantized linear and of a prepared lm_head (``cpu.fbgemm``'s
+    packed float16 copy, held beside the dense tensor)."""
     seen: set[int] = set()
-    total = 0
+    total = model.head.prepared_bytes if model.head is not None else 0
     items = [model.embed, model.lm_head, model.final_norm]
     items += [v for layer in model.layers for v in vars(layer).values() if v is not None and not isinstance(v, str)]
     for item in items:
@@ -284,6 +297,9 @@ def run_tables(source: Path, formats: list[str], prompt_tokens: int, new_tokens:
             if fmt == "float32":
                 runners.append(OursRunner("ours float32 eager", model, eager=True))
                 rows.append(Row(fmt, "ours, eager forward (before)", path.name))
+            elif model.head is not None:
+                runners.append(OursRunner(f"ours {fmt} chunked head", without_prepared_head(model)))
+                rows.append(Row(fmt, "ours, chunked float32 lm_head (before)", path.name))
         llama_path = gguf_file(source, wanted[0])
         if llama_cpp:
             from benchmarks.engines import Unavailable

@@ -5,9 +5,10 @@
 
 For each format the model is loaded on the CPU in bfloat16 in a fresh process, and two numbers
 are taken: the weight bytes the model holds (``validation.quantization.describe``: dense tensors
-plus each quantized linear as prepared by the bound implementation; the checkpoint containers'
-bytes beside them) and the process RSS after loading minus the RSS before (same imports; freed heap returned to the OS
-with ``malloc_trim`` before each reading), and how much of that RSS is pages of mapped files. Each
+plus each quantized linear as prepared by the bound implementation plus the lm_head's packed float16
+copy where ``cpu.fbgemm`` serves logits; the checkpoint containers' bytes beside them) and the process
+RSS after loading minus the RSS before (same imports; freed heap returned to the OS with ``malloc_trim``
+before each reading), and how much of that RSS is pages of mapped files. Each
 is given as a ratio to dense bfloat16, for the whole model and for the decoder linears only (the
 embedding stays dense: on SmolLM2-135M it is 28.3M of 134.5M parameters).
 
@@ -30,7 +31,6 @@ import sys
 from pathlib import Path
 from typing import Any
 
-DEFAULT_GGUF = Path("/work/SmolLM2-135M-Instruct.Q4_1.gguf")
 
 
 def _rss_bytes() -> int:
@@ -94,6 +94,11 @@ def _one(path: str, quantize: str | None, prefer: dict[str, str] | None = None) 
                                         for layer in model.layers)}
 
 
+def _held(w: dict[str, int]) -> int:
+    """Weight bytes the model holds: dense tensors, prepared quantized linears, the prepared lm_head."""
+    return w["dense"] + w["quantized_prepared"] + w.get("lm_head_prepared", 0)
+
+
 def measure(path: str | Path, quantize: str | None = None, prefer: dict[str, str] | None = None) -> dict[str, Any]:
     """:func:`_one` in a fresh Python process (so RSS is this model's alone)."""
     code = (f"import json, sys; from benchmarks.quant_memory import _one; "
@@ -154,7 +159,7 @@ def _table(title: str, runs: list[Run]) -> list[dict[str, Any]]:
         results.append({"table": title, "format": label, "path": str(path), "quantize": mode, "prefer": prefer, **m})
         print(f"measured {label}", file=sys.stderr)
     base = results[0]
-    base_w = base["weight_bytes"]["dense"] + base["weight_bytes"]["quantized_prepared"]
+    base_w = _held(base["weight_bytes"])
     base_lin = base["dense_linear_bytes"]
     print(f"\n{title}\n")
     print("| Format | Linears as | Weight bytes | x bf16 | Linears bytes | x bf16 (linears) | Container "
@@ -162,7 +167,7 @@ def _table(title: str, runs: list[Run]) -> list[dict[str, Any]]:
     print("|---|---|---|---|---|---|---|---|---|---|")
     for r in results:
         w = r["weight_bytes"]
-        held = w["dense"] + w["quantized_prepared"]
+        held = _held(w)
         linears = r["dense_linear_bytes"] + w["quantized_prepared"]
         container = r["dense_linear_bytes"] + w["quantized"]
         print(f"| {r['format']} | {'; '.join(r['formats']) or 'dense'} | {held / 1e6:.1f} MB | {held / base_w:.3f} | "
@@ -171,12 +176,18 @@ def _table(title: str, runs: list[Run]) -> list[dict[str, Any]]:
               f"{r['file_rss_bytes'] / 1e6:.1f} MB |")
     print(f"\nembedding (dense bf16): {base['embedding_bytes'] / 1e6:.1f} MB = "
           f"{base['embedding_bytes'] / base_w:.1%} of the bf16 weights")
+    for r in results:
+        extra = r["weight_bytes"].get("lm_head_prepared", 0)
+        if extra:
+            print(f"{r['format']}: weight bytes include the lm_head packed for cpu.fbgemm, {extra / 1e6:.1f} MB "
+                  "beside the dense embedding")
     return results
 
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m benchmarks.quant_memory", description=__doc__.split("\n\n")[0])
-    p.add_argument("--gguf", type=Path, default=DEFAULT_GGUF)
+    p.add_argument("--gguf", type=Path, default=None,
+                   help="default: the trained SmolLM2-135M-Instruct (python -m model.trained --fetch)")
     p.add_argument("--q4-0", type=Path, default=None, help="a Q4_0 GGUF of the same model")
     p.add_argument("--preset", action="append", default=[], help="also a synthetic preset written as ternary")
     p.add_argument("--no-gguf", action="store_true", help="only the --preset tables")
@@ -184,6 +195,10 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     results = []
     if not args.no_gguf:
+        if args.gguf is None:
+            from model.trained import trained_gguf
+
+            args.gguf = trained_gguf()
         results += _table(f"{args.gguf.name} and its model.quantize outputs", _checkpoints(args.gguf, args.q4_0))
     for preset in args.preset:
         results += _table(f"synthetic {preset} written as ternary (model.quantize --format ternary)",

@@ -64,8 +64,9 @@ class Impl:
     before each replay (``NPUGraph.update`` after ``auto_dispatch_capture``; the caller gives the
     lengths at capture through :func:`hal.graphs.host_kv_lens`), see ``GraphRuntime.refresh``.
     prepare: ``"module.path:function"`` or None, for ops whose weights the implementation
-    repacks once at bind time (the quantized linears): ``prepare(weight, ctx) -> object`` turns
-    a ``hal.quant`` container into what ``fn`` receives; None passes the container unchanged.
+    repacks once at bind time: ``prepare(weight, ctx) -> object`` turns a ``hal.quant`` container
+    (the quantized linears) or a dense lm_head (``logits``: ``cpu.fbgemm``'s packed float16 copy)
+    into what ``fn`` receives; None passes the weight unchanged.
     """
 
     op: str
@@ -150,7 +151,8 @@ class BoundOps:
 
     def prepare(self, op: str, weight: Any) -> Any:
         """What the implementation bound to ``op`` receives for ``weight`` (a ``hal.quant``
-        container): its own layout, made once here; the container itself when it has no prepare."""
+        container, or the dense lm_head of ``logits``): its own layout, made once here; the weight
+        itself when it has no prepare."""
         fn = self._prepares.get(op)
         return weight if fn is None else fn(weight, self.context)
 

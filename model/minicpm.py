@@ -52,6 +52,33 @@ def prepare_linear(ops: BoundOps, weight):
                           size)
 
 
+@dataclass(frozen=True)
+class PreparedHead:
+    """The lm_head as the bound ``logits`` implementation prepared it (``BoundOps.prepare``, e.g.
+    ``cpu.fbgemm``'s packed float16 copy): ``weight`` is what that implementation receives,
+    ``source`` the dense `[V, E]` tensor it was made from (the model's own, not a copy: the
+    embedding of a tied lm_head reads it), ``layout`` the prepared form's name and
+    ``prepared_bytes`` what it holds in addition to ``source``."""
+
+    impl: str
+    source: torch.Tensor
+    weight: object
+    layout: str
+    prepared_bytes: int
+
+
+def prepare_head(ops: BoundOps, lm_head: torch.Tensor) -> PreparedHead | None:
+    """The bound ``logits`` implementation's form of ``lm_head`` (made once), or None where it has
+    no prepare (it then receives the dense tensor)."""
+    prepared = ops.prepare("logits", lm_head)
+    if prepared is lm_head:
+        return None
+    size = getattr(prepared, "nbytes", None)
+    if size is None:
+        size = prepared.numel() * prepared.element_size() if isinstance(prepared, torch.Tensor) else 0
+    return PreparedHead(ops.record["logits"].impl, lm_head, prepared, getattr(prepared, "layout", "dense"), int(size))
+
+
 def _linear(ops: BoundOps, x: torch.Tensor, weight) -> torch.Tensor:
     """x `[..., K]` @ a dense weight `[O, K]` (ops.linear) or a :class:`PreparedLinear` (its op)."""
     if isinstance(weight, torch.Tensor):
@@ -129,6 +156,7 @@ class MiniCPMForCausalLM:
         self.embed = weights["model.embed_tokens.weight"]
         self.final_norm = weights["model.norm.weight"]
         self.lm_head = self.embed if config.tie_word_embeddings else weights["lm_head.weight"]
+        self.head = prepare_head(ops, self.lm_head)
         self.layers = _layers(weights, config, ops)
         self.rope = RopeTable(config, device)
         # LongRoPE's mscale is applied here, not in the cos/sin tables (model/rope.py): as mscale**2
@@ -202,6 +230,16 @@ class MiniCPMForCausalLM:
         if self.tp.size > 1 and kwargs.get("seed") is None:
             kwargs["seed"] = self.tp.group.shared_seed()  # every rank samples the same tokens
         return generate(self, *args, **kwargs)
+
+    def head_weight(self, ops: BoundOps):
+        """What ``ops.logits`` receives: the prepared lm_head (:attr:`head`) when ``ops`` binds the
+        implementation that prepared it, from this very tensor; else the dense ``lm_head`` (so a
+        copy of the model with other ops or rounded weights, validation/floor.py, never passes a
+        stale or foreign layout)."""
+        head = self.head
+        if head is not None and head.source is self.lm_head and ops.record["logits"].impl == head.impl:
+            return head.weight
+        return self.lm_head
 
     # -- forward ------------------------------------------------------------------------------
 
@@ -297,7 +335,7 @@ class MiniCPMForCausalLM:
                 hidden_hook(index, residual)
         if logits_last_only:
             x = x[:, -1:]
-        logits = self.tp.logits(ops, x / cfg.logit_scale, self.lm_head)
+        logits = self.tp.logits(ops, x / cfg.logit_scale, self.head_weight(ops))
         return ForwardOutput(logits=logits, hidden_states=hidden)
 
     def _attention(self, ops: BoundOps, index: int, layer: LayerWeights, x: torch.Tensor, cos: torch.Tensor,

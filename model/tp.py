@@ -84,9 +84,9 @@ def single(config, device: torch.device) -> TensorParallel:
 
 def weight_bytes(model) -> int:
     """Bytes of the weights this rank holds (embedding, lm_head if untied, norms, layers; a
-    prepared quantized linear counts its ``prepared_bytes``)."""
+    prepared quantized linear counts its ``prepared_bytes``, a prepared lm_head its extra bytes)."""
     tensors = {id(t): t for t in (model.embed, model.lm_head, model.final_norm)}
-    prepared = 0
+    prepared = model.head.prepared_bytes if model.head is not None else 0
     for layer in model.layers:
         for value in vars(layer).values():
             if isinstance(value, torch.Tensor):

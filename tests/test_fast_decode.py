@@ -1,7 +1,8 @@
 """The fast CPU decode step (model/fast_decode.py) against the eager path it replaces,
 ``model.forward`` one token at a time: the same logits (bitwise, float32), greedy tokens and
 cache contents (keys, values, lightning states, InfLLM-v2 kernels), on a dense, a SALA
-(lightning) and an InfLLM-v2 sparse checkpoint, batch 1 and batch 3 with left padding; its two
+(lightning) and an InfLLM-v2 sparse checkpoint, and the dense one in bfloat16 (its lm_head packed
+for cpu.fbgemm), batch 1 and batch 3 with left padding; its two
 ``cpu.decode`` ops against the everyday ones on the layouts the model gives them."""
 from __future__ import annotations
 
@@ -30,7 +31,11 @@ def models(tmp_path_factory):
                                       overrides={"sparse_config": sala_sparse}),
         "sparse": write_checkpoint(root / "sparse", "tiny", dtype="float32", overrides={"sparse_config": SPARSE}),
     }
-    return {name: hal.load_model(folder, "cpu", "float32") for name, folder in folders.items()}
+    models = {name: hal.load_model(folder, "cpu", "float32") for name, folder in folders.items()}
+    # bfloat16: the lm_head packed for cpu.fbgemm (backends/cpu/logits_fp16.py), which the step keeps
+    models["tiny-bf16"] = hal.load_model(folders["tiny"], "cpu", "bfloat16")
+    assert models["tiny-bf16"].bound_ops["logits"] == "cpu.fbgemm" and models["tiny-bf16"].head is not None
+    return models
 
 
 def _prompts(batch: int) -> list[list[int]]:
@@ -71,7 +76,7 @@ def _cache_tensors(cache) -> list[torch.Tensor]:
 
 
 @pytest.mark.parametrize("batch", [1, 3])
-@pytest.mark.parametrize("name", ["tiny", "tiny-sala", "sparse"])
+@pytest.mark.parametrize("name", ["tiny", "tiny-sala", "sparse", "tiny-bf16"])
 def test_fast_step_equals_eager_forward(models, name, batch):
     model = models[name]
     prompts = _prompts(batch)

@@ -128,6 +128,14 @@ MUTATIONS: tuple[Mutation, ...] = (
        "2-bit ternary: grouped zero left out (codes read as t - 1)", *TERNARY_2BIT_TESTS),
     _m("backends/cpu/ternary2.py", "        codes[:stop - start] += 4 * t", "        codes[:stop - start] += 4 * t.flip(1)",
        "2-bit ternary: codes packed in reversed column order", *TERNARY_2BIT_TESTS),
+    _m("backends/cpu/logits_fp16.py", "    return FP16_TOP_EXPONENT - (exponent - 1)", "    return 0",
+       "fbgemm lm_head packed without its power-of-two scale", "tests/ops/test_logits_fp16.py"),
+    _m("backends/cpu/logits_fp16.py", "    if bad:", "    if False:",
+       "fbgemm lm_head packed although float16 rounds some values", "tests/ops/test_logits_fp16.py"),
+    _m("backends/cpu/logits_fp16.py", "        out.mul_(2.0 ** -weight.shift)", "        pass",
+       "fbgemm logits not scaled back", "tests/ops/test_logits.py"),
+    _m("model/minicpm.py", ' and ops.record["logits"].impl == head.impl:', ":",
+       "packed lm_head handed to another logits implementation", "tests/ops/test_logits_fp16.py"),
 )
 
 

@@ -53,7 +53,11 @@ def _grid_dims(op: str) -> list[tuple[dict[str, int], tuple[str, ...]]]:
         sizes = ((1, 128, 256), (63, 60, 44), (5, 512, 1024))
         return [({"B": 1, "T": t, "K": k, "O": o}, ()) for t, k, o in sizes]
     if op == "logits":
-        return [({"B": 1, "T": t, "E": e, "V": v}, ()) for t, e, v in ((1, 64, 3000), (7, 60, 1000))]
+        # tiny / wide: the dynamic ranges a float16 copy of a bfloat16 lm_head must scale for / refuse;
+        # T=33: past cpu.fbgemm's FBGEMM_MAX_ROWS (its chunked path)
+        return [({"B": 1, "T": t, "E": e, "V": v}, flags)
+                for t, e, v, flags in ((1, 64, 3000, ()), (7, 60, 1000, ()), (33, 60, 1000, ()),
+                                       (1, 64, 3000, ("tiny",)), (5, 60, 1000, ("wide",)))]
     if op in QUANTIZED_GRID:
         return [({"B": 1, "T": t, "K": k, "O": o, "G": gs}, (source,)) for t, k, o, gs, source in QUANTIZED_GRID[op]]
     if op == "attention_prefill":

@@ -127,6 +127,9 @@ def _parameter_count(model: Any) -> int:
 
 
 QUANTIZED_OPS = ("linear_int4", "linear_int8", "linear_ternary")
+PREPARED_OPS = (*QUANTIZED_OPS, "logits")
+"""Ops whose bound implementation may repack their weight at bind (``BoundOps.prepare``): the
+model's conformance cases go through that prepare too."""
 
 
 def dt_cases(dtype: str) -> str:
@@ -329,7 +332,7 @@ def run(settings: Settings, progress: Progress = _silent, reuse: dict[Any, Any] 
     cases = grid.model_cases(model.config.shapes(), dtype, lengths, max(lengths), sparse, lightning)
     cases += quantized_cases(model, dt_cases(dtype), lengths)
     results = [opcheck.check(c, getattr(model.ops, c.op), model.ops.record[c.op].impl, kind,
-                             prepare=(lambda w, ctx, op=c.op: model.ops.prepare(op, w)) if c.op in QUANTIZED_OPS
+                             prepare=(lambda w, ctx, op=c.op: model.ops.prepare(op, w)) if c.op in PREPARED_OPS
                              else None) for c in cases]
     failed_ops = sorted({r.case.op for r in results if not r.passed})
     t_conf = time.perf_counter() - t2

@@ -35,7 +35,8 @@ class Case:
     geometry). flags: ``padded`` (left padding via
     kv_start; kv_write: -1 slots), ``ragged`` (attention_decode / kv_write: rows of different
     lengths), ``ties`` (sample: equal top logits), ``state`` (lightning_attention: continues
-    from a non-zero state instead of zeros)."""
+    from a non-zero state instead of zeros), ``tiny`` / ``wide`` (logits: a weight far below
+    float16's range / spanning more binades than float16 holds, :data:`TINY_SCALE`)."""
 
     op: str
     dtype: str
@@ -184,6 +185,23 @@ def sala_slopes(heads: int) -> torch.Tensor:
     return sala[torch.linspace(0, 31, heads).round().long()]
 
 
+TINY_SCALE = 2.0 ** -20
+"""``tiny`` logits weights: N(0, 0.02) times this, far below float16's normal range (2^-14): a
+float16 copy holds them only if scaled (``cpu.fbgemm``'s power of two)."""
+WIDE_ROWS_SCALE = 2.0 ** -40
+"""``wide`` logits weights: every third vocabulary row times this, so the weight spans more
+binades than float16 holds at any one scale (``cpu.fbgemm`` must refuse it in bfloat16)."""
+
+
+def _weight_range(c: Case, weight: torch.Tensor) -> torch.Tensor:
+    """logits: the ``tiny`` / ``wide`` dynamic ranges of the weight `[V, E]` (see above)."""
+    if "tiny" in c.flags:
+        return weight * TINY_SCALE
+    if "wide" in c.flags:
+        weight[::3] *= WIDE_ROWS_SCALE
+    return weight
+
+
 FLOAT32_ARGS = frozenset({"cos", "sin", "logits", "slopes", "state"})
 """Float arguments that are float32 by contract: never rounded to the case dtype."""
 
@@ -237,7 +255,7 @@ def make_inputs(c: Case, seed: int = 0) -> dict[str, Any]:
     elif c.op in ("linear_int4", "linear_int8", "linear_ternary"):
         args = {"x": _randn(g, b, t, d["K"]), "weight": random_container(g, c.op, c.flags[0], d["O"], d["K"], d["G"])}
     elif c.op == "logits":
-        args = {"x": _randn(g, b, t, d["E"], scale=4.0), "weight": _randn(g, d["V"], d["E"], scale=0.02)}
+        args = {"x": _randn(g, b, t, d["E"], scale=4.0), "weight": _weight_range(c, _randn(g, d["V"], d["E"], scale=0.02))}
     elif c.op == "attention_prefill":
         args = {"q": _randn(g, b, t, d["H"], d["D"]), "k": _randn(g, b, t, d["Hk"], d["D"]),
                 "v": _randn(g, b, t, d["Hk"], d["D"]), "kv_start": _kv_start(c, t), "scale": d["D"] ** -0.5}

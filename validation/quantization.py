@@ -1,7 +1,8 @@
 """What a report says about a model's quantized linears: per linear its checkpoint format
 (``hal.quant`` container ``format``, e.g. ``q4_1 int4 g32``), the implementation that prepared it,
-the container's bytes and the bytes the model holds after ``prepare``; and the weight bytes of
-the whole model (dense tensors + quantized linears)."""
+the container's bytes and the bytes the model holds after ``prepare``; the lm_head's prepared form
+(``cpu.fbgemm``'s packed float16 copy: extra bytes beside the dense tensor); and the weight bytes of
+the whole model (dense tensors + quantized linears + the prepared lm_head)."""
 from __future__ import annotations
 
 from collections import Counter
@@ -17,9 +18,21 @@ def _dense_bytes(t: torch.Tensor) -> int:
     return t.numel() * t.element_size()
 
 
+def head(model: Any) -> dict[str, Any] | None:
+    """The prepared lm_head (``model.head``, see ``model.minicpm.PreparedHead``): its implementation,
+    layout, extra bytes and, where the implementation refused to pack it, why; None when the
+    logits op receives the dense tensor."""
+    prepared = model.head
+    if prepared is None:
+        return None
+    return {"impl": prepared.impl, "layout": prepared.layout, "prepared_bytes": prepared.prepared_bytes,
+            "reason": getattr(prepared.weight, "reason", None)}
+
+
 def describe(model: Any) -> dict[str, Any]:
     """The report's ``quantization`` section: ``linears`` (one row per layer linear), ``groups``
-    (rows grouped by linear and format, for the markdown table) and ``weight_bytes``."""
+    (rows grouped by linear and format, for the markdown table), ``lm_head`` (:func:`head`) and
+    ``weight_bytes`` (``lm_head_prepared``: the prepared lm_head's bytes beside the dense ones)."""
     rows = []
     dense = _dense_bytes(model.embed) + _dense_bytes(model.final_norm)
     if model.lm_head is not model.embed:
@@ -39,13 +52,16 @@ def describe(model: Any) -> dict[str, Any]:
         acc = sizes.setdefault(key, [0, 0])
         acc[0] += r["bytes"]
         acc[1] += r["prepared_bytes"]
+    prepared_head = head(model)
     return {
         "quantized": bool(rows),
         "linears": rows,
+        "lm_head": prepared_head,
         "groups": [{"kind": k, "format": f, "impl": i, "layers": n, "bytes": sizes[(k, f, i)][0],
                     "prepared_bytes": sizes[(k, f, i)][1]} for (k, f, i), n in groups.items()],
         "weight_bytes": {"dense": dense, "quantized": sum(r["bytes"] for r in rows),
-                         "quantized_prepared": sum(r["prepared_bytes"] for r in rows)},
+                         "quantized_prepared": sum(r["prepared_bytes"] for r in rows),
+                         "lm_head_prepared": prepared_head["prepared_bytes"] if prepared_head else 0},
     }
 
 
@@ -62,5 +78,16 @@ def markdown(section: dict[str, Any]) -> list[str]:
                      f"{g['prepared_bytes']:,} |")
     w = section["weight_bytes"]
     lines += ["", f"Weights: dense tensors {w['dense']:,} bytes (embedding, norms, lm_head, dense linears) + "
-                  f"quantized linears {w['quantized']:,} (held: {w['quantized_prepared']:,}).", ""]
+                  f"quantized linears {w['quantized']:,} (held: {w['quantized_prepared']:,})"
+                  + (f" + the prepared lm_head {w.get('lm_head_prepared', 0):,}" if w.get("lm_head_prepared") else "")
+                  + ".", ""]
     return lines
+
+
+def head_lines(prepared: dict[str, Any] | None) -> list[str]:
+    """One line on the prepared lm_head (none when the logits op reads the dense tensor)."""
+    if not prepared:
+        return []
+    text = (f"lm_head: {prepared['layout']} ({prepared['impl']}), {prepared['prepared_bytes']:,} bytes beside the "
+            "dense tensor")
+    return [text + (f"; not packed: {prepared['reason']}" if prepared.get("reason") else "") + "."]

@@ -164,7 +164,8 @@ def _conformance(r: dict[str, Any]) -> list[str]:
 
 def _bound_ops(r: dict[str, Any]) -> list[str]:
     rows = [[op, b["impl"], "CPU fallback" if b["fallback"] else ""] for op, b in r["bound_ops"].items()]
-    return ["## Bound ops", "", *_table(["Op", "Implementation", "Note"], rows), ""]
+    head = quantization.head_lines(r.get("quantization", {}).get("lm_head"))
+    return ["## Bound ops", "", *_table(["Op", "Implementation", "Note"], rows), "", *head, *([""] if head else [])]
 
 
 def _distributions(r: dict[str, Any]) -> list[str]:

@@ -49,6 +49,19 @@ for _op in OPS:
                   fn=f"backends.cpu.reference.{_module}:{_op}_ref", priority=100))
 register(Impl(op="attention_decode", backend="cpu", name="torch_full", fn="backends.cpu.ops:attention_decode_full_cpu",
               priority=5, capturable=True))
+
+
+def _logits_fp16_supports(ctx):
+    from backends.cpu.logits_fp16 import supports  # torch only: cheap, but kept off the import path
+
+    return supports(ctx)
+
+
+register(Impl(op="logits", backend="cpu", name="fbgemm", fn="backends.cpu.logits_fp16:logits_fp16",
+              supports=_logits_fp16_supports, priority=-1, capturable=True,
+              prepare="backends.cpu.logits_fp16:prepare_logits_fp16"))
+"""bfloat16 / float16 lm_heads: packed once into fbgemm's exact float16 GEMM (``logits_fp16.py``);
+float32 models keep ``cpu.torch``."""
 DECODE_STEP_PRIORITY = 50
 """Never the default binding: only the fast decode step (``model/fast_decode.py``) binds ``cpu.decode``."""
 register(Impl(op="kv_write", backend="cpu", name="decode", fn="backends.cpu.decode:kv_write_decode_cpu",
