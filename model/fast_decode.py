@@ -34,15 +34,14 @@ FAST_OPS = ("kv_write", "rotary")
 def decode_ops(ops: BoundOps) -> BoundOps:
     """``ops`` with each of :data:`FAST_OPS` served by ``cpu.decode`` where ``ops`` binds it to
     ``cpu.torch``; overrides, the reference and other backends' ops are kept as they are."""
-    fns = {op: getattr(ops, op) for op in ops._fns}  # the attributes: a test may have patched one
-    record = dict(ops.record)
+    swaps = {}
     for op in FAST_OPS:
-        if record[op].impl != "cpu.torch":
+        if ops.record[op].impl != "cpu.torch":
             continue
         impl = next(i for i in implementations(op, "cpu") if i.name == "decode")
-        fns[op] = impl.load()
-        record[op] = Binding(op, impl.qualname, False, (("cpu.torch", "the fast decode step binds cpu.decode"),))
-    return BoundOps(fns, record, ops.context, ops._prepares)
+        swaps[op] = (impl.load(), Binding(op, impl.qualname, False,
+                                          (("cpu.torch", "the fast decode step binds cpu.decode"),)))
+    return ops.with_impls(swaps)
 
 
 class DecodeStep:
