@@ -156,6 +156,18 @@ class BoundOps:
         fn = self._prepares.get(op)
         return weight if fn is None else fn(weight, self.context)
 
+    def with_impls(self, impls: dict[str, tuple[Callable[..., Any], Binding]]) -> "BoundOps":
+        """A copy with each op of ``impls`` served by its (callable, binding); the other ops keep
+        their current attribute (a test may have patched one), record and prepare function."""
+        fns = {op: getattr(self, op) for op in self._fns}
+        record = dict(self.record)
+        for op, (fn, binding) in impls.items():
+            if op not in fns:
+                raise KeyError(f"with_impls: op {op!r} is not bound")
+            fns[op] = fn
+            record[op] = binding
+        return BoundOps(fns, record, self.context, self._prepares)
+
     def as_dict(self) -> dict[str, dict[str, Any]]:
         return {
             op: {"impl": b.impl, "fallback": b.fallback, "passed_over": [list(p) for p in b.passed_over]}

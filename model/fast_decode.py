@@ -10,8 +10,9 @@ which tests/test_fast_decode.py holds it equal to: logits, greedy tokens and cac
   (each row's real tokens start at slot 0, so a decode token's position is its slot): no
   position arithmetic and no table-length read per step.
 * Two ops are bound to their ``cpu.decode`` variants (``backends/cpu/decode.py``): ``kv_write``
-  reads the slots on the host (free on the CPU) and stores with one ``index_put_`` per cache
-  instead of the ~20 calls that avoid that read; ``rotary`` rotates q and k in one pass where
+  reads the slots on the host (free on the CPU) and stores with a copy into the slot's view (one
+  shared slot, as in every batch-1 step) or one ``index_put_`` per cache instead of the ~20 calls
+  that avoid that read; ``rotary`` rotates q and k in one pass where
   they are views of one qkv output. Same arithmetic, bitwise the same values.
 
 Measured on SmolLM2-135M (float32, 2 threads) in benchmarks/RESULTS.md ("CPU decode (issue 13)").
@@ -34,15 +35,14 @@ FAST_OPS = ("kv_write", "rotary")
 def decode_ops(ops: BoundOps) -> BoundOps:
     """``ops`` with each of :data:`FAST_OPS` served by ``cpu.decode`` where ``ops`` binds it to
     ``cpu.torch``; overrides, the reference and other backends' ops are kept as they are."""
-    fns = {op: getattr(ops, op) for op in ops._fns}  # the attributes: a test may have patched one
-    record = dict(ops.record)
+    swaps = {}
     for op in FAST_OPS:
-        if record[op].impl != "cpu.torch":
+        if ops.record[op].impl != "cpu.torch":
             continue
         impl = next(i for i in implementations(op, "cpu") if i.name == "decode")
-        fns[op] = impl.load()
-        record[op] = Binding(op, impl.qualname, False, (("cpu.torch", "the fast decode step binds cpu.decode"),))
-    return BoundOps(fns, record, ops.context, ops._prepares)
+        swaps[op] = (impl.load(), Binding(op, impl.qualname, False,
+                                          (("cpu.torch", "the fast decode step binds cpu.decode"),)))
+    return ops.with_impls(swaps)
 
 
 class DecodeStep:

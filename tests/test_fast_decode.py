@@ -141,7 +141,11 @@ def test_kv_write_with_host_slots_equals_kv_write_with_and_without_skips():
     g = torch.Generator().manual_seed(3)
     caches = [torch.randn(2, 128, 2, 8, generator=g) for _ in range(2)]
     k, v = torch.randn(2, 4, 2, 8, generator=g), torch.randn(2, 4, 2, 8, generator=g)
-    for slots in (torch.tensor([[5, 6, 7, 8], [0, 1, 2, 3]]), torch.tensor([[-1, -1, 0, 1], [9, 10, 11, 12]])):
+    cases = [(torch.tensor([[5, 6, 7, 8], [0, 1, 2, 3]]), k, v), (torch.tensor([[-1, -1, 0, 1], [9, 10, 11, 12]]), k, v),
+             # one token per row: one shared slot (the view copy), different slots, a skipped row
+             (torch.tensor([[7], [7]]), k[:, 1:2], v[:, 2:3]), (torch.tensor([[7], [3]]), k[:, :1], v[:, :1]),
+             (torch.tensor([[-1], [4]]), k[:, :1], v[:, :1])]
+    for slots, k, v in cases:
         fast = [c.clone() for c in caches]
         ref = [c.clone() for c in caches]
         kv_write_decode_cpu(*fast, k, v, slots)

@@ -8,7 +8,7 @@ from hal import registry
 from hal.errors import UnsupportedOpError
 from hal.ops import CATALOGUE
 from backends.cpu import QUANTIZED_LINEARS
-from hal.registry import BindContext, Impl, bind
+from hal.registry import BindContext, Binding, Impl, bind
 
 SHAPES = {"E": 64, "F": 128, "V": 100, "H": 4, "Hk": 2, "D": 16}
 
@@ -70,3 +70,14 @@ def test_overrides_are_recorded():
     ops = bind("cpu", torch.float32, SHAPES, overrides={"rms_norm": broken})
     assert ops.rms_norm is broken
     assert ops.record["rms_norm"].impl == "override"
+
+
+def test_with_impls_swaps_the_named_ops_and_keeps_the_rest():
+    ops = bind("cpu", torch.float32, SHAPES)
+    marker = Binding("rotary", "cpu.test", False, ())
+    swapped = ops.with_impls({"rotary": (len, marker)})
+    assert swapped.rotary is len and swapped.record["rotary"] is marker
+    assert ops.rotary is not len and ops.record["rotary"].impl == "cpu.torch"  # the original is untouched
+    assert swapped.linear is ops.linear and swapped.record["linear"] == ops.record["linear"]
+    with pytest.raises(KeyError, match="not bound"):
+        ops.with_impls({"no_such_op": (len, marker)})

@@ -19,10 +19,19 @@ from backends.cpu.ops import _rotate_half_mul, kv_write_cpu, rotary_cpu
 
 def kv_write_decode_cpu(k_cache: torch.Tensor, v_cache: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                         slots: torch.Tensor) -> None:
-    """kv_write with the slots read on the host (free on the CPU, so not capturable): when no token
-    is skipped (every decode step, and every prompt without left padding) one ``index_put_``
+    """kv_write with the slots read on the host (free on the CPU, so not capturable): one token per
+    row into one slot shared by every row: a copy into that slot's view of each cache; else, when no
+    token is skipped (every decode step, and every prompt without left padding) one ``index_put_``
     per cache, as :func:`~backends.cpu.ops.kv_write_cpu` ends with, without the ~20 calls that
     make its skipped tokens harmless without a host read; otherwise that function."""
+    rows = slots.tolist()
+    first = rows[0][0] if rows and rows[0] else -1
+    if first >= 0 and all(len(row) == 1 and row[0] == first for row in rows):
+        # one new token per row, every row into the same slot (every decode step of batch 1 or of
+        # an unpadded batch): a copy into the slot's view, no index tensors
+        k_cache.select(1, first).copy_(k.select(1, 0))
+        v_cache.select(1, first).copy_(v.select(1, 0))
+        return
     slots = slots.to(k_cache.device)
     if not bool((slots >= 0).all()):
         kv_write_cpu(k_cache, v_cache, k, v, slots)
@@ -52,5 +61,5 @@ def rotary_decode_cpu(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: 
         return rotary_cpu(q, k, cos, sin)
     heads = q.shape[2]
     both = q.as_strided((*q.shape[:2], heads + k.shape[2], q.shape[3]), q.stride())
-    out = _rotate_half_mul(both, cos[:, :, None, :], sin[:, :, None, :])
+    out = _rotate_half_mul(both, cos.unsqueeze(2), sin.unsqueeze(2))
     return out[:, :, :heads], out[:, :, heads:]

@@ -11,6 +11,16 @@ def embedding_cpu(ids: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
 
 
 def rms_norm_cpu(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    if x.dtype == torch.float32 and weight.dtype == torch.float32:
+        # torch's fused kernel: bitwise the same values as the lines below in float32, in one call
+        # instead of seven (tests/ops/test_rms_norm.py checks the equality)
+        return F.rms_norm(x, (x.shape[-1],), weight, eps)
+    return rms_norm_composed(x, weight, eps)
+
+
+def rms_norm_composed(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    """rms_norm in float32 with one rounding of the normalised x to x.dtype before the weight
+    (the bf16/fp16 path; in float32 what the fused kernel computes)."""
     xf = x.float()
     normed = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)
     return normed.to(x.dtype) * weight
@@ -26,16 +36,18 @@ def add_rms_norm_cpu(x: torch.Tensor, residual: torch.Tensor, weight: torch.Tens
 
 
 def _rotate_half_mul(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    xf = x.float()
+    float32 = x.dtype == torch.float32
+    xf = x if float32 else x.float()  # float32: no no-op casts (each is a dispatched call per layer)
     x1, x2 = xf.chunk(2, dim=-1)
     rotated = torch.cat((-x2, x1), dim=-1)
-    return (xf * cos + rotated * sin).to(x.dtype)
+    out = xf * cos + rotated * sin
+    return out if float32 else out.to(x.dtype)
 
 
 def rotary_cpu(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor
                ) -> tuple[torch.Tensor, torch.Tensor]:
-    cos = cos[:, :, None, :]
-    sin = sin[:, :, None, :]
+    cos = cos.unsqueeze(2)
+    sin = sin.unsqueeze(2)
     return _rotate_half_mul(q, cos, sin), _rotate_half_mul(k, cos, sin)
 
 
@@ -122,7 +134,8 @@ def _sdpa_masked(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.
         out = out.masked_fill(~mask.any(-1, keepdim=True), 0.0)
     else:
         out = F.scaled_dot_product_attention(qh, kh, vh, is_causal=causal, scale=scale, enable_gqa=gqa)
-    return out.transpose(1, 2).to(out_dtype)
+    out = out.transpose(1, 2)
+    return out if out_dtype == torch.float32 else out.to(out_dtype)
 
 
 def attention_prefill_cpu(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
@@ -141,7 +154,7 @@ def attention_decode_cpu(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.
     longest = max(lengths)
     if longest <= 0:
         return torch.zeros_like(q)
-    k, v = k_cache[:, :longest], v_cache[:, :longest]
+    k, v = k_cache.narrow(1, 0, longest), v_cache.narrow(1, 0, longest)
     mask = None
     if new > 1 or min(lengths) != longest:
         mask = _ragged_mask(new, longest, kv_lens, q.device)
