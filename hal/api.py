@@ -50,10 +50,11 @@ def checkpoint_config(path: str | Path):
     """The validated :class:`model.config.MiniCPMConfig` of a checkpoint folder or GGUF file,
     without loading weights. Raises CheckpointError / ConfigError."""
     if is_gguf(path):
-        from model.gguf_checkpoint import load_gguf_config
+        from model.gguf_checkpoint import load_gguf_config, open_checkpoint, parsing_shared
         from model.gguf_file import GGUFFile
 
-        return load_gguf_config(GGUFFile(path))
+        # in a shared-parse scope the parse is kept for the loads that follow
+        return open_checkpoint(path).config if parsing_shared() else load_gguf_config(GGUFFile(path))
     from model.config import load_config
 
     if not Path(path).is_dir():
@@ -138,11 +139,12 @@ def _load(path: str | Path, kind: str, dtype: str | torch.dtype | None, referenc
 
     keep = quantize != "dequantize"
     folder = Path(path)
-    gguf_file = None
+    opened = None
     if is_gguf(folder):
-        from model.gguf_checkpoint import open_gguf
+        from model.gguf_checkpoint import open_checkpoint
 
-        gguf_file, config = open_gguf(folder)
+        opened = open_checkpoint(folder)  # parsed once per model.gguf_checkpoint.parsed_once scope
+        config = opened.config
         generation = GenerationDefaults()
     elif not folder.is_dir():
         raise CheckpointError(f"{folder}: checkpoint folder not found")
@@ -165,15 +167,14 @@ def _load(path: str | Path, kind: str, dtype: str | torch.dtype | None, referenc
     ops = bind(kind, torch_dtype, config.shapes() if shard is None else shard.shapes(config), reference=reference,
                allow_fallback=allow_fallback, overrides=op_overrides, prefer=prefer)
     tokenizer_loader = None
-    if gguf_file is None:
+    if opened is None:
         weights = load_weights(folder, config, torch_dtype, device, shard=shard, keep=keep)
     else:
         from model.gguf_checkpoint import load_gguf_weights
 
-        tokenizer_loader = _gguf_tokenizer_loader(gguf_file)
-        gguf_file.forget_vocabulary()  # before the weights: the parsed vocabulary is not kept beside them
-        weights = load_gguf_weights(gguf_file, config, torch_dtype, device, keep=keep, shard=shard)
-        del gguf_file  # closes the memory map: its pages leave the process
+        tokenizer_loader = opened.tokenizer_loader
+        weights = load_gguf_weights(opened.file, config, torch_dtype, device, keep=keep, shard=shard)
+        del opened  # outside a shared-parse scope this closes the memory map: its pages leave the process
     if quantize == "ternary":
         weights = _pack_ternary(weights, folder)
     if shard is not None:
@@ -211,21 +212,3 @@ def _pack_ternary(weights: dict[str, Any], where: Path) -> dict[str, Any]:
     from model.ternary import pack_linears
 
     return pack_linears(weights, where)
-
-
-def _gguf_tokenizer_loader(gguf_file) -> Callable[[], Any]:
-    """Builds the tokenizer now, while the file's metadata is parsed (parsing a 49k-token
-    vocabulary is the slow part of reading a GGUF); a tokenizer error is raised on first use, so
-    a model whose tokenizer is unsupported still gives logits."""
-    from model.gguf_tokenizer import load_gguf_tokenizer
-
-    try:
-        tokenizer = load_gguf_tokenizer(gguf_file)
-    except CheckpointError as exc:
-        error = exc
-
-        def fail():
-            raise error
-
-        return fail
-    return lambda: tokenizer

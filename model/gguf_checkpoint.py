@@ -31,8 +31,11 @@ norms and lm_head stay dense (dequantized into the model dtype), as do linears o
 from __future__ import annotations
 
 import math
+from contextlib import contextmanager
+from contextvars import ContextVar
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable, Iterator
 
 import torch
 
@@ -262,3 +265,79 @@ def load_gguf_weights(file: GGUFFile, config: MiniCPMConfig, dtype: torch.dtype,
 def open_gguf(path: str | Path) -> tuple[GGUFFile, MiniCPMConfig]:
     file = GGUFFile(path)
     return file, load_gguf_config(file)
+
+
+@dataclass(frozen=True)
+class OpenedGGUF:
+    """A parsed GGUF file with what every load of it needs: ``file`` (the tensor table and the
+    memory map; the vocabulary arrays already dropped), its validated ``config``, and
+    ``tokenizer_loader`` (the tokenizer built once, while the vocabulary was parsed; a tokenizer
+    error is raised on first use, so a model whose tokenizer is unsupported still gives logits)."""
+
+    file: GGUFFile
+    config: MiniCPMConfig
+    tokenizer_loader: Callable[[], Any]
+
+
+_SHARED: ContextVar[dict[tuple[Any, ...], OpenedGGUF] | None] = ContextVar("gguf_shared", default=None)
+
+
+@contextmanager
+def parsed_once(store: dict[tuple[Any, ...], OpenedGGUF] | None = None) -> Iterator[None]:
+    """Inside this scope :func:`open_checkpoint` parses each GGUF file once and every load of it
+    shares the result (``validation.compare`` loads one file up to four times: its config, the
+    reference, the device, a floor; parsing a 49k-token vocabulary takes seconds each time).
+    ``store``: where the parsed files are kept (a caller's dict outlives the scope, e.g. a
+    calibration's ``reuse``); default: a dict dropped, with its memory maps, when the scope ends.
+    A scope inside another one uses the outer store. A file rewritten in the scope (other size,
+    mtime or inode) is parsed again."""
+    if _SHARED.get() is not None:
+        yield
+        return
+    token = _SHARED.set({} if store is None else store)
+    try:
+        yield
+    finally:
+        _SHARED.reset(token)
+
+
+def parsing_shared() -> bool:
+    """True inside a :func:`parsed_once` scope."""
+    return _SHARED.get() is not None
+
+
+def _file_key(path: Path) -> tuple[Any, ...]:
+    stat = path.stat()
+    return (str(path.resolve()), stat.st_size, stat.st_mtime_ns, stat.st_ino)
+
+
+def open_checkpoint(path: str | Path) -> OpenedGGUF:
+    """Parse the GGUF file ``path``: config, tokenizer, then the vocabulary arrays are dropped
+    (they are not kept beside the weights). Inside :func:`parsed_once`, a file parsed before is
+    returned as it was. Raises :class:`CheckpointError` for a file that cannot be read."""
+    path = Path(path)
+    shared = _SHARED.get()
+    key = _file_key(path) if shared is not None and path.is_file() else None
+    if key is not None and key in shared:
+        return shared[key]
+    file, config = open_gguf(path)
+    opened = OpenedGGUF(file, config, _tokenizer_loader(file))
+    file.forget_vocabulary()
+    if key is not None:
+        shared[key] = opened
+    return opened
+
+
+def _tokenizer_loader(file: GGUFFile) -> Callable[[], Any]:
+    from model.gguf_tokenizer import load_gguf_tokenizer
+
+    try:
+        tokenizer = load_gguf_tokenizer(file)
+    except CheckpointError as exc:
+        error = exc
+
+        def fail():
+            raise error
+
+        return fail
+    return lambda: tokenizer

@@ -125,6 +125,13 @@ def _set_threads(requested: int | None, model: Path) -> None:
 
 
 def _run(args: argparse.Namespace) -> int:
+    from model.gguf_checkpoint import parsed_once
+
+    with parsed_once():  # a GGUF file is parsed once: its config here, then every model loaded from it
+        return _compare(args)
+
+
+def _compare(args: argparse.Namespace) -> int:
     from hal import probing as hal_devices
     from hal.api import dtype_name, parse_dtype
     from validation import harness, passrule, prompts, report_dir

@@ -40,6 +40,10 @@ class Candidate:
     name: str
     description: str
     model: Any
+    same_as_judge: bool = False
+    """Computes exactly the judge's logits (every weight and every op of the judge's, unrounded:
+    float32, or a checkpoint stored in the dtype for ``weights``), so the harness takes the
+    judge's own logits instead of running the same model a second time."""
 
 
 def run_cached(model: Any, ids: torch.Tensor, prompt_len: int,
@@ -124,18 +128,34 @@ def rounded_ops(ops: BoundOps, dtype: torch.dtype) -> BoundOps:
     return BoundOps(fns, record, ops.context)
 
 
+def _round_weight(value: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """:func:`_round`, but ``value`` itself (no copy) when the rounding changes no element."""
+    rounded = _round(value, dtype)
+    return value if rounded is value or torch.equal(rounded, value) else rounded
+
+
 def weights_rounded(model: Any, dtype: torch.dtype) -> Any:
     """A shallow copy of ``model`` whose weights are rounded to ``dtype`` and kept in the model's
-    dtype (the original is untouched; each rounded tensor is one new copy)."""
+    dtype (the original is untouched; each rounded tensor that differs is one new copy, the others
+    are the model's own)."""
     out = copy.copy(model)
-    out.embed = _round(model.embed, dtype)
-    out.final_norm = _round(model.final_norm, dtype)
-    out.lm_head = out.embed if model.lm_head is model.embed else _round(model.lm_head, dtype)
-    out.layers = [dataclasses.replace(layer, **{f.name: _round(getattr(layer, f.name), dtype)
+    out.embed = _round_weight(model.embed, dtype)
+    out.final_norm = _round_weight(model.final_norm, dtype)
+    out.lm_head = out.embed if model.lm_head is model.embed else _round_weight(model.lm_head, dtype)
+    out.layers = [dataclasses.replace(layer, **{f.name: _round_weight(getattr(layer, f.name), dtype)
                                                 for f in dataclasses.fields(layer)
                                                 if isinstance(getattr(layer, f.name), torch.Tensor)})
                   for layer in model.layers]
     return out
+
+
+def shares_weights(model: Any, judge: Any) -> bool:
+    """True when every weight tensor of ``model`` is the judge's own (as :func:`weights_rounded`
+    leaves them when rounding changes nothing; quantized linears are never rounded)."""
+    pairs = [(model.embed, judge.embed), (model.final_norm, judge.final_norm), (model.lm_head, judge.lm_head)]
+    pairs += [(getattr(mine, f.name), getattr(theirs, f.name)) for mine, theirs in zip(model.layers, judge.layers)
+              for f in dataclasses.fields(mine)]
+    return len(model.layers) == len(judge.layers) and all(a is b for a, b in pairs)
 
 
 def with_ops(model: Any, ops: BoundOps) -> Any:
@@ -153,10 +173,12 @@ def build(judge: Any, path: Any, device_kind: str, dtype: str, allow_fallback: b
     torch_dtype = parse_dtype(dtype)
     rounded = weights_rounded(judge, torch_dtype)
     ops_name = "/".join(sorted({b.impl for b in judge.ops.record.values()}))
+    unrounded = shares_weights(rounded, judge)
     floors = [
-        Candidate("weights", f"{ops_name} float32 ops, weights rounded to {dtype}", rounded),
+        Candidate("weights", f"{ops_name} float32 ops, weights rounded to {dtype}", rounded, same_as_judge=unrounded),
         Candidate("rounded-ops", f"{ops_name} ops, weights and every op output rounded to {dtype}",
-                  with_ops(rounded, rounded_ops(judge.ops, torch_dtype))),
+                  with_ops(rounded, rounded_ops(judge.ops, torch_dtype)),
+                  same_as_judge=unrounded and torch_dtype == judge.dtype == torch.float32),
     ]
     if device_kind != "cpu":
         progress(f"loading the CPU {dtype} floor implementation")
@@ -164,5 +186,6 @@ def build(judge: Any, path: Any, device_kind: str, dtype: str, allow_fallback: b
                                 hal.load_model(path, "cpu", dtype, allow_fallback=allow_fallback,
                                                quantize=quantize)))
     progress(f"floor implementations ready in {time.perf_counter() - started:.1f} s: "
-             + ", ".join(f.name for f in floors))
+             + ", ".join(f.name + (" (= the judge: its logits are reused)" if f.same_as_judge else "")
+                         for f in floors))
     return floors

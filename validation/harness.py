@@ -18,6 +18,7 @@ import hal
 from hal.api import dtype_name, parse_dtype
 from hal.errors import InputError
 from hal.ops import get_spec
+from model.gguf_checkpoint import parsed_once
 from validation import quantization
 from validation.opcheck import case
 from validation import environment, faults, floor, grid, metrics, opcheck
@@ -210,7 +211,9 @@ def _load(settings: Settings, progress: Progress, reuse: dict[Any, Any] | None) 
     key = ("reference", str(settings.model), settings.reference, settings.quantize)
     if key not in reuse:
         reuse[key] = _load_reference(settings, progress)
+        progress(f"reference loaded in {time.perf_counter() - started:.1f} s")
     reference = reuse[key]
+    device_started = time.perf_counter()
     fault = faults.get(settings.fault) if settings.fault else None
     overrides = {**(settings.op_overrides or {}), **(fault.overrides() if fault else {})} or None
     progress(f"loading the device under test ({kind}, {dtype})" + (f", fault {fault.name} injected" if fault else "")
@@ -219,7 +222,8 @@ def _load(settings: Settings, progress: Progress, reuse: dict[Any, Any] | None) 
                                   op_overrides=overrides, quantize=settings.quantize, tp=settings.tp)
     if fault is not None:
         fault.install(device_model)
-    progress(f"models loaded in {time.perf_counter() - started:.1f} s")
+    progress(f"device model loaded in {time.perf_counter() - device_started:.1f} s "
+             f"(models: {time.perf_counter() - started:.1f} s)")
     return reference, device_model, kind
 
 
@@ -242,6 +246,11 @@ def run(settings: Settings, progress: Progress = _silent, reuse: dict[Any, Any] 
             raise InputError(f"threshold {key} must be a finite number >= 0, got {value!r}")
     t0 = time.perf_counter()
     reuse = {} if reuse is None else reuse
+    with parsed_once(reuse.setdefault("parsed_gguf", {})):  # a GGUF file is parsed once for all its models
+        return _run(settings, progress, reuse, t0)
+
+
+def _run(settings: Settings, progress: Progress, reuse: dict[Any, Any], t0: float) -> dict[str, Any]:
     reference, model, kind = _load(settings, progress, reuse)
     dtype = dtype_name(model.dtype)
     key = ("floors", str(settings.model), settings.reference, settings.quantize, dtype, kind == "cpu")
@@ -251,6 +260,7 @@ def run(settings: Settings, progress: Progress = _silent, reuse: dict[Any, Any] 
         reuse[key] = floor.build(judge, settings.model, kind, dtype, settings.allow_fallback, progress,
                                  quantize=settings.quantize)
     floors = reuse[key]
+    judge_is_reference = isinstance(reference, OurReference)  # the floors' judge is reference.model
     t_load = time.perf_counter() - t0
     thresholds = settings.thresholds.for_dtype(dtype)
     tokenizer = model.tokenizer
@@ -283,7 +293,9 @@ def run(settings: Settings, progress: Progress = _silent, reuse: dict[Any, Any] 
             ref_hidden = [h[:, :length] for h in ref_hidden]
         else:
             dev_logits, dev_hidden = floor.run_cached(model, ids, length)
-        floor_logits = {f.name: floor.run_cached(f.model, ids, length)[0] for f in floors}
+        # a floor that is the judge itself gives the judge's logits bit for bit: not run again
+        floor_logits = {f.name: ref_logits if f.same_as_judge and judge_is_reference
+                        else floor.run_cached(f.model, ids, length)[0] for f in floors}
         lengths += [length, ids.shape[1]]
         drift = layer_drift(ref_hidden, dev_hidden)
         drifts.append(drift)
@@ -326,16 +338,18 @@ def run(settings: Settings, progress: Progress = _silent, reuse: dict[Any, Any] 
     t_prompts = time.perf_counter() - t1
 
     t2 = time.perf_counter()
-    progress("op conformance on this model's shapes")
     sparse = model.config.sparse.geometry if model.config.sparse is not None else None
     lightning = model.config.lightning.heads if model.config.lightning is not None else 0
     cases = grid.model_cases(model.config.shapes(), dtype, lengths, max(lengths), sparse, lightning)
     cases += quantized_cases(model, dt_cases(dtype), lengths)
+    progress(f"op conformance on this model's shapes: {len(cases)} cases")
     results = [opcheck.check(c, getattr(model.ops, c.op), model.ops.record[c.op].impl, kind,
                              prepare=(lambda w, ctx, op=c.op: model.ops.prepare(op, w)) if c.op in PREPARED_OPS
                              else None) for c in cases]
     failed_ops = sorted({r.case.op for r in results if not r.passed})
     t_conf = time.perf_counter() - t2
+    progress(f"op conformance: {sum(r.passed for r in results)}/{len(results)} cases passed in {t_conf:.1f} s"
+             + (f" (failed: {', '.join(failed_ops)})" if failed_ops else ""))
 
     swing = max((r.top2_swing for floor_list in floor_rows.values() for r in floor_list), default=0.0)
     margin = tie_margin(thresholds.near_tie_margin, swing)

@@ -38,8 +38,10 @@ def top1_prob_rel_err(p_ref: float, p_dev: float) -> float:
 
 def topk_overlap(ref: torch.Tensor, dev: torch.Tensor, k: int) -> int:
     """Number of tokens in both top-k sets (0..k). ref/dev: ``[V]``."""
-    if not finite(ref, dev):
-        return 0
+    return _topk_overlap(ref, dev, k) if finite(ref, dev) else 0
+
+
+def _topk_overlap(ref: torch.Tensor, dev: torch.Tensor, k: int) -> int:
     a = set(torch.topk(ref, k).indices.tolist())
     b = set(torch.topk(dev, k).indices.tolist())
     return len(a & b)
@@ -47,15 +49,19 @@ def topk_overlap(ref: torch.Tensor, dev: torch.Tensor, k: int) -> int:
 
 def top_inclusion(ref: torch.Tensor, dev: torch.Tensor, k: int = 5) -> bool:
     """Whether the reference top-1 token is among the device's top-k tokens."""
-    if not finite(ref, dev):
-        return False
+    return _top_inclusion(ref, dev, k) if finite(ref, dev) else False
+
+
+def _top_inclusion(ref: torch.Tensor, dev: torch.Tensor, k: int) -> bool:
     return int(ref.argmax()) in torch.topk(dev, k).indices.tolist()
 
 
 def kl_divergence(p_ref: torch.Tensor, p_dev: torch.Tensor, eps: float = 1e-30) -> float:
     """KL(ref || dev) in nats over the full vocabulary. p_ref/p_dev: ``[V]`` probabilities."""
-    if not finite(p_ref, p_dev):
-        return math.inf
+    return _kl_divergence(p_ref, p_dev, eps) if finite(p_ref, p_dev) else math.inf
+
+
+def _kl_divergence(p_ref: torch.Tensor, p_dev: torch.Tensor, eps: float = 1e-30) -> float:
     p = p_ref.double()
     q = p_dev.double().clamp_min(eps)
     mask = p > 0
@@ -64,16 +70,20 @@ def kl_divergence(p_ref: torch.Tensor, p_dev: torch.Tensor, eps: float = 1e-30) 
 
 def near_tie(p_ref: torch.Tensor, margin: float) -> bool:
     """True when the reference's top-1 and top-2 probabilities differ by less than ``margin``."""
-    if not finite(p_ref):
-        return False
+    return _near_tie(p_ref, margin) if finite(p_ref) else False
+
+
+def _near_tie(p_ref: torch.Tensor, margin: float) -> bool:
     top2 = torch.topk(p_ref, 2).values
     return float(top2[0] - top2[1]) < margin
 
 
 def topk_abs_errors(p_ref: torch.Tensor, p_dev: torch.Tensor, k: int) -> list[float]:
     """``|p_dev[t] - p_ref[t]|`` for the reference's top-k tokens t, best first (k values)."""
-    if not finite(p_ref, p_dev):
-        return [math.inf] * k
+    return _topk_abs_errors(p_ref, p_dev, k) if finite(p_ref, p_dev) else [math.inf] * k
+
+
+def _topk_abs_errors(p_ref: torch.Tensor, p_dev: torch.Tensor, k: int) -> list[float]:
     idx = torch.topk(p_ref, k).indices
     return (p_dev.double()[idx] - p_ref.double()[idx]).abs().tolist()
 
@@ -106,17 +116,19 @@ def position_metrics(p_ref: torch.Tensor, p_dev: torch.Tensor, k: int, tie_margi
     plus the same at its top-2 (how far this pair moved towards a swap)."""
     ref_top1 = int(p_ref.argmax())
     (p1, p2), (t1, t2) = (v.tolist() for v in torch.topk(p_ref, 2))
+    ref_finite = finite(p_ref)  # checked once here: the metrics' own checks scan the [V] tensors again
+    both = ref_finite and finite(p_dev)
     return PositionMetrics(
         ref_top1=ref_top1,
         dev_top1=int(p_dev.argmax()),
         ref_top1_prob=float(p_ref[ref_top1]),
         dev_prob_of_ref_top1=float(p_dev[ref_top1]),
-        top1_match=int(p_dev.argmax()) == ref_top1 and finite(p_ref, p_dev),
-        top5_inclusion=top_inclusion(p_ref, p_dev, 5),
-        topk_overlap=topk_overlap(p_ref, p_dev, k),
-        topk_abs_errors=tuple(topk_abs_errors(p_ref, p_dev, k)),
-        kl=kl_divergence(p_ref, p_dev),
-        near_tie=near_tie(p_ref, tie_margin),
+        top1_match=int(p_dev.argmax()) == ref_top1 and both,
+        top5_inclusion=_top_inclusion(p_ref, p_dev, 5) if both else False,
+        topk_overlap=_topk_overlap(p_ref, p_dev, k) if both else 0,
+        topk_abs_errors=tuple(_topk_abs_errors(p_ref, p_dev, k) if both else [math.inf] * k),
+        kl=_kl_divergence(p_ref, p_dev) if both else math.inf,
+        near_tie=_near_tie(p_ref, tie_margin) if ref_finite else False,
         ref_margin=p1 - p2,
         top2_swing=abs(float(p_dev[t1]) - p1) + abs(float(p_dev[t2]) - p2),
     )

@@ -86,9 +86,15 @@ def test_rounded_ops_round_every_floating_output_but_logits(tiny_checkpoint):
     assert torch.allclose(y, expect, rtol=1e-2, atol=1e-2)
     logits = ops.logits(x, judge.embed)
     assert not torch.equal(logits, logits.to(torch.bfloat16).float())  # float32 logits stay float32
+    # the tiny checkpoint is stored in bfloat16: rounding changes nothing, so no copy is made
     rounded = floor.weights_rounded(judge, torch.bfloat16)
-    assert rounded.layers[0].qkv is not judge.layers[0].qkv
-    assert torch.equal(rounded.layers[0].qkv, judge.layers[0].qkv.to(torch.bfloat16).float())
+    assert rounded.layers[0].qkv is judge.layers[0].qkv and floor.shares_weights(rounded, judge)
+    judge.layers[0].qkv = judge.layers[0].qkv * (1 + 2 ** -12)  # no longer bfloat16 values
+    before = judge.layers[0].qkv.clone()
+    rounded = floor.weights_rounded(judge, torch.bfloat16)
+    assert rounded.layers[0].qkv is not judge.layers[0].qkv and not floor.shares_weights(rounded, judge)
+    assert torch.equal(rounded.layers[0].qkv, before.to(torch.bfloat16).float())
+    assert torch.equal(judge.layers[0].qkv, before)  # the judge is untouched
 
 
 def test_cached_protocol_matches_one_full_forward(tiny_checkpoint):
