@@ -262,11 +262,6 @@ def load_gguf_weights(file: GGUFFile, config: MiniCPMConfig, dtype: torch.dtype,
     return weights
 
 
-def open_gguf(path: str | Path) -> tuple[GGUFFile, MiniCPMConfig]:
-    file = GGUFFile(path)
-    return file, load_gguf_config(file)
-
-
 @dataclass(frozen=True)
 class OpenedGGUF:
     """A parsed GGUF file with what every load of it needs: ``file`` (the tensor table and the
@@ -320,7 +315,8 @@ def open_checkpoint(path: str | Path) -> OpenedGGUF:
     key = _file_key(path) if shared is not None and path.is_file() else None
     if key is not None and key in shared:
         return shared[key]
-    file, config = open_gguf(path)
+    file = GGUFFile(path)
+    config = load_gguf_config(file)
     opened = OpenedGGUF(file, config, _tokenizer_loader(file))
     file.forget_vocabulary()
     if key is not None:

@@ -45,11 +45,17 @@ def prepare_linear(ops: BoundOps, weight):
     if isinstance(weight, torch.Tensor) or weight is None:
         return weight
     prepared = ops.prepare(weight.op, weight)
-    size = getattr(prepared, "nbytes", None)
-    if size is None:  # a dense tensor, or the container itself (the reference)
-        size = prepared.numel() * prepared.element_size() if isinstance(prepared, torch.Tensor) else weight.nbytes
+    # no nbytes of its own: the container itself (the reference) counts the container's bytes
     return PreparedLinear(weight.op, ops.record[weight.op].impl, prepared, weight.format, weight.shape, weight.nbytes,
-                          size)
+                          _held_bytes(prepared, weight.nbytes))
+
+
+def _held_bytes(prepared, default: int) -> int:
+    """Bytes a prepared weight holds: its ``nbytes``, a tensor's storage, else ``default``."""
+    size = getattr(prepared, "nbytes", None)
+    if size is None:
+        size = prepared.numel() * prepared.element_size() if isinstance(prepared, torch.Tensor) else default
+    return int(size)
 
 
 @dataclass(frozen=True)
@@ -73,10 +79,8 @@ def prepare_head(ops: BoundOps, lm_head: torch.Tensor) -> PreparedHead | None:
     prepared = ops.prepare("logits", lm_head)
     if prepared is lm_head:
         return None
-    size = getattr(prepared, "nbytes", None)
-    if size is None:
-        size = prepared.numel() * prepared.element_size() if isinstance(prepared, torch.Tensor) else 0
-    return PreparedHead(ops.record["logits"].impl, lm_head, prepared, getattr(prepared, "layout", "dense"), int(size))
+    return PreparedHead(ops.record["logits"].impl, lm_head, prepared, getattr(prepared, "layout", "dense"),
+                        _held_bytes(prepared, 0))
 
 
 def _linear(ops: BoundOps, x: torch.Tensor, weight) -> torch.Tensor:

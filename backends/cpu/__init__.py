@@ -8,6 +8,8 @@ InfLLM-v2 and lightning attention live in modules of their own (``infllm.py``, `
 the fast decode step's variants (``cpu.decode``) in ``decode.py``."""
 from __future__ import annotations
 
+import importlib
+
 from hal.registry import Impl, register
 
 OPS = ("embedding", "rms_norm", "add_rms_norm", "rotary", "swiglu", "sigmoid_gate", "linear", "logits",
@@ -51,14 +53,17 @@ register(Impl(op="attention_decode", backend="cpu", name="torch_full", fn="backe
               priority=5, capturable=True))
 
 
-def _logits_fp16_supports(ctx):
-    from backends.cpu.logits_fp16 import supports  # torch only: cheap, but kept off the import path
+def _lazy_supports(module: str):
+    """``module.supports``, imported on first call (torch-only modules: cheap, but kept off the import path)."""
 
-    return supports(ctx)
+    def supports(ctx):
+        return importlib.import_module(module).supports(ctx)
+
+    return supports
 
 
 register(Impl(op="logits", backend="cpu", name="fbgemm", fn="backends.cpu.logits_fp16:logits_fp16",
-              supports=_logits_fp16_supports, priority=-1, capturable=True,
+              supports=_lazy_supports("backends.cpu.logits_fp16"), priority=-1, capturable=True,
               prepare="backends.cpu.logits_fp16:prepare_logits_fp16"))
 """bfloat16 / float16 lm_heads: packed once into fbgemm's exact float16 GEMM (``logits_fp16.py``);
 float32 models keep ``cpu.torch``."""
@@ -72,18 +77,6 @@ register(Impl(op="rotary", backend="cpu", name="decode", fn="backends.cpu.decode
 QUANTIZED_LINEARS = ("linear_int4", "linear_int8", "linear_ternary")
 
 
-def _quantized_supports(ctx):
-    from backends.cpu.quantized import supports  # torch only: cheap, but kept off the import path
-
-    return supports(ctx)
-
-
-def _ternary_2bit_supports(ctx):
-    from backends.cpu.ternary2 import supports
-
-    return supports(ctx)
-
-
 def register_dequantized(backend: str, priority: int = 90) -> None:
     """Register the portable dense-decoding implementation of every quantized linear on ``backend``."""
     for op in QUANTIZED_LINEARS:
@@ -95,10 +88,10 @@ for _op in QUANTIZED_LINEARS:
     register(Impl(op=_op, backend="cpu", name="reference", fn=f"backends.cpu.reference.linear:{_op}_ref", priority=100,
                   prepare="backends.cpu.reference.linear:prepare_quantized_ref"))
     register(Impl(op=_op, backend="cpu", name="torch", fn="backends.cpu.quantized:linear_packed",
-                  supports=_quantized_supports, priority=0, capturable=True,
+                  supports=_lazy_supports("backends.cpu.quantized"), priority=0, capturable=True,
                   prepare=f"backends.cpu.quantized:prepare_{_op.removeprefix('linear_')}"))
 register(Impl(op="linear_ternary", backend="cpu", name="torch_2bit", fn="backends.cpu.ternary2:linear_ternary_2bit",
-              supports=_ternary_2bit_supports, priority=10, capturable=True,
+              supports=_lazy_supports("backends.cpu.ternary2"), priority=10, capturable=True,
               prepare="backends.cpu.ternary2:prepare_ternary_2bit"))
 """Ternary held in 2 bits (``backends/cpu/ternary2.py``): behind ``cpu.torch`` (4-bit codes, ~2x faster
 per decode linear); chosen with ``hal.load_model(..., prefer={"linear_ternary": "cpu.torch_2bit"})``."""

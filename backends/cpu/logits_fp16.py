@@ -56,6 +56,7 @@ class Fp16Packed:
     packed: torch.ScriptObject
     shift: int
     dense: torch.Tensor
+    layout = "fbgemm fp16 (exact, scaled by a power of two)"
 
     @property
     def vocab(self) -> int:
@@ -64,7 +65,6 @@ class Fp16Packed:
     @property
     def width(self) -> int:
         return self.dense.shape[1]
-    layout = "fbgemm fp16 (exact, scaled by a power of two)"
 
     @property
     def nbytes(self) -> int:
@@ -148,10 +148,8 @@ def prepare_logits_fp16(weight: torch.Tensor, ctx=None) -> Fp16Packed | Fp16Refu
 def logits_fp16(x: torch.Tensor, weight: Fp16Packed | Fp16Refused | torch.Tensor) -> torch.Tensor:
     """x `[..., E]` @ the prepared lm_head `[V, E]` -> `[..., V]` float32: the packed GEMM up to
     :data:`FBGEMM_MAX_ROWS` rows; ``logits_cpu`` above, and for a dense tensor or a refused weight."""
-    if isinstance(weight, Fp16Refused):
-        return logits_cpu(x, weight.weight)
-    if isinstance(weight, torch.Tensor):
-        return logits_cpu(x, weight)
+    if not isinstance(weight, Fp16Packed):
+        return logits_cpu(x, weight.weight if isinstance(weight, Fp16Refused) else weight)
     flat = x.reshape(-1, x.shape[-1])
     if flat.shape[0] > FBGEMM_MAX_ROWS:
         return logits_cpu(x, weight.dense)
