@@ -285,7 +285,7 @@ def bind(
             elif reason is not None:
                 passed.append((impl.qualname, reason))
         if op in prefer and (chosen is None or chosen.qualname != prefer[op]):
-            why = next(r for q, r in passed if q == prefer[op])
+            why = next((r for q, r in passed if q == prefer[op]), f"{chosen.qualname if chosen else 'another'} was chosen")
             warnings.warn(f"prefer: {op} -> {prefer[op]} passed over: {why}", stacklevel=2)
         if chosen is not None:
             fns[op] = chosen.load()
