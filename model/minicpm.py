@@ -41,9 +41,13 @@ class PreparedLinear:
 
 
 def prepare_linear(ops: BoundOps, weight):
-    """A dense tensor unchanged; a ``hal.quant`` container -> :class:`PreparedLinear` (made once)."""
-    if isinstance(weight, torch.Tensor) or weight is None:
-        return weight
+    """A dense `[O, K]` tensor -> what the bound ``linear`` prepares of it (``cpu.torch_kn``: the same
+    values as the transposed view of a `[K, O]` contiguous copy; the tensor itself for the others); a
+    ``hal.quant`` container -> :class:`PreparedLinear` (made once)."""
+    if weight is None:
+        return None
+    if isinstance(weight, torch.Tensor):
+        return ops.prepare("linear", weight)
     prepared = ops.prepare(weight.op, weight)
     # no nbytes of its own: the container itself (the reference) counts the container's bytes
     return PreparedLinear(weight.op, ops.record[weight.op].impl, prepared, weight.format, weight.shape, weight.nbytes,
@@ -84,7 +88,8 @@ def prepare_head(ops: BoundOps, lm_head: torch.Tensor) -> PreparedHead | None:
 
 
 def _linear(ops: BoundOps, x: torch.Tensor, weight) -> torch.Tensor:
-    """x `[..., K]` @ a dense weight `[O, K]` (ops.linear) or a :class:`PreparedLinear` (its op)."""
+    """x `[..., K]` @ a dense weight `[O, K]` (ops.linear; any strides, so a layout prepared for one
+    binding is still the right weight for another) or a :class:`PreparedLinear` (its op)."""
     if isinstance(weight, torch.Tensor):
         return ops.linear(x, weight)
     return getattr(ops, weight.op)(x, weight.weight)
@@ -93,7 +98,8 @@ def _linear(ops: BoundOps, x: torch.Tensor, weight) -> torch.Tensor:
 @dataclass
 class LayerWeights:
     """One decoder layer. qkv: `[(H + 2*Hk)*D, E]` (q, k, v rows stacked; Hk = H in lightning
-    layers); gate_up: `[2F, E]`. Each linear is a dense tensor or a :class:`PreparedLinear`. SALA only: o_gate `[H*D, E]` (attention layers), z `[H*D, E]`,
+    layers); gate_up: `[2F, E]`. Each linear is a dense tensor (as :func:`prepare_linear` made it: float32 on the CPU,
+    the `[O, K]` view of a `[K, O]` contiguous tensor) or a :class:`PreparedLinear`. SALA only: o_gate `[H*D, E]` (attention layers), z `[H*D, E]`,
     q_norm / k_norm `[D]`, o_norm `[H*D]` (lightning layers); None where the config has none."""
 
     mixer: str
@@ -110,6 +116,17 @@ class LayerWeights:
     o_norm: torch.Tensor | None = None
 
 
+def _prepared(ops: BoundOps, weights: dict[str, torch.Tensor], name: str, optional: bool = False):
+    """:func:`prepare_linear` of ``weights[name]`` (None when ``optional`` and absent). A dense result replaces the
+    dict's entry (same values, the bound layout), so a prepared copy frees its `[O, K]` original here,
+    one linear at a time, instead of the load holding both layouts of every linear until it ends."""
+    weight = weights.get(name) if optional else weights[name]
+    prepared = prepare_linear(ops, weight)
+    if isinstance(prepared, torch.Tensor) and prepared is not weight:
+        weights[name] = prepared
+    return prepared
+
+
 def _layers(weights: dict[str, torch.Tensor], config: MiniCPMConfig, ops: BoundOps) -> list[LayerWeights]:
     layers = []
     for i in range(config.num_hidden_layers):
@@ -118,13 +135,13 @@ def _layers(weights: dict[str, torch.Tensor], config: MiniCPMConfig, ops: BoundO
         layers.append(LayerWeights(
             mixer=config.mixer(i),
             input_norm=weights[p + "input_layernorm.weight"],
-            qkv=prepare_linear(ops, weights[attn + "qkv_proj.weight"]),
-            o=prepare_linear(ops, weights[attn + "o_proj.weight"]),
+            qkv=_prepared(ops, weights, attn + "qkv_proj.weight"),
+            o=_prepared(ops, weights, attn + "o_proj.weight"),
             post_norm=weights[p + "post_attention_layernorm.weight"],
-            gate_up=prepare_linear(ops, weights[p + "mlp.gate_up_proj.weight"]),
-            down=prepare_linear(ops, weights[p + "mlp.down_proj.weight"]),
-            o_gate=prepare_linear(ops, weights.get(attn + "o_gate.weight")),
-            z=prepare_linear(ops, weights.get(attn + "z_proj.weight")),
+            gate_up=_prepared(ops, weights, p + "mlp.gate_up_proj.weight"),
+            down=_prepared(ops, weights, p + "mlp.down_proj.weight"),
+            o_gate=_prepared(ops, weights, attn + "o_gate.weight", optional=True),
+            z=_prepared(ops, weights, attn + "z_proj.weight", optional=True),
             q_norm=weights.get(attn + "q_norm.weight"),
             k_norm=weights.get(attn + "k_norm.weight"),
             o_norm=weights.get(attn + "o_norm.weight"),

@@ -67,6 +67,11 @@ register(Impl(op="logits", backend="cpu", name="fbgemm", fn="backends.cpu.logits
               prepare="backends.cpu.logits_fp16:prepare_logits_fp16"))
 """bfloat16 / float16 lm_heads: packed once into fbgemm's exact float16 GEMM (``logits_fp16.py``);
 float32 models keep ``cpu.torch``."""
+register(Impl(op="linear", backend="cpu", name="torch_kn", fn="backends.cpu.linear_kn:linear_kn",
+              supports=_lazy_supports("backends.cpu.linear_kn"), priority=-1, capturable=True,
+              prepare="backends.cpu.linear_kn:prepare_linear_kn"))
+"""float32 dense linears held pre-transposed (`[K, O]` contiguous, ``linear_kn.py``): faster decode and prefill
+products than ``F.linear``; ``prefer={"linear": "cpu.torch"}`` keeps the checkpoint's `[O, K]` layout."""
 DECODE_STEP_PRIORITY = 50
 """Never the default binding: only the fast decode step (``model/fast_decode.py``) binds ``cpu.decode``."""
 register(Impl(op="kv_write", backend="cpu", name="decode", fn="backends.cpu.decode:kv_write_decode_cpu",
