@@ -4,8 +4,10 @@ format, with the weight bytes and RSS of each, all from one run (``python -m ben
 Formats (the files: ``benchmarks/gguf_variants.py``, built from the source GGUF on first use):
 
 * ``float32``: ours in float32 on the F32 GGUF, against llama.cpp on that file; ours also
-  through the eager ``model.forward`` (the path before ``model/fast_decode.py``), for the
-  before/after of the same run;
+  through the eager ``model.forward`` (the path before ``model/fast_decode.py``) and with the
+  decoder linears on ``cpu.torch`` (``F.linear`` on the checkpoint's `[O, K]` layout, the path
+  before ``cpu.torch_kn``'s pre-transposed weights, :data:`OPT_OUTS`), for the before/after of the
+  same run (the opt-out also in the memory table);
 * ``bfloat16``: ours in bfloat16 on the F32 GGUF (rounded at load), against llama.cpp F32; ours
   also with the lm_head through the chunked float32 path (the path before ``cpu.fbgemm``'s packed
   float16 copy, ``backends/cpu/logits_fp16.py``), the same for ``int4``;
@@ -37,6 +39,8 @@ import torch
 LLAMA_FILE = {"float32": "F32", "bfloat16": "F32", "int4": "Q4_0"}
 OUR_DTYPE = {"float32": "float32", "bfloat16": "bfloat16", "int4": "bfloat16"}
 FORMATS = tuple(LLAMA_FILE)
+OPT_OUTS = {"float32": ("ours, linear -> cpu.torch (before)", {"linear": "cpu.torch"})}
+"""Per format: (engine name, ``prefer=``) of the before-row loaded with an implementation opted out."""
 
 
 def int4_unavailable() -> str | None:
@@ -59,11 +63,11 @@ def gguf_file(source: Path, fmt: str) -> Path:
     return q4_0_gguf(source) if LLAMA_FILE[fmt] == "Q4_0" else f32_gguf(source)
 
 
-def load_ours(path: Path, fmt: str):
+def load_ours(path: Path, fmt: str, prefer: dict[str, str] | None = None):
     import hal
 
     kwargs = {"quantize": "keep"} if fmt == "int4" else {}
-    model = hal.load_model(path, device="cpu", dtype=OUR_DTYPE[fmt], **kwargs)
+    model = hal.load_model(path, device="cpu", dtype=OUR_DTYPE[fmt], prefer=prefer, **kwargs)
     if fmt == "int4" and not quantized_linears(model):
         from hal.errors import CheckpointError
 
@@ -238,7 +242,8 @@ def memory_child(engine: str, path: str, fmt: str, threads: int) -> None:
         runner.prefill(ids, 16)
         weight_bytes = gguf_tensor_bytes(Path(path))
     else:
-        loaded = load_ours(Path(path), fmt)
+        opt_out = OPT_OUTS.get(fmt)
+        loaded = load_ours(Path(path), fmt, opt_out[1] if opt_out and engine == opt_out[0] else None)
         OursRunner("ours", loaded).prefill(ids, 16)
         weight_bytes = our_weight_bytes(loaded)
     peak = _status("VmHWM")
@@ -297,6 +302,11 @@ def run_tables(source: Path, formats: list[str], prompt_tokens: int, new_tokens:
             if fmt == "float32":
                 runners.append(OursRunner("ours float32 eager", model, eager=True))
                 rows.append(Row(fmt, "ours, eager forward (before)", path.name))
+            if fmt in OPT_OUTS:
+                engine, prefer = OPT_OUTS[fmt]
+                runners.append(OursRunner(engine, load_ours(path, fmt, prefer)))
+                rows.append(Row(fmt, engine, path.name))
+                mem_rows.append((fmt, engine, path))
             elif model.head is not None:
                 runners.append(OursRunner(f"ours {fmt} chunked head", without_prepared_head(model)))
                 rows.append(Row(fmt, "ours, chunked float32 lm_head (before)", path.name))

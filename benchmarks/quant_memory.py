@@ -55,14 +55,11 @@ def _file_rss_bytes() -> int:
 
 
 def _trim() -> None:
-    """Return freed heap to the OS (glibc ``malloc_trim``), so RSS counts what the model holds,
-    not the arena high-water mark of loading (packing makes transient copies)."""
-    import ctypes
+    """Return freed heap to the OS (``model.memory.return_freed_heap``, which ``hal.load_model`` also
+    calls), so RSS counts what the model holds, not the arena high-water mark of loading."""
+    from model.memory import return_freed_heap
 
-    try:
-        ctypes.CDLL("libc.so.6").malloc_trim(0)
-    except (OSError, AttributeError):
-        pass
+    return_freed_heap()
 
 
 TERNARY_2BIT = {"linear_ternary": "cpu.torch_2bit"}

@@ -135,6 +135,7 @@ def _load(path: str | Path, kind: str, dtype: str | torch.dtype | None, referenc
     """:func:`load_model` on one rank; ``group`` (a :class:`hal.distributed.TPGroup`) or None."""
     from model.checkpoint import load_weights
     from model.config import GenerationDefaults, load_config, load_generation_config
+    from model.memory import return_freed_heap
     from model.minicpm import MiniCPMForCausalLM
 
     keep = quantize != "dequantize"
@@ -180,8 +181,11 @@ def _load(path: str | Path, kind: str, dtype: str | torch.dtype | None, referenc
     if shard is not None:
         _refuse_quantized(weights, folder, shard.size)
     ops = _bind_for_groups(ops, weights, reference, allow_fallback, op_overrides, prefer)
-    return MiniCPMForCausalLM(config, weights, ops, device, torch_dtype, path=folder,
-                              generation=generation, tokenizer_loader=tokenizer_loader, tp=tp)
+    model = MiniCPMForCausalLM(config, weights, ops, device, torch_dtype, path=folder,
+                               generation=generation, tokenizer_loader=tokenizer_loader, tp=tp)
+    del weights  # the model holds what it needs; transient copies of the load go back to the OS
+    return_freed_heap()
+    return model
 
 
 def _bind_for_groups(ops: BoundOps, weights: dict[str, Any], reference: bool, allow_fallback: bool,
