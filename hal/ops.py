@@ -37,7 +37,9 @@ Semantics (what every implementation must compute; the float32 reference in
     ``x * sigmoid(gate)``: the output gates of MiniCPM-SALA's layers (``o_gate``, ``z_proj``).
 
 ``linear(x [..., K], weight [O, K]) -> [..., O]``
-    ``x @ weight.T``, no bias.
+    ``x @ weight.T``, no bias. The weight may have any strides: a bound implementation's prepare
+    may change its layout at load, never its values (``cpu.torch_kn`` holds the `[O, K]` view of a
+    `[K, O]` contiguous tensor), so every implementation reads any model's dense weights.
 
 ``linear_int4(x [..., K], weight: hal.quant.Int4Weight) -> [..., O]``
 ``linear_int8(x [..., K], weight: hal.quant.Int8Weight) -> [..., O]``

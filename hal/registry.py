@@ -65,8 +65,9 @@ class Impl:
     lengths at capture through :func:`hal.graphs.host_kv_lens`), see ``GraphRuntime.refresh``.
     prepare: ``"module.path:function"`` or None, for ops whose weights the implementation
     repacks once at bind time: ``prepare(weight, ctx) -> object`` turns a ``hal.quant`` container
-    (the quantized linears) or a dense lm_head (``logits``: ``cpu.fbgemm``'s packed float16 copy)
-    into what ``fn`` receives; None passes the weight unchanged.
+    (the quantized linears), a dense lm_head (``logits``: ``cpu.fbgemm``'s packed float16 copy) or a
+    dense linear weight (``linear``: ``cpu.torch_kn``'s pre-transposed copy, same values) into what
+    ``fn`` receives; None passes the weight unchanged.
     """
 
     op: str
@@ -151,8 +152,8 @@ class BoundOps:
 
     def prepare(self, op: str, weight: Any) -> Any:
         """What the implementation bound to ``op`` receives for ``weight`` (a ``hal.quant``
-        container, or the dense lm_head of ``logits``): its own layout, made once here; the weight
-        itself when it has no prepare."""
+        container, the dense lm_head of ``logits``, a dense ``linear`` weight): its own layout, made
+        once here; the weight itself when it has no prepare."""
         fn = self._prepares.get(op)
         return weight if fn is None else fn(weight, self.context)
 
