@@ -43,12 +43,16 @@ class PreparedLinear:
 def prepare_linear(ops: BoundOps, weight):
     """A dense `[O, K]` tensor -> what the bound ``linear`` prepares of it (``cpu.torch_kn``: the same
     values as the transposed view of a `[K, O]` contiguous copy; the tensor itself for the others); a
-    ``hal.quant`` container -> :class:`PreparedLinear` (made once)."""
+    ``hal.quant`` container -> :class:`PreparedLinear` (made once). A quantized op whose implementation
+    decodes the container into a dense tensor (the ``dequant`` fallback) holds it in the dense layout
+    too, so a quantized checkpoint served that way computes bitwise what its dense decoding does."""
     if weight is None:
         return None
     if isinstance(weight, torch.Tensor):
         return ops.prepare("linear", weight)
     prepared = ops.prepare(weight.op, weight)
+    if isinstance(prepared, torch.Tensor):  # a dense decoding (cpu.dequant): laid out as the dense linears are
+        prepared = ops.prepare("linear", prepared)
     # no nbytes of its own: the container itself (the reference) counts the container's bytes
     return PreparedLinear(weight.op, ops.record[weight.op].impl, prepared, weight.format, weight.shape, weight.nbytes,
                           _held_bytes(prepared, weight.nbytes))
