@@ -26,22 +26,34 @@ import torch
 
 from hal.errors import DeviceUnavailable, InputError
 from hal.registry import Binding, BoundOps, implementations
+from backends.cpu.decode import Float32Cache, RotaryStep
 from model.cache import KVCache
 
 FAST_OPS = ("kv_write", "rotary")
 """The ops the step binds to their ``cpu.decode`` variant (where the model has ``cpu.torch``)."""
+PER_STEP = {"rotary": RotaryStep}
+"""Ops of :data:`FAST_OPS` whose variant keeps what one step's layers share (a fresh instance per
+:class:`DecodeStep`, called as the op)."""
 
 
-def decode_ops(ops: BoundOps) -> BoundOps:
+def decode_ops(ops: BoundOps, copies: Float32Cache | None = None) -> BoundOps:
     """``ops`` with each of :data:`FAST_OPS` served by ``cpu.decode`` where ``ops`` binds it to
-    ``cpu.torch``; overrides, the reference and other backends' ops are kept as they are."""
+    ``cpu.torch``; overrides, the reference and other backends' ops are kept as they are. With
+    ``copies`` (a bfloat16 / float16 cache), kv_write and attention_decode also keep and read its
+    float32 copies, where both would be ``cpu.decode`` / ``cpu.torch``."""
     swaps = {}
     for op in FAST_OPS:
         if ops.record[op].impl != "cpu.torch":
             continue
         impl = next(i for i in implementations(op, "cpu") if i.name == "decode")
-        swaps[op] = (impl.load(), Binding(op, impl.qualname, False,
-                                          (("cpu.torch", "the fast decode step binds cpu.decode"),)))
+        fn = PER_STEP[op]() if op in PER_STEP else impl.load()
+        swaps[op] = (fn, Binding(op, impl.qualname, False,
+                                 (("cpu.torch", "the fast decode step binds cpu.decode"),)))
+    if copies is not None and "kv_write" in swaps and ops.record["attention_decode"].impl == "cpu.torch":
+        swaps["kv_write"] = (copies.kv_write, swaps["kv_write"][1])
+        swaps["attention_decode"] = (copies.attention_decode, Binding(
+            "attention_decode", "cpu.decode", False,
+            (("cpu.torch", "the fast decode step reads float32 copies of its bfloat16/float16 cache"),)))
     return ops.with_impls(swaps)
 
 
@@ -61,7 +73,10 @@ class DecodeStep:
         self.model = model
         self.cache = cache
         self.kv_start = None if kv_start is None else kv_start.to("cpu", torch.int64)
-        self.ops = decode_ops(model.ops)
+        keys = next((t for t in cache.keys if t is not None), None)
+        self._copies = Float32Cache() if keys is not None and keys.dtype != torch.float32 else None
+        self._length = None  # the cache's length after this step's last step (else its copies are stale)
+        self.ops = decode_ops(model.ops, self._copies)
         model.rope.ensure(cache.capacity)
 
     @property
@@ -75,10 +90,13 @@ class DecodeStep:
         if tokens.shape != (self.cache.batch,):
             raise InputError(f"DecodeStep.step: tokens must be [{self.cache.batch}], got {list(tokens.shape)}")
         model = self.model
+        if self._copies is not None and self.cache.length != self._length:
+            self._copies.forget()  # the cache was written by something else (the prompt's forward)
         slots, kv_lens = self.cache.plan(1, self.kv_start)
         sparse = model.config.sparse
         use_sparse = sparse is not None and sparse.applies(int(kv_lens.max()))
         out = model.run(self.ops, tokens[:, None], model.rope.lookup(slots), self.cache, None, True, slots,
                         kv_lens, logits_last_only=True, sparse=use_sparse)
         self.cache.advance(1)
+        self._length = self.cache.length
         return out.logits[:, -1]
