@@ -22,38 +22,33 @@ Cuda and npu models use decode graphs instead (``model/decode_graph.py``).
 """
 from __future__ import annotations
 
+import importlib
+
 import torch
 
 from hal.errors import DeviceUnavailable, InputError
 from hal.registry import Binding, BoundOps, implementations
-from backends.cpu.decode import Float32Cache, RotaryStep
 from model.cache import KVCache
 
-FAST_OPS = ("kv_write", "rotary")
-"""The ops the step binds to their ``cpu.decode`` variant (where the model has ``cpu.torch``)."""
-PER_STEP = {"rotary": RotaryStep}
-"""Ops of :data:`FAST_OPS` whose variant keeps what one step's layers share (a fresh instance per
-:class:`DecodeStep`, called as the op)."""
+FAST_OPS = ("kv_write", "rotary", "attention_decode")
+"""The ops the step binds to their ``cpu.decode`` variant (where the model has ``cpu.torch``;
+attention_decode only over a bfloat16 / float16 cache: a float32 one needs no float32 copies)."""
 
 
-def decode_ops(ops: BoundOps, copies: Float32Cache | None = None) -> BoundOps:
+def decode_ops(ops: BoundOps, float32_cache: bool = True) -> BoundOps:
     """``ops`` with each of :data:`FAST_OPS` served by ``cpu.decode`` where ``ops`` binds it to
-    ``cpu.torch``; overrides, the reference and other backends' ops are kept as they are. With
-    ``copies`` (a bfloat16 / float16 cache), kv_write and attention_decode also keep and read its
-    float32 copies, where both would be ``cpu.decode`` / ``cpu.torch``."""
+    ``cpu.torch`` (attention_decode only when ``float32_cache`` is False); overrides, the
+    reference and other backends' ops are kept as they are. A variant the decode module lists
+    in its ``PER_STEP`` is bound as a fresh instance of its class (state of this step object)."""
     swaps = {}
     for op in FAST_OPS:
-        if ops.record[op].impl != "cpu.torch":
+        if ops.record[op].impl != "cpu.torch" or (op == "attention_decode" and float32_cache):
             continue
         impl = next(i for i in implementations(op, "cpu") if i.name == "decode")
-        fn = PER_STEP[op]() if op in PER_STEP else impl.load()
-        swaps[op] = (fn, Binding(op, impl.qualname, False,
-                                 (("cpu.torch", "the fast decode step binds cpu.decode"),)))
-    if copies is not None and "kv_write" in swaps and ops.record["attention_decode"].impl == "cpu.torch":
-        swaps["kv_write"] = (copies.kv_write, swaps["kv_write"][1])
-        swaps["attention_decode"] = (copies.attention_decode, Binding(
-            "attention_decode", "cpu.decode", False,
-            (("cpu.torch", "the fast decode step reads float32 copies of its bfloat16/float16 cache"),)))
+        fn = impl.load()
+        per_step = getattr(importlib.import_module(fn.__module__), "PER_STEP", {})
+        swaps[op] = (per_step[fn]() if fn in per_step else fn,
+                     Binding(op, impl.qualname, False, (("cpu.torch", "the fast decode step binds cpu.decode"),)))
     return ops.with_impls(swaps)
 
 
@@ -74,9 +69,8 @@ class DecodeStep:
         self.cache = cache
         self.kv_start = None if kv_start is None else kv_start.to("cpu", torch.int64)
         keys = next((t for t in cache.keys if t is not None), None)
-        self._copies = Float32Cache() if keys is not None and keys.dtype != torch.float32 else None
-        self._length = None  # the cache's length after this step's last step (else its copies are stale)
-        self.ops = decode_ops(model.ops, self._copies)
+        self.ops = decode_ops(model.ops, keys is None or keys.dtype == torch.float32)
+        self._length = None  # the cache's length after the last step (else it was written elsewhere)
         model.rope.ensure(cache.capacity)
 
     @property
@@ -90,8 +84,10 @@ class DecodeStep:
         if tokens.shape != (self.cache.batch,):
             raise InputError(f"DecodeStep.step: tokens must be [{self.cache.batch}], got {list(tokens.shape)}")
         model = self.model
-        if self._copies is not None and self.cache.length != self._length:
-            self._copies.forget()  # the cache was written by something else (the prompt's forward)
+        if self.cache.length != self._length:  # written elsewhere (the prompt's forward, a rewind)
+            forget = getattr(self.ops.attention_decode, "forget", None)
+            if forget is not None:
+                forget()
         slots, kv_lens = self.cache.plan(1, self.kv_start)
         sparse = model.config.sparse
         use_sparse = sparse is not None and sparse.applies(int(kv_lens.max()))

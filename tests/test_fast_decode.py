@@ -3,9 +3,8 @@
 cache contents (keys, values, lightning states, InfLLM-v2 kernels), on a dense, a SALA
 (lightning) and an InfLLM-v2 sparse checkpoint, and the dense one in bfloat16 (its lm_head packed
 for cpu.fbgemm), batch 1 and batch 3 with left padding, and with eager steps between fast ones;
-its ``cpu.decode`` ops against the everyday ones on the layouts the model gives them, and the
-float32 cache copies (``Float32Cache``) against the float32 reference and, bitwise, against
-attention_decode on the cache itself."""
+its ``cpu.decode`` ops against the everyday ones on the layouts the model gives them (the float32
+cache copies, ``Float32Cache``, bitwise against attention_decode on the cache itself)."""
 from __future__ import annotations
 
 import pytest
@@ -17,8 +16,6 @@ from backends.cpu.ops import attention_decode_cpu, kv_write_cpu, rotary_cpu
 from hal.errors import InputError
 from model.fast_decode import DecodeStep
 from model.synthetic import _config, write_checkpoint
-from validation.grid import grid
-from validation.opcheck import check
 
 # InfLLM-v2 scaled down (as tests/test_sparse_model.py): sparse from 64 keys, so decode crosses it
 SPARSE = {"kernel_size": 8, "kernel_stride": 4, "init_blocks": 1, "block_size": 16, "window_size": 32,
@@ -200,37 +197,39 @@ def test_kv_write_with_host_slots_equals_kv_write_with_and_without_skips():
         assert not torch.equal(fast[0], caches[0])
 
 
-@pytest.mark.parametrize("case", [c for c in grid("attention_decode") if c.dtype != "fp32"], ids=lambda c: c.test_id)
-def test_float32_copies_attention_matches_reference(case):
-    result = check(case, Float32Cache().attention_decode, "cpu.decode float32 copies")
-    assert result.status == "ok", result.line()
-
-
-def test_float32_copies_follow_kv_writes_bitwise():
-    """A bf16 cache written directly (a prompt), then through the copies' kv_write: one shared
-    slot, an earlier slot rewritten, rows in different slots, a forget after a direct write;
-    attention over the copies equals attention_decode on the cache itself after every write."""
+def test_float32_copies_attention_equals_attention_on_the_cache():
+    """A bf16 cache written as decode writes it (a prompt, then one token per row per step: rows
+    of one length into one shared slot, then rows of different lengths with the shorter one's
+    padding tail read too): attention over the float32 copies, which convert only what they do
+    not hold yet, equals attention_decode on the cache itself after every step, bitwise; also
+    after an earlier slot is rewritten and the copies told to ``forget``. (Against the float32
+    reference: tests/ops, ``cpu.decode``.)"""
     g = torch.Generator().manual_seed(5)
     caches = [(torch.randn(2, 128, 2, 16, generator=g) * 3).bfloat16() for _ in range(2)]
+    for cache in caches:
+        cache[:, 20:] = 0  # never written: what a new cache holds
+        cache[1, 12:] = 0  # row 1's prompt is 12 tokens long
     q = torch.randn(2, 1, 4, 16, generator=g).bfloat16()
     copies = Float32Cache()
 
-    def token(seed: int) -> torch.Tensor:
-        return torch.randn(2, 1, 2, 16, generator=torch.Generator().manual_seed(seed)).bfloat16()
+    def write(seed: int, slots: list[list[int]]) -> None:
+        k, v = (torch.randn(2, 1, 2, 16, generator=torch.Generator().manual_seed(seed + i)).bfloat16() for i in (0, 1))
+        kv_write_decode_cpu(*caches, k, v, torch.tensor(slots))
 
     def same(lengths: list[int]) -> None:
         kv_lens = torch.tensor(lengths)
-        assert torch.equal(copies.attention_decode(q, *caches, kv_lens, 0.25),
-                           attention_decode_cpu(q, *caches, kv_lens, 0.25))
+        assert torch.equal(copies(q, *caches, kv_lens, 0.25), attention_decode_cpu(q, *caches, kv_lens, 0.25))
 
-    same([20, 20])  # the prompt: converted at the first attention
-    for slot in (20, 21, 22):
-        copies.kv_write(*caches, token(slot), token(-slot), torch.tensor([[slot], [slot]]))
-        same([slot + 1, slot + 1])
-    copies.kv_write(*caches, token(7), token(8), torch.tensor([[5], [5]]))  # an earlier slot rewritten
-    same([23, 23])
-    copies.kv_write(*caches, token(9), token(10), torch.tensor([[23], [11]]))  # rows in different slots
-    same([24, 12])
-    caches[0][:, 3] = 1.5  # written outside the copies' kv_write: forgotten, converted again
+    same([20, 12])  # the prompts: converted at the first call
+    for i in range(3):
+        write(i, [[20 + i], [12 + i]])
+        same([21 + i, 13 + i])
+    write(7, [[5], [5]])  # an earlier slot rewritten: the copies are told to forget
     copies.forget()
-    same([24, 24])
+    same([23, 15])
+    for cache in caches:  # rows of one length: one shared slot per step
+        cache[1, :23] = cache[0, :23]
+    copies.forget()
+    for slot in (23, 24):
+        write(slot, [[slot], [slot]])
+        same([slot + 1, slot + 1])

@@ -25,94 +25,82 @@ def kv_write_decode_cpu(k_cache: torch.Tensor, v_cache: torch.Tensor, k: torch.T
     token is skipped (every decode step, and every prompt without left padding) one ``index_put_``
     per cache, as :func:`~backends.cpu.ops.kv_write_cpu` ends with, without the ~20 calls that
     make its skipped tokens harmless without a host read; otherwise that function."""
-    _write(k_cache, v_cache, k, v, slots.tolist(), slots)
-
-
-def _write(k_cache: torch.Tensor, v_cache: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
-           rows: list[list[int]], slots: torch.Tensor) -> int | None:
-    """:func:`kv_write_decode_cpu` with the slots read (``rows``); returns the slot every row's one
-    token went to, or None (several tokens per row, or rows in different slots)."""
+    rows = slots.tolist()
     first = rows[0][0] if rows and rows[0] else -1
     if first >= 0 and all(len(row) == 1 and row[0] == first for row in rows):
         # one new token per row, every row into the same slot (every decode step of batch 1 or of
         # an unpadded batch): k/v `[B, 1, Hk, D]` copied into the slot's `[B, 1, Hk, D]` view
         k_cache.narrow(1, first, 1).copy_(k)
         v_cache.narrow(1, first, 1).copy_(v)
-        return first
+        return
     slots = slots.to(k_cache.device)
     if not bool((slots >= 0).all()):
         kv_write_cpu(k_cache, v_cache, k, v, slots)
-        return None
-    index = torch.arange(slots.shape[0], device=slots.device)[:, None].expand(slots.shape)
-    k_cache.index_put_((index, slots), k)
-    v_cache.index_put_((index, slots), v)
-    return None
+        return
+    rows = torch.arange(slots.shape[0], device=slots.device)[:, None].expand(slots.shape)
+    k_cache.index_put_((rows, slots), k)
+    v_cache.index_put_((rows, slots), v)
 
 
 class Float32Cache:
-    """float32 copies of a bfloat16 / float16 KV cache's buffers for the decode step's attention.
+    """attention_decode over float32 copies of a bfloat16 / float16 KV cache, kept across steps.
 
     :func:`~backends.cpu.ops.attention_decode_cpu` computes in float32 (softmax and both products,
     one rounding at the end), so in every layer of every step it converts the first
     ``max(kv_lens)`` positions of both buffers: work that grows with the context. Here each
-    buffer `[B, C, Hk, D]` has a float32 copy holding ``buffer.float()`` (an exact conversion) over
-    its first ``synced`` positions: :meth:`kv_write` writes the new token into the copy too,
-    :meth:`attention_decode` converts only positions the copy does not hold yet (the prompt, at
-    the first step) and passes the copies to ``attention_decode_cpu``, which then converts
-    nothing: the same float32 values, so bitwise the same result.
+    buffer `[B, C, Hk, D]` gets a float32 copy (``torch.empty`` at the buffer's capacity: memory
+    pages are used as positions are filled, 2x the cache's bytes at most) that holds
+    ``buffer.float()`` (an exact conversion) over positions ``0 .. max(kv_lens)-1``; a call
+    converts, per row, only the positions from the row's length at the previous call on (the
+    prompt at the first step, then the token kv_write just stored, and a shorter row's padding
+    tail up to the longest row) and passes the copies to ``attention_decode_cpu``, which then
+    converts nothing: the same float32 values, so bitwise the same result.
 
-    The copies only know what went through :meth:`kv_write`: whoever writes the cache otherwise
-    (``model.forward`` on it) calls :meth:`forget` (``DecodeStep`` does when the cache's length is
-    not where its last step left it). A copy is allocated with ``torch.empty`` at the buffer's
-    capacity (memory pages are used as positions are filled: 2x the cache's bytes at most).
-    One per :class:`model.fast_decode.DecodeStep` (not shared between threads)."""
+    The copies assume positions below a row's previous length are not rewritten: whoever
+    rewrites them (a cache rewound by hand and refilled) calls :meth:`forget`; ``DecodeStep``
+    does whenever the cache's length is not where its last step left it. One per
+    ``DecodeStep`` (not shared between threads)."""
 
     def __init__(self):
-        self._copies: dict[int, list] = {}  # id(buffer) -> [buffer, float32 copy, synced]
+        self._copies: dict[int, list] = {}  # id(buffer) -> [buffer, float32 copy, rows' lengths held]
 
     def forget(self) -> None:
-        """The copies hold nothing known any more (the cache was written elsewhere)."""
+        """Treat every copy as empty (the cache may have been rewritten)."""
         for entry in self._copies.values():
-            entry[2] = 0
+            entry[2] = [0] * len(entry[2])
 
-    def _entry(self, buffer: torch.Tensor) -> list:
+    def _copy(self, buffer: torch.Tensor, lengths: list[int], longest: int) -> torch.Tensor:
         entry = self._copies.get(id(buffer))
         if entry is None or entry[0] is not buffer:
-            entry = [buffer, torch.empty(buffer.shape, dtype=torch.float32, device=buffer.device), 0]
+            entry = [buffer, torch.empty(buffer.shape, dtype=torch.float32, device=buffer.device),
+                     [0] * buffer.shape[0]]
             self._copies[id(buffer)] = entry
-        return entry
+        copy, held = entry[1], entry[2]
+        if len(set(held)) == 1:  # every row from the same position (batch 1, unpadded batches)
+            start = min(held[0], longest)
+            copy.narrow(1, start, longest - start).copy_(buffer.narrow(1, start, longest - start))
+        else:
+            for row, start in enumerate(held):
+                start = min(start, longest)
+                copy[row].narrow(0, start, longest - start).copy_(buffer[row].narrow(0, start, longest - start))
+        entry[2] = [min(n, longest) for n in lengths]
+        return copy
 
-    def kv_write(self, k_cache: torch.Tensor, v_cache: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
-                 slots: torch.Tensor) -> None:
-        """:func:`kv_write_decode_cpu`, and the same token into the float32 copies."""
-        rows = slots.tolist()
-        slot = _write(k_cache, v_cache, k, v, rows, slots)
-        if k_cache.dtype == torch.float32:
-            return
-        for buffer in (k_cache, v_cache):
-            entry = self._entry(buffer)
-            if slot is None:  # several slots: the copy is known up to the lowest one written
-                entry[2] = min([entry[2]] + [s for row in rows for s in row if s >= 0])
-            elif slot <= entry[2]:
-                entry[1].narrow(1, slot, 1).copy_(buffer.narrow(1, slot, 1))
-                entry[2] = max(entry[2], slot + 1)
-
-    def attention_decode(self, q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
-                         kv_lens: torch.Tensor, scale: float) -> torch.Tensor:
-        """:func:`~backends.cpu.ops.attention_decode_cpu` over the float32 copies (a float32
-        cache: over the cache itself)."""
-        longest = max(kv_lens.tolist(), default=0)
+    def __call__(self, q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
+                 kv_lens: torch.Tensor, scale: float) -> torch.Tensor:
+        lengths = kv_lens.tolist()
+        longest = max(lengths, default=0)
         if k_cache.dtype == torch.float32 or longest <= 0:
             return attention_decode_cpu(q, k_cache, v_cache, kv_lens, scale)
-        copies = []
-        for buffer in (k_cache, v_cache):
-            entry = self._entry(buffer)
-            if entry[2] < longest:
-                known = entry[2]
-                entry[1].narrow(1, known, longest - known).copy_(buffer.narrow(1, known, longest - known))
-                entry[2] = longest
-            copies.append(entry[1])
-        return attention_decode_cpu(q, *copies, kv_lens, scale)
+        return attention_decode_cpu(q, self._copy(k_cache, lengths, longest), self._copy(v_cache, lengths, longest),
+                                    kv_lens, scale)
+
+
+def attention_decode_copies_cpu(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
+                                kv_lens: torch.Tensor, scale: float) -> torch.Tensor:
+    """attention_decode through a fresh :class:`Float32Cache` (each call converts what it reads;
+    the decode step keeps one across steps: :data:`PER_STEP`)."""
+    return Float32Cache()(q, k_cache, v_cache, kv_lens, scale)
 
 
 def _heads_follow(q: torch.Tensor, k: torch.Tensor) -> bool:
@@ -181,3 +169,9 @@ class RotaryStep:
         if cos is not self._cos or sin is not self._sin:
             self._cos, self._sin, self._tables = cos, sin, rotary_tables(cos, sin)
         return rotary_prepared(q, k, *self._tables)
+
+
+PER_STEP = {rotary_decode_cpu: RotaryStep, attention_decode_copies_cpu: Float32Cache}
+"""What :class:`model.fast_decode.DecodeStep` binds instead of these registered functions: a
+fresh instance of the class per step object, called as the op (same values, state kept across
+layers or steps)."""
