@@ -9,14 +9,26 @@ which tests/test_fast_decode.py holds it equal to: logits, greedy tokens and cac
   cover the whole cache once, and per step the positions are the slots ``KVCache.plan`` gives
   (each row's real tokens start at slot 0, so a decode token's position is its slot): no
   position arithmetic and no table-length read per step.
-* Two ops are bound to their ``cpu.decode`` variants (``backends/cpu/decode.py``): ``kv_write``
-  reads the slots on the host (free on the CPU) and stores with a copy into the slot's view (one
-  shared slot, as in every batch-1 step) or one ``index_put_`` per cache instead of the ~20 calls
-  that avoid that read; ``rotary`` rotates q and k in one pass where
-  they are views of one qkv output. Same arithmetic, bitwise the same values.
+* Three ops are bound to their ``cpu.decode`` variants (``backends/cpu/decode.py``; same
+  arithmetic, bitwise the same values): ``kv_write`` reads the slots on the host (free on the
+  CPU) and stores with a copy into the slot's view (one shared slot, as in every batch-1 step)
+  or one ``index_put_`` per cache instead of the ~20 calls that avoid that read; ``rotary``
+  (a ``RotaryStep`` per step object) derives its tables once per step, not per layer (cos and a
+  pre-signed sin ``[-sin_lo | sin_hi]``, `[B, 1, 1, D]`), swaps the halves with one ``roll``
+  instead of chunk, neg and cat, and rotates q and k in one pass where they are views of one
+  qkv output; ``attention_decode``, over a bfloat16 / float16 cache only (a ``Float32Cache``
+  per step object), keeps float32 copies of the cache buffers across steps and converts only
+  the positions written since its last call, instead of converting the first max(kv_lens)
+  positions of both buffers in every layer of every step (its float32 attention reads them).
+  The copies are forgotten whenever the cache's length is not where the last step left it
+  (written by ``model.forward``, or rewound). A variant with such state is listed in the decode
+  module's ``PER_STEP`` and bound as a fresh instance per step object.
+* What was measured and left alone (benchmarks/RESULTS.md): a composed float32 rms_norm (fewer
+  nested aten calls than ``F.rms_norm`` but more Python-level ones: no gain); calling the flash
+  SDPA kernel directly; planning the step's slots outside ``KVCache.plan`` (13 us per step).
 
-Measured on SmolLM2-135M (float32, 2 threads) in benchmarks/RESULTS.md ("CPU decode (issue 13)").
-``torch.compile`` of the step was measured too and is not used: see that section.
+Measured on SmolLM2-135M (float32 and int4, 2 threads) in benchmarks/RESULTS.md ("CPU decode
+(issue 13)"). ``torch.compile`` of the step was measured too and is not used: see that section.
 
 Cuda and npu models use decode graphs instead (``model/decode_graph.py``).
 """

@@ -7,9 +7,10 @@ against), and only :class:`model.fast_decode.DecodeStep` swaps these in. tests/o
 against the float32 reference like every other CPU implementation.
 
 At 135M parameters a decode step of the eager path spends about a third of its time outside
-the matrix products (benchmarks/RESULTS.md, "CPU decode (issue 13)"); these two ops were the
-largest share of it that needs no change of result. :class:`RotaryStep` is the step's own
-rotary: the tables every layer of one step shares are derived once per step, not per layer.
+the matrix products (benchmarks/RESULTS.md, "CPU decode (issue 13)"). Two variants keep state
+(:data:`PER_STEP`: the step binds a fresh instance of their class instead of the function):
+:class:`RotaryStep` derives the tables every layer of one step shares once per step, and
+:class:`Float32Cache` keeps float32 copies of a bfloat16 / float16 cache across steps.
 """
 from __future__ import annotations
 
