@@ -194,8 +194,6 @@ class MiniCPMForCausalLM:
                                 if config.lightning else None)
         # per layer α (μP residual scale); a list so validation/faults.py can drop one layer's
         self.residual_scales = [config.residual_scale] * config.num_hidden_layers
-        kv_width = shard.kv_heads * config.head_dim
-        self.qkv_sizes = (shard.heads * config.head_dim, kv_width, kv_width)
         self.lightning_layers = frozenset(i for i, layer in enumerate(self.layers) if layer.mixer == "lightning")
         self.slopes = (alibi_slopes(config.lightning.heads)[shard.head_start:shard.head_start + shard.heads].to(device)
                        if config.lightning else None)
@@ -358,7 +356,7 @@ class MiniCPMForCausalLM:
                 hidden.append(residual)
             if hidden_hook is not None:
                 hidden_hook(index, residual)
-        if logits_last_only:
+        if logits_last_only and x.shape[1] > 1:
             x = x[:, -1:]
         logits = self.tp.logits(ops, x / cfg.logit_scale, self.head_weight(ops))
         return ForwardOutput(logits=logits, hidden_states=hidden)
@@ -372,11 +370,10 @@ class MiniCPMForCausalLM:
         cfg = self.config
         batch, new, _ = x.shape
         d = cfg.head_dim
-        q, k, v = _linear(ops, x, layer.qkv).split(self.qkv_sizes, dim=-1)
         heads, kv_heads = self.tp.plan.heads, self.tp.plan.kv_heads
-        q = q.view(batch, new, heads, d)
-        k = k.view(batch, new, kv_heads, d)
-        v = v.view(batch, new, kv_heads, d)
+        # one view as heads, then split: the same q/k/v views as splitting the width first (2 calls, not 4)
+        qkv = _linear(ops, x, layer.qkv).view(batch, new, heads + 2 * kv_heads, d)
+        q, k, v = qkv.split((heads, kv_heads, kv_heads), dim=2)
         if cfg.attn_use_rope:
             q, k = ops.rotary(q, k, cos, sin)
         if cache is not None:

@@ -2,16 +2,17 @@
 ``model.forward`` one token at a time: the same logits (bitwise, float32), greedy tokens and
 cache contents (keys, values, lightning states, InfLLM-v2 kernels), on a dense, a SALA
 (lightning) and an InfLLM-v2 sparse checkpoint, and the dense one in bfloat16 (its lm_head packed
-for cpu.fbgemm), batch 1 and batch 3 with left padding; its two
-``cpu.decode`` ops against the everyday ones on the layouts the model gives them."""
+for cpu.fbgemm), batch 1 and batch 3 with left padding, and with eager steps between fast ones;
+its ``cpu.decode`` ops against the everyday ones on the layouts the model gives them (the float32
+cache copies, ``Float32Cache``, bitwise against attention_decode on the cache itself)."""
 from __future__ import annotations
 
 import pytest
 import torch
 
 import hal
-from backends.cpu.decode import kv_write_decode_cpu, rotary_decode_cpu
-from backends.cpu.ops import kv_write_cpu, rotary_cpu
+from backends.cpu.decode import Float32Cache, RotaryStep, kv_write_decode_cpu, rotary_decode_cpu
+from backends.cpu.ops import attention_decode_cpu, kv_write_cpu, rotary_cpu
 from hal.errors import InputError
 from model.fast_decode import DecodeStep
 from model.synthetic import _config, write_checkpoint
@@ -102,12 +103,47 @@ def test_generate_on_cpu_decodes_as_the_eager_loop(models):
     assert [row[1:] for row in out] == eager_tokens.t().tolist()
 
 
+def _rewound_decode(model, prompt: list[int], schedule: str) -> torch.Tensor:
+    """Greedy steps after ``prompt`` per ``schedule``: ``f`` a fast step, ``e`` an eager forward step,
+    ``r`` the cache rewound to the prompt (its length and lengths put back, the next steps
+    overwrite the slots after it). Returns the logits of the steps [steps, 1, V]."""
+    cache = model.new_cache(1, len(prompt) + len(schedule))
+    logits = []
+    with torch.inference_mode():
+        first = model.forward(torch.tensor([prompt]), cache=cache, logits_last_only=True).logits[:, -1].argmax(-1)
+        length, lengths = cache.length, cache.lengths.clone()
+        step = DecodeStep(model, cache)
+        token = first
+        for what in schedule:
+            if what == "r":
+                cache.length, cache.lengths, token = length, lengths.clone(), (first + 1) % 900
+                continue
+            last = step.step(token) if what == "f" else \
+                model.forward(token[:, None], cache=cache, logits_last_only=True).logits[:, -1]
+            token = last.argmax(-1)
+            logits.append(last.clone())
+    return torch.stack(logits)
+
+
+def test_eager_steps_and_a_rewind_between_fast_steps_decode_as_the_eager_loop(models):
+    """model.forward writing the cache between fast steps, also over slots a fast step wrote (the
+    bfloat16 step's float32 copies must not go stale): the same logits as eager steps throughout."""
+    model = models["tiny-bf16"]
+    prompt = _prompts(1)[0]
+    fast = _rewound_decode(model, prompt, "fefffrefff")
+    assert torch.equal(fast, _rewound_decode(model, prompt, "eeeeereeee"))
+
+
 def test_step_binds_the_decode_ops_and_keeps_the_rest(models):
     model = models["tiny"]
     step = DecodeStep(model, model.new_cache(1, 8))
     assert step.bound_ops["kv_write"] == "cpu.decode" and step.bound_ops["rotary"] == "cpu.decode"
     assert all(step.bound_ops[op] == model.bound_ops[op] for op in model.bound_ops if op not in ("kv_write", "rotary"))
     assert model.bound_ops["kv_write"] == model.bound_ops["rotary"] == "cpu.torch"  # the eager path's binding
+    # a bfloat16 cache: attention_decode reads the float32 copies kv_write keeps
+    bf16 = models["tiny-bf16"]
+    assert DecodeStep(bf16, bf16.new_cache(1, 8)).bound_ops["attention_decode"] == "cpu.decode"
+    assert bf16.bound_ops["attention_decode"] == "cpu.torch"
 
 
 def test_step_refuses_a_foreign_cache_and_bad_tokens(models):
@@ -132,6 +168,13 @@ def test_rotary_in_one_pass_equals_rotary_on_qkv_views(dtype, batch, new):
     ref_q, ref_k = rotary_cpu(q, k, cos, sin)
     assert fast_q.data_ptr() != ref_q.data_ptr()
     assert torch.equal(fast_q, ref_q) and torch.equal(fast_k, ref_k)
+    # the step's rotary: tables made for the first layer's cos/sin, new ones for other tensors
+    step = RotaryStep()
+    for _ in range(2):
+        assert all(torch.equal(a, b) for a, b in zip(step(q, k, cos, sin), (ref_q, ref_k)))
+    other = torch.rand(batch, new, d, generator=g) * 6
+    assert all(torch.equal(a, b) for a, b in zip(step(q, k, other.cos(), other.sin()),
+                                                 rotary_cpu(q, k, other.cos(), other.sin())))
     # not adjacent (k first, or separate tensors): the two-pass rotary
     swapped_q, swapped_k = rotary_decode_cpu(k.expand(batch, new, kv_heads, d), q, cos, sin)
     assert torch.equal(swapped_k, rotary_cpu(k, q, cos, sin)[1])
@@ -152,3 +195,41 @@ def test_kv_write_with_host_slots_equals_kv_write_with_and_without_skips():
         kv_write_cpu(*ref, k, v, slots)
         assert all(torch.equal(a, b) for a, b in zip(fast, ref))
         assert not torch.equal(fast[0], caches[0])
+
+
+def test_float32_copies_attention_equals_attention_on_the_cache():
+    """A bf16 cache written as decode writes it (a prompt, then one token per row per step: rows
+    of one length into one shared slot, then rows of different lengths with the shorter one's
+    padding tail read too): attention over the float32 copies, which convert only what they do
+    not hold yet, equals attention_decode on the cache itself after every step, bitwise; also
+    after an earlier slot is rewritten and the copies told to ``forget``. (Against the float32
+    reference: tests/ops, ``cpu.decode``.)"""
+    g = torch.Generator().manual_seed(5)
+    caches = [(torch.randn(2, 128, 2, 16, generator=g) * 3).bfloat16() for _ in range(2)]
+    for cache in caches:
+        cache[:, 20:] = 0  # never written: what a new cache holds
+        cache[1, 12:] = 0  # row 1's prompt is 12 tokens long
+    q = torch.randn(2, 1, 4, 16, generator=g).bfloat16()
+    copies = Float32Cache()
+
+    def write(seed: int, slots: list[list[int]]) -> None:
+        k, v = (torch.randn(2, 1, 2, 16, generator=torch.Generator().manual_seed(seed + i)).bfloat16() for i in (0, 1))
+        kv_write_decode_cpu(*caches, k, v, torch.tensor(slots))
+
+    def same(lengths: list[int]) -> None:
+        kv_lens = torch.tensor(lengths)
+        assert torch.equal(copies(q, *caches, kv_lens, 0.25), attention_decode_cpu(q, *caches, kv_lens, 0.25))
+
+    same([20, 12])  # the prompts: converted at the first call
+    for i in range(3):
+        write(i, [[20 + i], [12 + i]])
+        same([21 + i, 13 + i])
+    write(7, [[5], [5]])  # an earlier slot rewritten: the copies are told to forget
+    copies.forget()
+    same([23, 15])
+    for cache in caches:  # rows of one length: one shared slot per step
+        cache[1, :23] = cache[0, :23]
+    copies.forget()
+    for slot in (23, 24):
+        write(slot, [[slot], [slot]])
+        same([slot + 1, slot + 1])

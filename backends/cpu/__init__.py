@@ -78,6 +78,8 @@ register(Impl(op="kv_write", backend="cpu", name="decode", fn="backends.cpu.deco
               priority=DECODE_STEP_PRIORITY))
 register(Impl(op="rotary", backend="cpu", name="decode", fn="backends.cpu.decode:rotary_decode_cpu",
               priority=DECODE_STEP_PRIORITY, capturable=True))
+register(Impl(op="attention_decode", backend="cpu", name="decode", fn="backends.cpu.decode:attention_decode_copies_cpu",
+              priority=DECODE_STEP_PRIORITY))
 
 QUANTIZED_LINEARS = ("linear_int4", "linear_int8", "linear_ternary")
 

@@ -22,7 +22,7 @@ def rms_norm_composed(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torc
     """rms_norm in float32 with one rounding of the normalised x to x.dtype before the weight
     (the bf16/fp16 path; in float32 what the fused kernel computes)."""
     xf = x.float()
-    normed = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)
+    normed = xf * xf.pow(2).mean(-1, keepdim=True).add_(eps).rsqrt_()  # in place on the fresh [..., 1] mean
     return normed.to(x.dtype) * weight
 
 
@@ -31,7 +31,8 @@ def add_rms_norm_cpu(x: torch.Tensor, residual: torch.Tensor, weight: torch.Tens
     if x.dtype == torch.float32:
         new_residual = torch.add(residual, x, alpha=scale)
     else:
-        new_residual = torch.add(residual.float(), x.float(), alpha=scale).to(x.dtype)
+        # float32 sum, one rounding; x is promoted inside the add (exact, so no float32 copy of it)
+        new_residual = torch.add(residual.float(), x, alpha=scale).to(x.dtype)
     return rms_norm_cpu(new_residual, weight, eps), new_residual
 
 
@@ -56,14 +57,14 @@ def swiglu_cpu(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
     # silu(gate) before the product costs ~0.1 points of top-1 probability error on small models.
     if gate.dtype == torch.float32:
         return F.silu(gate) * up
-    return (F.silu(gate.float()) * up.float()).to(gate.dtype)
+    return F.silu(gate.float()).mul_(up).to(gate.dtype)  # up promoted in the product: no float32 copy
 
 
 def sigmoid_gate_cpu(x: torch.Tensor, gate: torch.Tensor) -> torch.Tensor:
     """x * sigmoid(gate), in float32 and rounded once (as swiglu)."""
     if x.dtype == torch.float32:
         return x * torch.sigmoid(gate)
-    return (x.float() * torch.sigmoid(gate.float())).to(x.dtype)
+    return torch.sigmoid(gate.float()).mul_(x).to(x.dtype)  # x promoted in the product: no float32 copy
 
 
 def linear_cpu(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
