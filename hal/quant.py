@@ -41,6 +41,9 @@ SOURCES = {
 }
 """Where each kind of container may come from (named in reports): ``rtn`` is round-to-nearest by
 ``python -m model.quantize``; ``bitcpm4`` is a fake-quantized ternary checkpoint packed at load."""
+TABLE_SOURCES = ("q8_0", "q4_0", "q4_1")
+"""Sources of a quantized token table `[V, E]` (a GGUF's ``token_embd``, read by the ``embedding`` and
+``logits`` ops through their implementations' ``prepare``: hal/ops.py, "Quantized token tables")."""
 
 
 def _check(name: str, cond: bool, what: str) -> None:
@@ -114,6 +117,15 @@ class QuantizedWeight:
 
     def dequantize(self) -> torch.Tensor:
         """float32 `[O, K]`: the exact decoding of the source format."""
+        return self._decode(self._fields())
+
+    def dequantize_rows(self, rows: torch.Tensor | slice) -> torch.Tensor:
+        """float32 `[n, K]`: rows ``rows`` (an int64 index `[n]` or a slice) of :meth:`dequantize`,
+        bit for bit, decoding only those rows (the lookups of a quantized token table)."""
+        return self._decode({k: (v[rows] if v is not None else None) for k, v in self._fields().items()})
+
+    def _decode(self, fields: dict[str, torch.Tensor | None]) -> torch.Tensor:
+        """The format's float32 formula over ``fields`` (the container's per-row tensors, all rows or some)."""
         raise NotImplementedError
 
 
@@ -171,10 +183,10 @@ class Int4Weight(QuantizedWeight):
         """uint8 `[O, K]`: the 4-bit codes q."""
         return unpack_int4(self.packed)
 
-    def dequantize(self) -> torch.Tensor:
-        q = self.values().float()
-        w = _expand(self.scales, self.group_size) * (q - _expand(self.zeros, self.group_size))
-        return w if self.mins is None else w + _expand(self.mins, self.group_size)
+    def _decode(self, f: dict[str, torch.Tensor | None]) -> torch.Tensor:
+        q = unpack_int4(f["packed"]).float()
+        w = _expand(f["scales"], self.group_size) * (q - _expand(f["zeros"], self.group_size))
+        return w if f["mins"] is None else w + _expand(f["mins"], self.group_size)
 
 
 @dataclass(frozen=True, eq=False)
@@ -190,8 +202,8 @@ class Int8Weight(QuantizedWeight):
     def _fields(self) -> dict[str, torch.Tensor | None]:
         return {"q": self.q, "scales": self.scales}
 
-    def dequantize(self) -> torch.Tensor:
-        return _expand(self.scales, self.group_size) * self.q.float()
+    def _decode(self, f: dict[str, torch.Tensor | None]) -> torch.Tensor:
+        return _expand(f["scales"], self.group_size) * f["q"].float()
 
 
 @dataclass(frozen=True, eq=False)
@@ -212,8 +224,8 @@ class TernaryWeight(QuantizedWeight):
         """int8 `[O, K]` in {-1, 0, 1}."""
         return unpack_ternary(self.packed)
 
-    def dequantize(self) -> torch.Tensor:
-        return _expand(self.scales, self.group_size) * self.values().float()
+    def _decode(self, f: dict[str, torch.Tensor | None]) -> torch.Tensor:
+        return _expand(f["scales"], self.group_size) * unpack_ternary(f["packed"]).float()
 
 
 def fusable(a: QuantizedWeight, b: QuantizedWeight) -> bool:
