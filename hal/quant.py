@@ -134,6 +134,12 @@ def _expand(groups: torch.Tensor, group_size: int) -> torch.Tensor:
     return groups.repeat_interleave(group_size, dim=1)
 
 
+def _grouped(values: torch.Tensor, group_size: int) -> torch.Tensor:
+    """`[O, K]` -> `[O, G, group_size]` (a view when contiguous): the layout in which `[O, G, 1]` group values
+    broadcast, the same products as with :func:`_expand` without materialising it."""
+    return values.reshape(values.shape[0], -1, group_size)
+
+
 def unpack_int4(packed: torch.Tensor) -> torch.Tensor:
     """uint8 `[O, K/2]` -> uint8 `[O, K]` values 0..15 (low nibble first)."""
     return torch.stack((packed & 0xF, packed >> 4), dim=-1).flatten(-2)
@@ -184,9 +190,10 @@ class Int4Weight(QuantizedWeight):
         return unpack_int4(self.packed)
 
     def _decode(self, f: dict[str, torch.Tensor | None]) -> torch.Tensor:
-        q = unpack_int4(f["packed"]).float()
-        w = _expand(f["scales"], self.group_size) * (q - _expand(f["zeros"], self.group_size))
-        return w if f["mins"] is None else w + _expand(f["mins"], self.group_size)
+        q = _grouped(unpack_int4(f["packed"]), self.group_size).float()
+        w = f["scales"][..., None] * (q - f["zeros"][..., None])
+        w = w if f["mins"] is None else w + f["mins"][..., None]
+        return w.flatten(1)
 
 
 @dataclass(frozen=True, eq=False)
@@ -203,7 +210,8 @@ class Int8Weight(QuantizedWeight):
         return {"q": self.q, "scales": self.scales}
 
     def _decode(self, f: dict[str, torch.Tensor | None]) -> torch.Tensor:
-        return _expand(f["scales"], self.group_size) * f["q"].float()
+        # int8 * float32 promotes each code to float32 exactly, then one rounded product as before
+        return (_grouped(f["q"], self.group_size) * f["scales"][..., None]).flatten(1)
 
 
 @dataclass(frozen=True, eq=False)

@@ -161,3 +161,17 @@ def test_float32_decodes_the_table_at_load(ggufs):
     """float32 keeps its single GEMM over a dense table (bitwise the dequantized file's logits)."""
     kept = hal.load_model(ggufs["Q8_0"], "cpu", "float32")
     assert isinstance(kept.embed, torch.Tensor) and torch.equal(kept.embed, gguf_table(ggufs["Q8_0"]))
+
+
+def test_floor_copies_keep_a_table_that_rounding_leaves_unchanged(ggufs):
+    """validation/floor.py's rounded-weights copy: a bfloat16 table's values (float16 scale x small
+    integer, rounded to 8 bits) are all float16 values, so rounding to either dtype keeps the table
+    itself, and the copy's logits are the dense-table model's copy's."""
+    from validation.floor import weights_rounded
+
+    model = hal.load_model(ggufs["Q8_0"], "cpu", "bfloat16")
+    dense = hal.load_model(ggufs["Q8_0"], "cpu", "bfloat16", op_overrides={"embedding": embedding_cpu})
+    for dtype in (torch.bfloat16, torch.float16):
+        rounded = weights_rounded(model, dtype)
+        assert rounded.embed is model.embed and rounded.lm_head is rounded.embed
+        assert torch.equal(rounded.logits(IDS), weights_rounded(dense, dtype).logits(IDS))

@@ -49,6 +49,9 @@ dense tensor (shapes only). Measured on SmolLM2's [49152, 576], load < 1
 between 8 and 32 rows."""
 CHECK_ROWS = 4096
 """Rows of the weight checked per step at prepare (keeps the float32 temporaries small)."""
+TABLE_ROWS = 512
+"""Rows of a quantized table decoded per step at prepare: its temporaries (~5 per step, 1.2 MB each
+on SmolLM2) stay small enough that the heap they leave behind after load is small too."""
 
 
 @dataclass(frozen=True)
@@ -164,7 +167,7 @@ def _prepare_table(table: CodesTable) -> Fp16Packed | Fp16Refused:
     if table.dtype not in (torch.bfloat16, torch.float16):
         return Fp16Refused(table, f"fbgemm packs bfloat16 / float16 tables, got {table.dtype}")
     vocab, width = table.shape
-    chunks = [slice(start, start + CHECK_ROWS) for start in range(0, vocab, CHECK_ROWS)]
+    chunks = [slice(start, start + TABLE_ROWS) for start in range(0, vocab, TABLE_ROWS)]
     top = 0.0
     for rows in chunks:
         block = table.rows(rows)
