@@ -57,7 +57,7 @@ Semantics (what every implementation must compute; the float32 reference in
 
 Quantized token tables (``embedding`` and ``logits`` over a ``hal.quant`` container)
     A GGUF loaded with its quantized tensors kept holds its Q8_0 / Q4_0 / Q4_1 ``token_embd``
-    (``hal.quant.TABLE_SOURCES``; with tied embeddings also the lm_head) as a container `[V, E]`
+    (the types of ``model.gguf_quant.KEPT``; with tied embeddings also the lm_head) as a container `[V, E]`
     (groups along E), not as a dense tensor. Its table is ``W = weight.dequantize().to(dtype)``,
     the dense tensor a dequantizing load holds (``dtype``: the model's), and both ops mean
     exactly what they mean on ``W``, with the same tolerances: the lookup is exact, the logits are

@@ -41,9 +41,6 @@ SOURCES = {
 }
 """Where each kind of container may come from (named in reports): ``rtn`` is round-to-nearest by
 ``python -m model.quantize``; ``bitcpm4`` is a fake-quantized ternary checkpoint packed at load."""
-TABLE_SOURCES = ("q8_0", "q4_0", "q4_1")
-"""Sources of a quantized token table `[V, E]` (a GGUF's ``token_embd``, read by the ``embedding`` and
-``logits`` ops through their implementations' ``prepare``: hal/ops.py, "Quantized token tables")."""
 
 
 def _check(name: str, cond: bool, what: str) -> None:
