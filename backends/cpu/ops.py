@@ -86,11 +86,9 @@ def logits_cpu(x: torch.Tensor, weight: torch.Tensor | CodesTable) -> torch.Tens
     products as on its dense form, bitwise, in bf16 / fp16)."""
     xf = x.float()
     if isinstance(weight, CodesTable):
-        rows = weight.rows
-    elif weight.dtype == torch.float32:
+        return _logits_codes(xf, weight, x.shape[:-1])
+    if weight.dtype == torch.float32:
         return F.linear(xf, weight)
-    else:
-        rows = weight.__getitem__
     vocab, width = weight.shape
     x_t = xf.reshape(-1, width).t().contiguous()  # [E, M]
     out_t = torch.empty(vocab, x_t.shape[1], dtype=torch.float32, device=x.device)  # [V, M]
@@ -98,11 +96,27 @@ def logits_cpu(x: torch.Tensor, weight: torch.Tensor | CodesTable) -> torch.Tens
     # inference_mode, could not be written outside it
     buffer = torch.empty(min(LOGITS_ROWS_PER_CHUNK, vocab), width, dtype=torch.float32, device=x.device)
     for start in range(0, vocab, LOGITS_ROWS_PER_CHUNK):
-        block = rows(slice(start, start + LOGITS_ROWS_PER_CHUNK))
-        chunk = buffer[:block.shape[0]]
-        chunk.copy_(block)
-        torch.mm(chunk, x_t, out=out_t[start:start + block.shape[0]])
+        rows = weight[start:start + LOGITS_ROWS_PER_CHUNK]
+        chunk = buffer[:rows.shape[0]]
+        chunk.copy_(rows)
+        torch.mm(chunk, x_t, out=out_t[start:start + rows.shape[0]])
     return out_t.t().reshape(*x.shape[:-1], vocab)
+
+
+def _logits_codes(xf: torch.Tensor, table: CodesTable, lead: torch.Size) -> torch.Tensor:
+    """:func:`logits_cpu` over a quantized table: each chunk of rows decoded into the scratch buffer
+    (:meth:`CodesTable.rows_into`), the same products as over the dense table."""
+    vocab, width = table.shape
+    x_t = xf.reshape(-1, width).t().contiguous()  # [E, M]
+    out_t = torch.empty(vocab, x_t.shape[1], dtype=torch.float32, device=xf.device)  # [V, M]
+    rows = min(LOGITS_ROWS_PER_CHUNK, vocab)
+    buffer = torch.empty(rows, width, dtype=torch.float32, device=xf.device)
+    scratch = torch.empty(rows, width, dtype=table.dtype, device=xf.device)
+    for start in range(0, vocab, LOGITS_ROWS_PER_CHUNK):
+        chunk = buffer[:min(LOGITS_ROWS_PER_CHUNK, vocab - start)]
+        table.rows_into(slice(start, start + chunk.shape[0]), chunk, scratch)
+        torch.mm(chunk, x_t, out=out_t[start:start + chunk.shape[0]])
+    return out_t.t().reshape(*lead, vocab)
 
 
 def _visibility_mask(new: int, keys: int, kv_start: torch.Tensor | None,
