@@ -76,8 +76,3 @@ def prepare_embedding(ops: BoundOps, weight, dtype: torch.dtype, device: torch.d
     if isinstance(prepared, torch.Tensor):
         return prepared.to(device)
     return PreparedTable(weight, dtype, ops.record["embedding"].impl, prepared)
-
-
-def dense_table(table) -> torch.Tensor:
-    """``table`` (a dense tensor or a :class:`PreparedTable`) as a dense tensor (a new one for a table)."""
-    return table.dense() if isinstance(table, PreparedTable) else table
