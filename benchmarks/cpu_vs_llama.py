@@ -83,11 +83,20 @@ def quantized_linears(model) -> int:
 
 def without_prepared_head(model):
     """A shallow copy of ``model`` whose logits op receives the dense lm_head (``cpu.fbgemm`` then
-    runs the chunked float32 path, ``logits_cpu``): the before of the same weights and binding."""
+    runs the chunked float32 path, ``logits_cpu``; a quantized table: its codes, decoded chunk by
+    chunk by the same path): the before of the same weights and binding."""
     import copy
+
+    from model.minicpm import PreparedHead
+    from model.table import PreparedTable
 
     plain = copy.copy(model)
     plain.head = None
+    if isinstance(model.lm_head, PreparedTable):  # a quantized table: the chunked decoding of its codes
+        from backends.cpu.table import CodesTable
+
+        codes = CodesTable(model.lm_head.container, model.dtype)
+        plain.head = PreparedHead(model.head.impl, model.lm_head, codes, codes.layout, 0)
     return plain
 
 
@@ -105,7 +114,8 @@ def our_weight_bytes(model) -> int:
             if pointer not in seen:
                 seen.add(pointer)
                 total += item.untyped_storage().nbytes()
-        else:  # a prepared quantized linear (model.minicpm.PreparedLinear)
+        elif id(item) not in seen:  # a prepared quantized linear or embedding table (tied: once)
+            seen.add(id(item))
             total += int(getattr(item, "prepared_bytes"))
     return total
 

@@ -73,8 +73,10 @@ class OursEngine:
     def weight_bytes(self) -> int:
         m = self.model
         tensors = [m.embed, m.lm_head, m.final_norm]
-        tensors += [t for layer in m.layers for t in vars(layer).values() if isinstance(t, torch.Tensor)]
-        return weight_bytes(tensors)
+        tensors += [t for layer in m.layers for t in vars(layer).values()]
+        tables = {id(t): t for t in tensors if hasattr(t, "prepared_bytes")}  # quantized (model/table.py, PreparedLinear)
+        return weight_bytes([t for t in tensors if isinstance(t, torch.Tensor)]) + sum(
+            t.prepared_bytes for t in tables.values())
 
     def kv_bytes_per_token(self) -> int:
         """KV cache bytes one token costs across the attention layers (keys and values)."""

@@ -10,7 +10,8 @@ copy where ``cpu.fbgemm`` serves logits; the checkpoint containers' bytes beside
 RSS after loading minus the RSS before (same imports; freed heap returned to the OS with ``malloc_trim``
 before each reading), and how much of that RSS is pages of mapped files. Each
 is given as a ratio to dense bfloat16, for the whole model and for the decoder linears only (the
-embedding stays dense: on SmolLM2-135M it is 28.3M of 134.5M parameters).
+embedding, 28.3M of SmolLM2-135M's 134.5M parameters, is dense except in a GGUF kept quantized,
+whose Q8_0 ``token_embd`` stays as its codes: ``model/table.py``).
 
 Formats: ``bf16`` (the GGUF decoded at load into bfloat16), the GGUF kept quantized (Q4_1; Q4_0
 with ``--q4-0``), and ``python -m model.quantize`` outputs of the same weights (gptq-int4 g64: 128 does not divide 576,
@@ -83,17 +84,23 @@ def _one(path: str, quantize: str | None, prefer: dict[str, str] | None = None) 
     _trim()
     after, file_after = _rss_bytes(), _file_rss_bytes()
     q = quantization.describe(model)
-    embed = model.embed.numel() * model.embed.element_size()
-    return {"rss_bytes": after - before, "file_rss_bytes": file_after - file_before, "weight_bytes": q["weight_bytes"], "embedding_bytes": embed,
-            "formats": sorted({g["format"] + " -> " + g["impl"] for g in q["groups"]}),
-            "dense_linear_bytes": q["weight_bytes"]["dense"] - embed - model.final_norm.numel() * 2
+    table = quantization.embedding(model)
+    embed = table["bytes"]
+    dense_embed = 0 if table["impl"] else embed  # a quantized table is not among the dense bytes
+    formats = {g["format"] + " -> " + g["impl"] for g in q["groups"]}
+    if table["impl"]:
+        formats.add(f"embedding {table['format']} -> {table['impl']}")
+    return {"rss_bytes": after - before, "file_rss_bytes": file_after - file_before, "weight_bytes": q["weight_bytes"],
+            "embedding_bytes": embed, "embedding_format": table["format"], "formats": sorted(formats),
+            "dense_linear_bytes": q["weight_bytes"]["dense"] - dense_embed - model.final_norm.numel() * 2
                                   - sum(layer.input_norm.numel() * 2 + layer.post_norm.numel() * 2
                                         for layer in model.layers)}
 
 
 def _held(w: dict[str, int]) -> int:
-    """Weight bytes the model holds: dense tensors, prepared quantized linears, the prepared lm_head."""
-    return w["dense"] + w["quantized_prepared"] + w.get("lm_head_prepared", 0)
+    """Weight bytes the model holds: dense tensors, prepared quantized linears, a quantized embedding
+    table, the prepared lm_head."""
+    return w["dense"] + w["quantized_prepared"] + w.get("embedding", 0) + w.get("lm_head_prepared", 0)
 
 
 def measure(path: str | Path, quantize: str | None = None, prefer: dict[str, str] | None = None) -> dict[str, Any]:
@@ -174,10 +181,12 @@ def _table(title: str, runs: list[Run]) -> list[dict[str, Any]]:
     print(f"\nembedding (dense bf16): {base['embedding_bytes'] / 1e6:.1f} MB = "
           f"{base['embedding_bytes'] / base_w:.1%} of the bf16 weights")
     for r in results:
+        if r.get("embedding_format", "dense").split()[0] != "dense":
+            print(f"{r['format']}: embedding kept {r['embedding_format']}, {r['embedding_bytes'] / 1e6:.1f} MB")
         extra = r["weight_bytes"].get("lm_head_prepared", 0)
         if extra:
             print(f"{r['format']}: weight bytes include the lm_head packed for cpu.fbgemm, {extra / 1e6:.1f} MB "
-                  "beside the dense embedding")
+                  "beside the embedding")
     return results
 
 

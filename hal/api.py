@@ -88,7 +88,8 @@ def load_model(path: str | Path, device: str = "auto", dtype: str | torch.dtype 
         op_overrides: op name -> callable replacing the bound implementation (fault injection).
         quantize: ``None`` / ``"keep"``: GPTQ int4 and GGUF Q4_0 / Q4_1 / Q8_0 decoder linears stay
             quantized (``hal.quant`` containers, served by ``linear_int4`` / ``linear_int8``;
-            embedding, norms and lm_head are dense); ``"dequantize"``: every weight dense in
+            a GGUF's Q4_0 / Q4_1 / Q8_0 token embedding too, a tied lm_head with it, as its codes
+            on the CPU in bfloat16 / float16 (``model/table.py``); norms and the rest are dense); ``"dequantize"``: every weight dense in
             ``dtype`` (the old behaviour); ``"ternary"``: also pack the fake-quantized ternary
             linears of a BitCPM4-style checkpoint (``model/ternary.py``; CheckpointError when a
             decoder linear is not ternary). With ``tp`` > 1, ``None`` means ``"dequantize"`` (the

@@ -57,6 +57,20 @@ Semantics (what every implementation must compute; the float32 reference in
     dtype: bf16-rounded logits alone move top-1 probabilities by ~0.5% on average (several %
     at worst), which would hide the accuracy of everything before them.
 
+Quantized token tables (``embedding`` and ``logits`` over a ``hal.quant`` container)
+    A GGUF loaded with its quantized tensors kept holds its Q8_0 / Q4_0 / Q4_1 ``token_embd``
+    (the types of ``model.gguf_quant.KEPT``; with tied embeddings also the lm_head) as a container `[V, E]`
+    (groups along E), not as a dense tensor. Its table is ``W = weight.dequantize().to(dtype)``,
+    the dense tensor a dequantizing load holds (``dtype``: the model's), and both ops mean
+    exactly what they mean on ``W``, with the same tolerances: the lookup is exact, the logits are
+    bf16 x bf16 products summed in float32. As with the quantized linears, the op receives what
+    the bound implementation's ``prepare`` made of the container (``model/table.py``): cpu.torch
+    its codes (``backends/cpu/table.py``: a lookup decodes its rows, the logits decode chunks of
+    rows into a float32 scratch buffer; float32 models decode the table at load), cpu.fbgemm's
+    logits its packed float16 form made from the decoded rows, the reference ``W`` itself (its
+    float32 decoding in the judge). An implementation without such a prepare (cuda, npu) gets ``W``
+    decoded at load: the model then holds it dense.
+
 ``attention_prefill(q [B, T, H, D], k [B, T, Hk, D], v [B, T, Hk, D], kv_start [B] int64 | None,
 scale) -> [B, T, H, D]``
     Causal grouped-query attention: query head h reads KV head ``h // (H // Hk)``. Query t sees

@@ -114,12 +114,27 @@ class QuantizedWeight:
 
     def dequantize(self) -> torch.Tensor:
         """float32 `[O, K]`: the exact decoding of the source format."""
+        return self._decode(self._fields())
+
+    def dequantize_rows(self, rows: torch.Tensor | slice) -> torch.Tensor:
+        """float32 `[n, K]`: rows ``rows`` (an int64 index `[n]` or a slice) of :meth:`dequantize`,
+        bit for bit, decoding only those rows (the lookups of a quantized token table)."""
+        return self._decode({k: (v[rows] if v is not None else None) for k, v in self._fields().items()})
+
+    def _decode(self, fields: dict[str, torch.Tensor | None]) -> torch.Tensor:
+        """The format's float32 formula over ``fields`` (the container's per-row tensors, all rows or some)."""
         raise NotImplementedError
 
 
 def _expand(groups: torch.Tensor, group_size: int) -> torch.Tensor:
     """`[O, G]` -> `[O, G * group_size]`: each group's value repeated over its input features."""
     return groups.repeat_interleave(group_size, dim=1)
+
+
+def _grouped(values: torch.Tensor, group_size: int) -> torch.Tensor:
+    """`[O, K]` -> `[O, G, group_size]` (a view when contiguous): the layout in which `[O, G, 1]` group values
+    broadcast, the same products as with :func:`_expand` without materialising it."""
+    return values.reshape(values.shape[0], -1, group_size)
 
 
 def unpack_int4(packed: torch.Tensor) -> torch.Tensor:
@@ -171,10 +186,11 @@ class Int4Weight(QuantizedWeight):
         """uint8 `[O, K]`: the 4-bit codes q."""
         return unpack_int4(self.packed)
 
-    def dequantize(self) -> torch.Tensor:
-        q = self.values().float()
-        w = _expand(self.scales, self.group_size) * (q - _expand(self.zeros, self.group_size))
-        return w if self.mins is None else w + _expand(self.mins, self.group_size)
+    def _decode(self, f: dict[str, torch.Tensor | None]) -> torch.Tensor:
+        q = _grouped(unpack_int4(f["packed"]), self.group_size).float()
+        w = f["scales"][..., None] * (q - f["zeros"][..., None])
+        w = w if f["mins"] is None else w + f["mins"][..., None]
+        return w.flatten(1)
 
 
 @dataclass(frozen=True, eq=False)
@@ -190,8 +206,9 @@ class Int8Weight(QuantizedWeight):
     def _fields(self) -> dict[str, torch.Tensor | None]:
         return {"q": self.q, "scales": self.scales}
 
-    def dequantize(self) -> torch.Tensor:
-        return _expand(self.scales, self.group_size) * self.q.float()
+    def _decode(self, f: dict[str, torch.Tensor | None]) -> torch.Tensor:
+        # int8 * float32 promotes each code to float32 exactly, then one rounded product as before
+        return (_grouped(f["q"], self.group_size) * f["scales"][..., None]).flatten(1)
 
 
 @dataclass(frozen=True, eq=False)
@@ -212,8 +229,8 @@ class TernaryWeight(QuantizedWeight):
         """int8 `[O, K]` in {-1, 0, 1}."""
         return unpack_ternary(self.packed)
 
-    def dequantize(self) -> torch.Tensor:
-        return _expand(self.scales, self.group_size) * self.values().float()
+    def _decode(self, f: dict[str, torch.Tensor | None]) -> torch.Tensor:
+        return _expand(f["scales"], self.group_size) * unpack_ternary(f["packed"]).float()
 
 
 def fusable(a: QuantizedWeight, b: QuantizedWeight) -> bool:

@@ -25,8 +25,10 @@ converter (``LlamaModel.permute``) stores each head's rows reordered as
 
 Kept quantized (``keep=True``, the default of ``hal.load_model`` for a GGUF): the decoder layers'
 linears of types Q4_0 / Q4_1 / Q8_0 become ``hal.quant`` containers (``model/gguf_quant.py``), their
-rows unpermuted alike (a row permutation moves each row's blocks with it). The embedding, the
-norms and lm_head stay dense (dequantized into the model dtype), as do linears of other types.
+rows unpermuted alike (a row permutation moves each row's blocks with it). So does the token
+embedding of those types (``token_embd.weight``, usually Q8_0; with tied embeddings also the
+lm_head): the model holds its codes (``model/table.py``). The norms and an untied lm_head stay dense
+(dequantized into the model dtype), as do tensors of other types.
 """
 from __future__ import annotations
 
@@ -203,12 +205,17 @@ def _check_tensors(file: GGUFFile, config: MiniCPMConfig, names: dict[str, str])
                               + (f" (and {len(extra) - 1} more)" if len(extra) > 1 else ""))
 
 
+EMBEDDING = "model.embed_tokens.weight"
+
+
 def kept_quantized(file: GGUFFile, hf_name: str, gguf_name: str) -> bool:
-    """True when ``hf_name`` is a decoder-layer linear stored in a type kept quantized."""
+    """True when ``hf_name`` is a decoder-layer linear or the token embedding stored in a type kept
+    quantized."""
     from model.gguf_quant import KEPT
 
-    return (hf_name.startswith("model.layers.") and hf_name.removesuffix(".weight").endswith(QUANTIZED)
-            and file.type_name(gguf_name) in KEPT)
+    kept = hf_name == EMBEDDING or (hf_name.startswith("model.layers.")
+                                    and hf_name.removesuffix(".weight").endswith(QUANTIZED))
+    return kept and file.type_name(gguf_name) in KEPT
 
 
 def _quantized_tensor(file: GGUFFile, gguf_name: str) -> quant.QuantizedWeight:
@@ -227,7 +234,7 @@ def _quantized_tensor(file: GGUFFile, gguf_name: str) -> quant.QuantizedWeight:
 def iter_hf_tensors(file: GGUFFile, config: MiniCPMConfig, dtype: torch.dtype, keep: bool = False,
                     shard: ShardPlan | None = None):
     """Yields (HF name, tensor in ``dtype`` on the CPU, HF row order), one tensor at a time;
-    ``keep``: Q4_0 / Q4_1 / Q8_0 decoder linears as ``hal.quant`` containers instead.
+    ``keep``: Q4_0 / Q4_1 / Q8_0 decoder linears and token embedding as ``hal.quant`` containers instead.
     shard: only this tensor-parallel rank's slice of each (dense) tensor (``model/sharding.py``;
     ``keep`` does not apply then); the q/k row permutation stays inside each head, so a slice of
     whole heads unpermutes alone."""
@@ -254,7 +261,7 @@ def load_gguf_weights(file: GGUFFile, config: MiniCPMConfig, dtype: torch.dtype,
     """Every tensor of the GGUF dequantized into ``dtype`` on ``device``, under the HF names, with
     each layer's projections fused as ``model.checkpoint.FUSED`` says: what
     ``model.checkpoint.load_weights`` returns for the same model in safetensors. ``keep``: the
-    Q4_0 / Q4_1 / Q8_0 decoder linears stay ``hal.quant`` containers (on the CPU)."""
+    Q4_0 / Q4_1 / Q8_0 decoder linears and token embedding stay ``hal.quant`` containers (on the CPU)."""
     weights: dict[str, torch.Tensor] = {}
     for name, tensor in iter_hf_tensors(file, config, dtype, keep, shard):
         weights[name] = tensor if isinstance(tensor, quant.QuantizedWeight) else tensor.to(device)

@@ -21,6 +21,7 @@ from model.cache import KVCache
 from model.config import GenerationDefaults, MiniCPMConfig
 from model.rope import RopeTable
 from model.slopes import alibi_slopes
+from model.table import PreparedTable, prepare_embedding
 from model.tp import TensorParallel
 from model.tp import single as single_rank
 
@@ -70,20 +71,25 @@ def _held_bytes(prepared, default: int) -> int:
 class PreparedHead:
     """The lm_head as the bound ``logits`` implementation prepared it (``BoundOps.prepare``, e.g.
     ``cpu.fbgemm``'s packed float16 copy): ``weight`` is what that implementation receives,
-    ``source`` the dense `[V, E]` tensor it was made from (the model's own, not a copy: the
-    embedding of a tied lm_head reads it), ``layout`` the prepared form's name and
-    ``prepared_bytes`` what it holds in addition to ``source``."""
+    ``source`` the dense `[V, E]` tensor or the quantized table (``model/table.py``) it was made
+    from (the model's own, not a copy: the embedding of a tied lm_head reads it), ``layout`` the
+    prepared form's name and ``prepared_bytes`` what it holds in addition to ``source``."""
 
     impl: str
-    source: torch.Tensor
+    source: torch.Tensor | PreparedTable
     weight: object
     layout: str
     prepared_bytes: int
 
 
-def prepare_head(ops: BoundOps, lm_head: torch.Tensor) -> PreparedHead | None:
+def prepare_head(ops: BoundOps, lm_head: torch.Tensor | PreparedTable) -> PreparedHead | None:
     """The bound ``logits`` implementation's form of ``lm_head`` (made once), or None where it has
-    no prepare (it then receives the dense tensor)."""
+    no prepare (it then receives the dense tensor). A quantized table: the implementation's form
+    of its container (the dense table, held here, where it has no prepare for one)."""
+    if isinstance(lm_head, PreparedTable):
+        prepared = lm_head.for_ops(ops, "logits")
+        layout = getattr(prepared, "layout", "dense (decoded at load)")
+        return PreparedHead(ops.record["logits"].impl, lm_head, prepared, layout, _held_bytes(prepared, 0))
     prepared = ops.prepare("logits", lm_head)
     if prepared is lm_head:
         return None
@@ -178,7 +184,8 @@ class MiniCPMForCausalLM:
         self.dtype = dtype
         self.path = path
         self.generation_defaults = generation or GenerationDefaults()
-        self.embed = weights["model.embed_tokens.weight"]
+        # a dense tensor, or a quantized table kept as its codes (model/table.py)
+        self.embed = prepare_embedding(ops, weights["model.embed_tokens.weight"], dtype, device)
         self.final_norm = weights["model.norm.weight"]
         self.lm_head = self.embed if config.tie_word_embeddings else weights["lm_head.weight"]
         self.head = prepare_head(ops, self.lm_head)
@@ -262,7 +269,14 @@ class MiniCPMForCausalLM:
         head = self.head
         if head is not None and head.source is self.lm_head and ops.record["logits"].impl == head.impl:
             return head.weight
+        if isinstance(self.lm_head, PreparedTable):
+            return self.lm_head.for_ops(ops, "logits")
         return self.lm_head
+
+    def embed_weight(self, ops: BoundOps):
+        """What ``ops.embedding`` receives: the dense table, or a quantized table's prepared form
+        (:meth:`model.table.PreparedTable.for_ops`)."""
+        return self.embed.for_ops(ops, "embedding") if isinstance(self.embed, PreparedTable) else self.embed
 
     # -- forward ------------------------------------------------------------------------------
 
@@ -336,7 +350,7 @@ class MiniCPMForCausalLM:
         cfg = self.config
         cos, sin = rope
         real = self._real_tokens(input_ids, cache, kv_start) if self.lightning_layers else None
-        h = self.tp.embed(ops, input_ids, self.embed) * cfg.scale_emb
+        h = self.tp.embed(ops, input_ids, self.embed_weight(ops)) * cfg.scale_emb
         hidden: list[torch.Tensor] | None = [h] if output_hidden_states else None
         residual = h
         x = ops.rms_norm(h, self.layers[0].input_norm, cfg.rms_norm_eps)

@@ -84,9 +84,13 @@ def single(config, device: torch.device) -> TensorParallel:
 
 def weight_bytes(model) -> int:
     """Bytes of the weights this rank holds (embedding, lm_head if untied, norms, layers; a
-    prepared quantized linear counts its ``prepared_bytes``, a prepared lm_head its extra bytes)."""
-    tensors = {id(t): t for t in (model.embed, model.lm_head, model.final_norm)}
+    prepared quantized linear or a quantized embedding table (``model/table.py``, once when tied)
+    counts its ``prepared_bytes``, a prepared lm_head its extra bytes)."""
+    tensors, tables = {}, {}
+    for t in (model.embed, model.lm_head, model.final_norm):
+        (tensors if isinstance(t, torch.Tensor) else tables)[id(t)] = t
     prepared = model.head.prepared_bytes if model.head is not None else 0
+    prepared += sum(t.prepared_bytes for t in tables.values())
     for layer in model.layers:
         for value in vars(layer).values():
             if isinstance(value, torch.Tensor):

@@ -134,14 +134,24 @@ def _round_weight(value: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     return value if rounded is value or torch.equal(rounded, value) else rounded
 
 
+def _round_table(table: Any, dtype: torch.dtype) -> Any:
+    """:func:`_round_weight` of an embedding / lm_head; a quantized table (``model/table.py``) is
+    rounded as its dense table (a new dense tensor), or stays itself when rounding changes nothing."""
+    if isinstance(table, torch.Tensor):
+        return _round_weight(table, dtype)
+    dense = table.dense()
+    rounded = _round_weight(dense, dtype)
+    return table if rounded is dense else rounded
+
+
 def weights_rounded(model: Any, dtype: torch.dtype) -> Any:
     """A shallow copy of ``model`` whose weights are rounded to ``dtype`` and kept in the model's
     dtype (the original is untouched; each rounded tensor that differs is one new copy, the others
     are the model's own)."""
     out = copy.copy(model)
-    out.embed = _round_weight(model.embed, dtype)
+    out.embed = _round_table(model.embed, dtype)
     out.final_norm = _round_weight(model.final_norm, dtype)
-    out.lm_head = out.embed if model.lm_head is model.embed else _round_weight(model.lm_head, dtype)
+    out.lm_head = out.embed if model.lm_head is model.embed else _round_table(model.lm_head, dtype)
     out.layers = [dataclasses.replace(layer, **{f.name: _round_weight(getattr(layer, f.name), dtype)
                                                 for f in dataclasses.fields(layer)
                                                 if isinstance(getattr(layer, f.name), torch.Tensor)})

@@ -119,7 +119,7 @@ def _parameter_count(model: Any) -> int:
         from model.checkpoint import expected_shapes
 
         return sum(math.prod(shape) for shape in expected_shapes(model.config).values())
-    total = model.embed.numel() + model.final_norm.numel()
+    total = model.embed.numel() + model.final_norm.numel()  # a quantized table (model/table.py) has numel()
     if model.lm_head is not model.embed:
         total += model.lm_head.numel()
     for layer in model.layers:

@@ -1,6 +1,7 @@
 """What a report says about a model's quantized linears: per linear its checkpoint format
 (``hal.quant`` container ``format``, e.g. ``q4_1 int4 g32``), the implementation that prepared it,
-the container's bytes and the bytes the model holds after ``prepare``; the lm_head's prepared form
+the container's bytes and the bytes the model holds after ``prepare``; the token embedding's format
+(dense, or a quantized table kept as its codes, ``model/table.py``); the lm_head's prepared form
 (``cpu.fbgemm``'s packed float16 copy: extra bytes beside the dense tensor); and the weight bytes of
 the whole model (dense tensors + quantized linears + the prepared lm_head)."""
 from __future__ import annotations
@@ -25,17 +26,34 @@ def head(model: Any) -> dict[str, Any] | None:
     prepared = model.head
     if prepared is None:
         return None
+    source = prepared.source
     return {"impl": prepared.impl, "layout": prepared.layout, "prepared_bytes": prepared.prepared_bytes,
-            "reason": getattr(prepared.weight, "reason", None)}
+            "reason": getattr(prepared.weight, "reason", None),
+            "source": "dense tensor" if isinstance(source, torch.Tensor) else f"{source.format} table"}
+
+
+def embedding(model: Any) -> dict[str, Any]:
+    """The token embedding table: its ``format`` (``dense <dtype>``, or the quantized container's,
+    e.g. ``q8_0 int8 g32``), the implementation that prepared it (None: dense), its ``bytes`` (held)
+    and whether the lm_head is the same table (``tied``)."""
+    table = model.embed
+    tied = model.lm_head is table
+    if isinstance(table, torch.Tensor):
+        return {"format": f"dense {str(table.dtype).removeprefix('torch.')}", "impl": None,
+                "bytes": _dense_bytes(table), "tied": tied}
+    return {"format": table.format, "impl": table.impl, "bytes": table.prepared_bytes, "tied": tied}
 
 
 def describe(model: Any) -> dict[str, Any]:
     """The report's ``quantization`` section: ``linears`` (one row per layer linear), ``groups``
-    (rows grouped by linear and format, for the markdown table), ``lm_head`` (:func:`head`) and
-    ``weight_bytes`` (``lm_head_prepared``: the prepared lm_head's bytes beside the dense ones)."""
+    (rows grouped by linear and format, for the markdown table), ``embedding`` (:func:`embedding`),
+    ``lm_head`` (:func:`head`) and ``weight_bytes`` (``embedding``: a quantized table's bytes,
+    ``lm_head_prepared``: the prepared lm_head's bytes beside the dense ones)."""
     rows = []
-    dense = _dense_bytes(model.embed) + _dense_bytes(model.final_norm)
-    if model.lm_head is not model.embed:
+    table = embedding(model)
+    quantized_table = table["impl"] is not None
+    dense = (0 if quantized_table else table["bytes"]) + _dense_bytes(model.final_norm)
+    if not table["tied"]:
         dense += _dense_bytes(model.lm_head)
     for index, layer in enumerate(model.layers):
         for field, value in vars(layer).items():
@@ -54,13 +72,15 @@ def describe(model: Any) -> dict[str, Any]:
         acc[1] += r["prepared_bytes"]
     prepared_head = head(model)
     return {
-        "quantized": bool(rows),
+        "quantized": bool(rows) or quantized_table,
         "linears": rows,
+        "embedding": table,
         "lm_head": prepared_head,
         "groups": [{"kind": k, "format": f, "impl": i, "layers": n, "bytes": sizes[(k, f, i)][0],
                     "prepared_bytes": sizes[(k, f, i)][1]} for (k, f, i), n in groups.items()],
         "weight_bytes": {"dense": dense, "quantized": sum(r["bytes"] for r in rows),
                          "quantized_prepared": sum(r["prepared_bytes"] for r in rows),
+                         "embedding": table["bytes"] if quantized_table else 0,
                          "lm_head_prepared": prepared_head["prepared_bytes"] if prepared_head else 0},
     }
 
@@ -76,9 +96,14 @@ def markdown(section: dict[str, Any]) -> list[str]:
     for g in section["groups"]:
         lines.append(f"| {g['kind']} | {g['format']} | {g['impl']} | {g['layers']} | {g['bytes']:,} | "
                      f"{g['prepared_bytes']:,} |")
+    table = section.get("embedding")
+    if table:
+        lines.append(f"| embedding{' (tied lm_head)' if table['tied'] else ''} | {table['format']} | "
+                     f"{table['impl'] or '—'} | — | — | {table['bytes']:,} |")
     w = section["weight_bytes"]
-    lines += ["", f"Weights: dense tensors {w['dense']:,} bytes (embedding, norms, lm_head, dense linears) + "
-                  f"quantized linears {w['quantized']:,} (held: {w['quantized_prepared']:,})"
+    lines += ["", f"Weights: dense tensors {w['dense']:,} bytes (norms, dense linears; embedding and lm_head when "
+                  f"dense) + quantized linears {w['quantized']:,} (held: {w['quantized_prepared']:,})"
+                  + (f" + the quantized embedding table {w['embedding']:,}" if w.get("embedding") else "")
                   + (f" + the prepared lm_head {w.get('lm_head_prepared', 0):,}" if w.get("lm_head_prepared") else "")
                   + ".", ""]
     return lines
@@ -89,5 +114,5 @@ def head_lines(prepared: dict[str, Any] | None) -> list[str]:
     if not prepared:
         return []
     text = (f"lm_head: {prepared['layout']} ({prepared['impl']}), {prepared['prepared_bytes']:,} bytes beside the "
-            "dense tensor")
+            f"{prepared.get('source', 'dense tensor')}")
     return [text + (f"; not packed: {prepared['reason']}" if prepared.get("reason") else "") + "."]

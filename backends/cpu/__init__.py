@@ -43,12 +43,20 @@ def torch_fn(op: str) -> str:
 
 CAPTURABLE = frozenset(set(OPS) - {"attention_prefill", "attention_decode", "sample"})
 
+TABLE_OPS = ("embedding", "logits")
+"""Ops whose CPU implementations also take a token table kept quantized (a ``hal.quant`` container,
+hal/ops.py "Quantized token tables"): their ``prepare`` makes its form (``backends/cpu/table.py``;
+the reference: its dense decoding). Implementations without such a prepare (cuda, npu) receive the
+table decoded at load."""
+
 for _op in OPS:
     _module = _REFERENCE_MODULE.get(_op, _op)
     register(Impl(op=_op, backend="cpu", name="torch", fn=torch_fn(_op), priority=0,
-                  capturable=_op in CAPTURABLE))
+                  capturable=_op in CAPTURABLE,
+                  prepare="backends.cpu.table:prepare_table" if _op in TABLE_OPS else None))
     register(Impl(op=_op, backend="cpu", name="reference",
-                  fn=f"backends.cpu.reference.{_module}:{_op}_ref", priority=100))
+                  fn=f"backends.cpu.reference.{_module}:{_op}_ref", priority=100,
+                  prepare="backends.cpu.reference.embedding:prepare_table_ref" if _op in TABLE_OPS else None))
 register(Impl(op="attention_decode", backend="cpu", name="torch_full", fn="backends.cpu.ops:attention_decode_full_cpu",
               priority=5, capturable=True))
 

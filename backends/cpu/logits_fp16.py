@@ -20,7 +20,10 @@ keep 8 significant bits) is refused at prepare and served by the exact chunked f
 a power of two that keeps it <= 65504 is exact).
 
 The packed copy is extra memory: 2 bytes per lm_head element (56.6 MB for SmolLM2's [49152, 576]);
-the dense tensor stays, since the embedding lookup of a tied lm_head reads it.
+the dense tensor stays, since the embedding lookup of a tied lm_head reads it. A token table kept
+quantized (a ``hal.quant`` container, ``backends/cpu/table.py``) is packed from its rows decoded
+:data:`CHECK_ROWS` at a time into the model dtype (the same packed values as from its dense form);
+only the codes stay beside the packed copy, and they serve the rows above :data:`FBGEMM_MAX_ROWS`.
 
 Threads: fbgemm's GEMM runs on torch's intra-op pool (``torch.set_num_threads`` applies; measured
 in benchmarks/RESULTS.md, "CPU decode (issue 13)").
@@ -33,6 +36,8 @@ from dataclasses import dataclass
 import torch
 
 from backends.cpu.ops import logits_cpu
+from backends.cpu.table import CodesTable
+from hal.quant import QuantizedWeight
 
 FP16_TOP_EXPONENT = 15
 """float16's largest binade is [2^15, 2^16) (max 65504): the weight's largest magnitude goes there."""
@@ -44,18 +49,21 @@ dense tensor (shapes only). Measured on SmolLM2's [49152, 576], load < 1
 between 8 and 32 rows."""
 CHECK_ROWS = 4096
 """Rows of the weight checked per step at prepare (keeps the float32 temporaries small)."""
+TABLE_ROWS = 512
+"""Rows of a quantized table decoded per step at prepare: its temporaries (~5 per step, 1.2 MB each
+on SmolLM2) stay small enough that the heap they leave behind after load is small too."""
 
 
 @dataclass(frozen=True)
 class Fp16Packed:
     """fbgemm's packed float16 lm_head: ``packed`` holds ``weight * 2^shift`` exactly, `[V, E]`;
-    ``dense`` the weight itself (the model's tensor, not a copy: the path above
-    :data:`FBGEMM_MAX_ROWS` rows); ``nbytes`` the bytes ``packed`` holds (2 per element, in
-    addition to the dense tensor)."""
+    ``dense`` the weight itself (the model's tensor, not a copy, or the quantized table's
+    :class:`CodesTable`: the path above :data:`FBGEMM_MAX_ROWS` rows); ``nbytes`` the bytes
+    ``packed`` holds (2 per element, in addition to the dense tensor or the codes)."""
 
     packed: torch.ScriptObject
     shift: int
-    dense: torch.Tensor
+    dense: torch.Tensor | CodesTable
     layout = "fbgemm fp16 (exact, scaled by a power of two)"
 
     @property
@@ -74,9 +82,9 @@ class Fp16Packed:
 @dataclass(frozen=True)
 class Fp16Refused:
     """A weight float16 cannot hold exactly: served by the chunked float32 path (``logits_cpu``);
-    ``reason`` says why. Holds no extra bytes (``weight`` is the model's own tensor)."""
+    ``reason`` says why. Holds no extra bytes (``weight`` is the model's own tensor or table)."""
 
-    weight: torch.Tensor
+    weight: torch.Tensor | CodesTable
     reason: str
     layout = "dense (chunked float32)"
     nbytes = 0
@@ -107,7 +115,11 @@ def fp16_shift(weight: torch.Tensor) -> int:
     binade [2^15, 2^16) (0 for an all-zero weight)."""
     if weight.numel() == 0:
         return 0
-    top = max(float(weight.max()), -float(weight.min()))  # no |weight| copy
+    return _shift_for(max(float(weight.max()), -float(weight.min())))  # no |weight| copy
+
+
+def _shift_for(top: float) -> int:
+    """:func:`fp16_shift` of a weight whose largest magnitude is ``top``."""
     if top == 0.0:
         return 0
     _, exponent = math.frexp(top)  # top = m * 2^exponent, m in [0.5, 1)
@@ -126,7 +138,10 @@ def inexact_count(weight: torch.Tensor, shift: int) -> int:
 
 def prepare_logits_fp16(weight: torch.Tensor, ctx=None) -> Fp16Packed | Fp16Refused:
     """lm_head `[V, E]` bfloat16 / float16 -> its exact packed float16 form, or :class:`Fp16Refused`
-    with the reason when float16 cannot hold it exactly (module docstring)."""
+    with the reason when float16 cannot hold it exactly (module docstring). A ``hal.quant``
+    container (a quantized token table): the same, from its rows decoded into ``ctx.dtype``."""
+    if isinstance(weight, QuantizedWeight):
+        return _prepare_table(CodesTable(weight, ctx.dtype))
     if weight.dtype not in (torch.bfloat16, torch.float16) or weight.dim() != 2:
         return Fp16Refused(weight, f"fbgemm packs 2-d bfloat16 / float16 weights, got {weight.dtype} "
                                    f"{list(weight.shape)}")
@@ -143,6 +158,35 @@ def prepare_logits_fp16(weight: torch.Tensor, ctx=None) -> Fp16Packed | Fp16Refu
     scaled = weight.float() * 2.0 ** shift
     packed = torch.ops.quantized.linear_prepack_fp16(scaled, None)
     return Fp16Packed(packed, shift, weight)
+
+
+def _prepare_table(table: CodesTable) -> Fp16Packed | Fp16Refused:
+    """:func:`prepare_logits_fp16` of ``table``'s dense form without holding it: one pass for the
+    shift, one that fills the float32 ``weight * 2^shift`` to pack (freed once packed), both
+    :data:`CHECK_ROWS` decoded rows at a time."""
+    if table.dtype not in (torch.bfloat16, torch.float16):
+        return Fp16Refused(table, f"fbgemm packs bfloat16 / float16 tables, got {table.dtype}")
+    vocab, width = table.shape
+    chunks = [slice(start, start + TABLE_ROWS) for start in range(0, vocab, TABLE_ROWS)]
+    top = 0.0
+    for rows in chunks:
+        block = table.rows(rows)
+        top = max(top, float(block.max()), -float(block.min()))
+    shift = _shift_for(top)
+    if abs(shift) > MAX_SHIFT:
+        return Fp16Refused(table, f"the largest magnitude needs a scale of 2^{shift}, outside float32's normal "
+                                  f"range (|shift| must be <= {MAX_SHIFT})")
+    scaled = torch.empty(vocab, width, dtype=torch.float32)
+    bad = 0
+    for rows in chunks:
+        block = scaled[rows]
+        block.copy_(table.rows(rows))
+        block.mul_(2.0 ** shift)
+        bad += int((block.half().float() != block).sum())
+    if bad:
+        return Fp16Refused(table, f"{bad} of {vocab * width} values would round in float16: magnitudes up to "
+                                  f"{top:.3g} span more binades than float16 holds")
+    return Fp16Packed(torch.ops.quantized.linear_prepack_fp16(scaled, None), shift, table)
 
 
 def logits_fp16(x: torch.Tensor, weight: Fp16Packed | Fp16Refused | torch.Tensor) -> torch.Tensor:
