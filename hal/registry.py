@@ -130,6 +130,9 @@ class Binding:
     impl: str
     fallback: bool
     passed_over: tuple[tuple[str, str], ...]
+    preferred: bool = False
+    """The caller asked for this implementation (``prefer=``): later swaps (the CPU decode step's
+    ``cpu.decode`` variants) keep it."""
 
     def describe(self) -> str:
         text = f"{self.op} -> {self.impl}" + (" (CPU fallback)" if self.fallback else "")
@@ -293,7 +296,7 @@ def bind(
             prepare = chosen.load_prepare()
             if prepare is not None:
                 prepares[op] = prepare
-            record[op] = Binding(op, chosen.qualname, False, tuple(passed))
+            record[op] = Binding(op, chosen.qualname, False, tuple(passed), prefer.get(op) == chosen.qualname)
             continue
         if allow_fallback and device != "cpu" and op not in capture:
             ref = next(i for i in implementations(op, "cpu") if i.name == "reference")

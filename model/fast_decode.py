@@ -49,13 +49,15 @@ attention_decode only over a bfloat16 / float16 cache: a float32 one needs no fl
 
 def decode_ops(ops: BoundOps, float32_cache: bool = True) -> BoundOps:
     """``ops`` with each of :data:`FAST_OPS` served by ``cpu.decode`` where ``ops`` binds it to
-    ``cpu.torch`` (attention_decode only when ``float32_cache`` is False); overrides, the
+    ``cpu.torch`` (attention_decode only when ``float32_cache`` is False) and the caller did not
+    choose ``cpu.torch`` with ``prefer=`` (:attr:`Binding.preferred`); overrides, the
     reference and other backends' ops are kept as they are. A variant the decode module lists
     in its ``PER_STEP`` is bound as a fresh instance of its class (state of this step object)."""
     swaps = {}
     for op in FAST_OPS:
-        if ops.record[op].impl != "cpu.torch" or (op == "attention_decode" and float32_cache):
-            continue
+        bound = ops.record[op]
+        if bound.impl != "cpu.torch" or bound.preferred or (op == "attention_decode" and float32_cache):
+            continue  # preferred: the caller chose cpu.torch with prefer= (e.g. no float32 KV copies)
         impl = next(i for i in implementations(op, "cpu") if i.name == "decode")
         fn = impl.load()
         per_step = getattr(importlib.import_module(fn.__module__), "PER_STEP", {})

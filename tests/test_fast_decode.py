@@ -146,6 +146,20 @@ def test_step_binds_the_decode_ops_and_keeps_the_rest(models):
     assert bf16.bound_ops["attention_decode"] == "cpu.torch"
 
 
+def test_step_keeps_what_prefer_chose(tmp_path):
+    """prefer={"attention_decode": "cpu.torch"} is the opt-out of the float32 KV copies: the step
+    keeps cpu.torch there (and still swaps the ops the caller left alone), with the same logits."""
+    folder = write_checkpoint(tmp_path / "tiny", "tiny", dtype="float32")
+    plain = hal.load_model(folder, "cpu", "bfloat16", prefer={"attention_decode": "cpu.torch"})
+    step = DecodeStep(plain, plain.new_cache(1, 8))
+    assert step.bound_ops["attention_decode"] == "cpu.torch" and step.bound_ops["rotary"] == "cpu.decode"
+    assert plain.ops.record["attention_decode"].preferred and not plain.ops.record["rotary"].preferred
+    copies = hal.load_model(folder, "cpu", "bfloat16")
+    assert DecodeStep(copies, copies.new_cache(1, 8)).bound_ops["attention_decode"] == "cpu.decode"
+    (a, ta, _), (b, tb, _) = (_decode(m, _prompts(1), 3, fast=True) for m in (plain, copies))
+    assert torch.equal(a, b) and torch.equal(ta, tb)
+
+
 def test_step_refuses_a_foreign_cache_and_bad_tokens(models):
     with pytest.raises(InputError, match="not made for this model"):
         DecodeStep(models["tiny-sala"], models["tiny"].new_cache(1, 8))
