@@ -126,14 +126,9 @@ class QuantizedWeight:
         raise NotImplementedError
 
 
-def _expand(groups: torch.Tensor, group_size: int) -> torch.Tensor:
-    """`[O, G]` -> `[O, G * group_size]`: each group's value repeated over its input features."""
-    return groups.repeat_interleave(group_size, dim=1)
-
-
 def _grouped(values: torch.Tensor, group_size: int) -> torch.Tensor:
     """`[O, K]` -> `[O, G, group_size]` (a view when contiguous): the layout in which `[O, G, 1]` group values
-    broadcast, the same products as with :func:`_expand` without materialising it."""
+    broadcast: each weight's product with its group's value, without repeating the group values per weight."""
     return values.reshape(values.shape[0], -1, group_size)
 
 
@@ -230,7 +225,7 @@ class TernaryWeight(QuantizedWeight):
         return unpack_ternary(self.packed)
 
     def _decode(self, f: dict[str, torch.Tensor | None]) -> torch.Tensor:
-        return _expand(f["scales"], self.group_size) * unpack_ternary(f["packed"]).float()
+        return (f["scales"][..., None] * _grouped(unpack_ternary(f["packed"]), self.group_size).float()).flatten(1)
 
 
 def fusable(a: QuantizedWeight, b: QuantizedWeight) -> bool:
