@@ -15,6 +15,10 @@ Formats (the files: ``benchmarks/gguf_variants.py``, built from the source GGUF 
   bfloat16 activations, the dtype torch's CPU int4 kernel serves) against llama.cpp on that file.
   Runs only where the quantized loading exists (:func:`int4_unavailable` says why not).
 
+``float32`` and ``int4`` also get a row decoded by the same model with its decoder layers compiled
+by AOTInductor (``DecodeStep(compiled=True)``, ``model/compiled_decode.py``; opt-in, so the plain
+"ours" row stays the default path); its package is built in the warm-up round when not cached.
+
 Per engine and format: prefill tok/s = prompt tokens / time of one forward over the prompt
 (last-position logits, greedy token); decode tok/s = new tokens / time of that many single-token
 steps (greedy argmax in between, logits of every step computed in full). Rounds alternate the
@@ -39,6 +43,9 @@ import torch
 LLAMA_FILE = {"float32": "F32", "bfloat16": "F32", "int4": "Q4_0"}
 OUR_DTYPE = {"float32": "float32", "bfloat16": "bfloat16", "int4": "bfloat16"}
 FORMATS = tuple(LLAMA_FILE)
+COMPILED = ("float32", "int4")
+COMPILED_ROW = "ours, compiled decoder layers (opt-in: DecodeStep(compiled=True))"
+"""The formats that also get a row decoded by the AOTInductor-compiled layers (model/compiled_decode.py)."""
 OPT_OUTS = {"float32": ("ours, linear -> cpu.torch (before)", {"linear": "cpu.torch"})}
 """Per format: (engine name, ``prefer=``) of the before-row loaded with an implementation opted out."""
 
@@ -133,10 +140,11 @@ class OursRunner:
     """Ours: prefill through ``model.forward`` into a fresh cache; decode through the fast CPU step
     (``model/fast_decode.py``, what ``generate`` runs) or, ``eager``, through ``model.forward``."""
 
-    def __init__(self, name: str, model, eager: bool = False):
+    def __init__(self, name: str, model, eager: bool = False, compiled: bool = False):
         self.name = name
         self.model = model
         self.eager = eager
+        self.compiled = compiled
         self.cache = None
 
     def prefill(self, ids: list[int], capacity: int) -> int:
@@ -150,7 +158,7 @@ class OursRunner:
 
         tokens = []
         current = torch.tensor([token])
-        step = None if self.eager else DecodeStep(self.model, self.cache)
+        step = None if self.eager else DecodeStep(self.model, self.cache, compiled=self.compiled)
         with torch.inference_mode():
             for _ in range(steps):
                 if step is None:
@@ -309,6 +317,9 @@ def run_tables(source: Path, formats: list[str], prompt_tokens: int, new_tokens:
             runners.append(OursRunner(f"ours {fmt}", model))
             rows.append(Row(fmt, "ours", path.name))
             mem_rows.append((fmt, "ours", path))
+            if fmt in COMPILED:
+                runners.append(OursRunner(f"ours {fmt} compiled", model, compiled=True))
+                rows.append(Row(fmt, COMPILED_ROW, path.name))
             if fmt == "float32":
                 runners.append(OursRunner("ours float32 eager", model, eager=True))
                 rows.append(Row(fmt, "ours, eager forward (before)", path.name))

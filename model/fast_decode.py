@@ -74,7 +74,7 @@ class DecodeStep:
     Raises DeviceUnavailable for a model that is not on the CPU, InputError for a cache that
     was not made for the model."""
 
-    def __init__(self, model, cache: KVCache, kv_start: torch.Tensor | None = None):
+    def __init__(self, model, cache: KVCache, kv_start: torch.Tensor | None = None, compiled: bool = False):
         if model.device.type != "cpu":
             raise DeviceUnavailable(f"the fast decode step runs on the cpu; this model is on {model.device} "
                                     "(decode_graph=True replays decode steps there)")
@@ -86,6 +86,14 @@ class DecodeStep:
         self.ops = decode_ops(model.ops, keys is None or keys.dtype == torch.float32)
         self._length = None  # the cache's length after the last step (else it was written elsewhere)
         model.rope.ensure(cache.capacity)
+        self.layers = None  # compiled=True: the decoder layers as one AOTInductor call each
+        if compiled:
+            from model.compiled_decode import CompiledLayers, unsupported
+
+            reason = unsupported(model, cache, kv_start)
+            if reason is not None:
+                raise InputError(f"DecodeStep(compiled=True): {reason}")
+            self.layers = CompiledLayers(model, model.ops, cache)
 
     @property
     def bound_ops(self) -> dict[str, str]:
@@ -105,8 +113,10 @@ class DecodeStep:
         slots, kv_lens = self.cache.plan(1, self.kv_start)
         sparse = model.config.sparse
         use_sparse = sparse is not None and sparse.applies(int(kv_lens.max()))
-        out = model.run(self.ops, tokens[:, None], model.rope.lookup(slots), self.cache, None, True, slots,
-                        kv_lens, logits_last_only=True, sparse=use_sparse)
+        rope = model.rope.lookup(slots)
+        runner = self.layers if self.layers is not None and self.layers.begin(rope, int(kv_lens[0])) else None
+        out = model.run(self.ops, tokens[:, None], rope, self.cache, None, True, slots,
+                        kv_lens, logits_last_only=True, sparse=use_sparse, layer_runner=runner)
         self.cache.advance(1)
         self._length = self.cache.length
         return out.logits[:, -1]

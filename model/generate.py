@@ -3,6 +3,7 @@
     python -m model.generate --model PATH --device auto "prompt"
     python -m model.generate --chat "What is a NPU?"          # built-in synthetic checkpoint
     python -m model.generate --device npu --decode-graph "prompt"  # decode steps from an NPUGraph
+    python -m model.generate --compiled "prompt"   # cpu: decoder layers compiled by AOTInductor
     torchrun --nproc-per-node 2 -m model.generate --tp 2 "prompt"   # tensor parallel over 2 ranks
 """
 from __future__ import annotations
@@ -59,6 +60,9 @@ def _main(argv: list[str] | None = None) -> int:
                         help="prompt tokens per prefill forward (default 8192; 0 = the whole prompt at once)")
     parser.add_argument("--decode-graph", action="store_true",
                         help="replay decode steps from a device graph (CUDA graph / NPUGraph); cuda and npu")
+    parser.add_argument("--compiled", action="store_true",
+                        help="cpu, batch 1: run the decoder layers as an AOTInductor package (built once per "
+                             "model shape, 10-30 s, needs a C++ compiler; cached)")
     parser.add_argument("--tp", type=int, default=1,
                         help="tensor-parallel ranks; run under torchrun --nproc-per-node N (default: 1)")
     args = parser.parse_args(argv)
@@ -101,14 +105,14 @@ def _generate(args: argparse.Namespace, quiet: bool) -> int:
     start = time.perf_counter()
     out = model.generate([prompt_ids], args.max_new_tokens, do_sample=False if args.greedy else None,
                          temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, seed=args.seed,
-                         streamer=stream, decode_graph=args.decode_graph,
+                         streamer=stream, decode_graph=args.decode_graph, compiled=args.compiled,
                          **({} if args.prefill_chunk is None else {"prefill_chunk": args.prefill_chunk}))
     elapsed = time.perf_counter() - start
     if quiet:
         return 0
     sys.stdout.write("\n")
     sys.stdout.flush()  # a closed pipe shows here, inside run_main, not at interpreter exit
-    mode = " (decode graph)" if args.decode_graph else ""
+    mode = " (decode graph)" if args.decode_graph else " (compiled decoder layers)" if args.compiled else ""
     mode += f" (tp={args.tp})" if args.tp > 1 else ""
     say(f"[minicpm-hal] {len(out[0])} tokens in {elapsed:.2f} s ({len(out[0]) / elapsed:.1f} tok/s){mode}")
     return 0

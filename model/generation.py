@@ -101,7 +101,7 @@ def generate(model, input_ids: torch.Tensor | Sequence[Sequence[int]], max_new_t
              do_sample: bool | None = None, temperature: float | None = None, top_k: int | None = None,
              top_p: float | None = None, eos_token_id: int | Sequence[int] | None = None,
              seed: int | None = None, streamer: Streamer | None = None,
-             use_cache: bool = True, decode_graph: bool = False,
+             use_cache: bool = True, decode_graph: bool = False, compiled: bool = False,
              prefill_chunk: int = PREFILL_CHUNK) -> list[list[int]]:
     """Generate up to ``max_new_tokens`` per prompt.
 
@@ -117,6 +117,9 @@ def generate(model, input_ids: torch.Tensor | Sequence[Sequence[int]], max_new_t
         decode_graph: replay every decode step from a device graph (CUDA graph / NPUGraph, see
             ``model/decode_graph.py``); cuda and npu only. On the CPU every decode step runs
             through ``model/fast_decode.py`` (the same results as ``model.forward``).
+        compiled: CPU, batch 1, dense attention: run the decode steps' decoder layers as an
+            AOTInductor package (``model/compiled_decode.py``; built once per model shape, 10-30 s
+            and a C++ compiler, then cached); logits within tolerance of the eager step, not bitwise.
         prefill_chunk: feed a longer prompt through the cache this many tokens at a time
             (bounds prefill memory: attention scores are chunk x length, not length^2); 0 = one
             forward. Ignored without the cache.
@@ -157,6 +160,9 @@ def generate(model, input_ids: torch.Tensor | Sequence[Sequence[int]], max_new_t
         raise InputError(f"prefill_chunk must be >= 0 (0: one forward), got {prefill_chunk}")
     if decode_graph and not use_cache:
         raise InputError("decode_graph=True needs use_cache=True (the graph decodes from the KV cache)")
+    if compiled and (decode_graph or not use_cache or model.device.type != "cpu"):
+        raise InputError("compiled=True is the CPU's decode step (use_cache=True, no decode_graph); "
+                         f"this call has device {model.device}, use_cache={use_cache}, decode_graph={decode_graph}")
     prompts = _as_prompts(input_ids)
     pad_id = model.config.pad_token_id if model.config.pad_token_id is not None else 0
     ids, kv_start = _left_pad(prompts, pad_id)
@@ -176,7 +182,7 @@ def generate(model, input_ids: torch.Tensor | Sequence[Sequence[int]], max_new_t
     elif use_cache and model.device.type == "cpu":
         from model.fast_decode import DecodeStep  # the eager decode with its per-step overhead removed
 
-        graph = DecodeStep(model, cache, kv_start if starts is not None else None)
+        graph = DecodeStep(model, cache, kv_start if starts is not None else None, compiled=compiled)
     outputs: list[list[int]] = [[] for _ in prompts]
     finished = [False] * len(prompts)
     step_input = ids

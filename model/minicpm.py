@@ -339,14 +339,17 @@ class MiniCPMForCausalLM:
             cache: KVCache | None, kv_start: torch.Tensor | None, decode: bool,
             slots: torch.Tensor | None, kv_lens: torch.Tensor | None, output_hidden_states: bool = False,
             logits_last_only: bool = False, hidden_hook: Callable[[int, torch.Tensor], None] | None = None,
-            sparse: bool = False) -> ForwardOutput:
+            sparse: bool = False, layer_runner: Callable[..., tuple[torch.Tensor, torch.Tensor]] | None = None
+            ) -> ForwardOutput:
         """The layers and logits, given where the tokens go (device work only: :meth:`forward`
         plans on the host; ``model/decode_graph.py`` captures this for decode steps).
 
         rope: (cos, sin) `[B, T, D]` of the tokens' positions. slots `[B, T]` / kv_lens `[B]`: the
         cache plan (see :class:`KVCache`). decode: attend over the cache (attention_decode)
         instead of the new tokens alone (attention_prefill, left padding by kv_start). sparse:
-        InfLLM-v2 block-sparse attention over the cache instead (needs a cache)."""
+        InfLLM-v2 block-sparse attention over the cache instead (needs a cache). layer_runner:
+        ``(index, layer, x, residual, next_norm) -> (x, residual)`` in place of
+        :meth:`decoder_layer` (``model/compiled_decode.py``: the same layer, compiled)."""
         cfg = self.config
         cos, sin = rope
         real = self._real_tokens(input_ids, cache, kv_start) if self.lightning_layers else None
@@ -355,17 +358,12 @@ class MiniCPMForCausalLM:
         residual = h
         x = ops.rms_norm(h, self.layers[0].input_norm, cfg.rms_norm_eps)
         for index, layer in enumerate(self.layers):
-            alpha = self.residual_scales[index]
-            if layer.mixer == "lightning":
-                attn = self.tp.reduce(self._lightning(ops, index, layer, x, cos, sin, cache, real))
-            else:
-                attn = self.tp.reduce(self._attention(ops, index, layer, x, cos, sin, cache, kv_start, decode, slots,
-                                                      kv_lens, sparse))
-            x, residual = ops.add_rms_norm(attn, residual, layer.post_norm, cfg.rms_norm_eps, alpha)
-            gate, up = _linear(ops, x, layer.gate_up).chunk(2, dim=-1)
-            mlp = _linear(ops, ops.swiglu(gate, up), layer.down)
             next_norm = self.layers[index + 1].input_norm if index + 1 < len(self.layers) else self.final_norm
-            x, residual = ops.add_rms_norm(self.tp.reduce(mlp), residual, next_norm, cfg.rms_norm_eps, alpha)
+            if layer_runner is not None:
+                x, residual = layer_runner(index, layer, x, residual, next_norm)
+            else:
+                x, residual = self.decoder_layer(ops, index, layer, x, residual, next_norm, cos, sin, cache,
+                                                 kv_start, decode, slots, kv_lens, sparse, real)
             if hidden is not None:
                 hidden.append(residual)
             if hidden_hook is not None:
@@ -374,6 +372,25 @@ class MiniCPMForCausalLM:
             x = x[:, -1:]
         logits = self.tp.logits(ops, x / cfg.logit_scale, self.head_weight(ops))
         return ForwardOutput(logits=logits, hidden_states=hidden)
+
+    def decoder_layer(self, ops: BoundOps, index: int, layer: LayerWeights, x: torch.Tensor, residual: torch.Tensor,
+                      next_norm: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, cache: KVCache | None,
+                      kv_start: torch.Tensor | None, decode: bool, slots: torch.Tensor | None,
+                      kv_lens: torch.Tensor | None, sparse: bool, real: torch.Tensor | None
+                      ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Layer ``index``: x `[B, T, E]` (its input norm applied), residual `[B, T, E]` -> the next
+        layer's normed input (``next_norm``: its input norm, or the final norm) and residual."""
+        cfg = self.config
+        alpha = self.residual_scales[index]
+        if layer.mixer == "lightning":
+            attn = self.tp.reduce(self._lightning(ops, index, layer, x, cos, sin, cache, real))
+        else:
+            attn = self.tp.reduce(self._attention(ops, index, layer, x, cos, sin, cache, kv_start, decode, slots,
+                                                  kv_lens, sparse))
+        x, residual = ops.add_rms_norm(attn, residual, layer.post_norm, cfg.rms_norm_eps, alpha)
+        gate, up = _linear(ops, x, layer.gate_up).chunk(2, dim=-1)
+        mlp = _linear(ops, ops.swiglu(gate, up), layer.down)
+        return ops.add_rms_norm(self.tp.reduce(mlp), residual, next_norm, cfg.rms_norm_eps, alpha)
 
     def _attention(self, ops: BoundOps, index: int, layer: LayerWeights, x: torch.Tensor, cos: torch.Tensor,
                    sin: torch.Tensor, cache: KVCache | None, kv_start: torch.Tensor | None, decode: bool,

@@ -1,0 +1,232 @@
+"""The CPU decode step's decoder layers compiled ahead of time with AOTInductor (opt-in:
+``DecodeStep(model, cache, compiled=True)``, ``generate(..., compiled=True)``).
+
+Why: at 135M parameters a float32 decode token spends ~8 ms of ~34 outside the matrix products
+(benchmarks/RESULTS.md, "CPU decode (issue 13)"), and most of it is not arithmetic: a small torch
+op right after a large matrix product costs 2-3x what it costs in a loop of its own (35-42 us
+instead of 14 for add_rms_norm; the product's code and data push the dispatcher's out of the
+caches), and a layer makes ~180 such calls. ``torch.compile`` per region adds more in guards and
+Python wrappers than it saves (measured: 34-105 us per compiled add_rms_norm call). An
+AOTInductor package called through its C++ runner costs 3-16 us per call and runs a whole layer,
+matrix products included (MKL, or torch's int4 kernel), as one call of generated C++.
+
+What is compiled: :meth:`MiniCPMForCausalLM.decoder_layer` itself (so the layer code exists
+once), traced by ``torch.export`` with the model's bound ops, except the two cache ops, which
+read the step's length from the shape of the cache views they are given instead of from
+``slots`` / ``kv_lens`` on the host: ``kv_write`` stores into the last position of the views
+(the slot of a batch-1 decode token: ``slot = kv_len - 1``) and ``attention_decode`` attends
+over the whole views, as ``cpu.decode``'s :func:`~backends.cpu.decode.kv_write_decode_cpu` and
+:func:`~backends.cpu.ops.attention_decode_cpu` do for one row. The length is the package's one
+dynamic dimension, so one package serves every step, every layer (their weights are inputs, not
+constants: nothing is copied) and every cache capacity. It is cached on disk under
+``$HAL_CACHE_DIR/aoti/``, named by a hash of the exported graph, its input layouts and torch's
+version: the first step of a new model shape compiles (10-30 s, a C++ compiler is needed),
+later ones load it (well under a second).
+
+Values: inductor fuses the elementwise ops and may sum in another order, so results are not
+bitwise those of the eager step; tests/test_compiled_decode.py holds the logits to the model
+tolerance of ``hal/ops.py`` and greedy tokens equal. Served: dense attention layers (no
+lightning, sparse, output gate or tensor parallel), batch 1 without left padding, on the CPU;
+:func:`unsupported` says why not otherwise.
+"""
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import os
+import sys
+import tempfile
+import weakref
+from pathlib import Path
+
+import torch
+
+from backends.cpu.ops import _sdpa_masked
+from hal import env
+from hal.errors import DeviceUnavailable
+from hal.registry import Binding, BoundOps
+from model.minicpm import LayerWeights, PreparedLinear
+
+LINEARS = ("qkv", "o", "gate_up", "down")
+_LOADED: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
+"""model -> (its ops when traced, the loaded package's run, its path): later steps of the same
+model skip the export and the load."""
+MIN_LENGTH = 2
+"""The shortest cache (prompt + the new token) the package serves; a shorter one runs eagerly
+(export would otherwise specialise lengths 0 and 1)."""
+
+
+def unsupported(model, cache, kv_start: torch.Tensor | None) -> str | None:
+    """Why the decode layers of ``model`` into ``cache`` cannot be compiled, or None."""
+    cfg = model.config
+    if model.device.type != "cpu":
+        return f"the compiled decode layers run on the cpu; this model is on {model.device}"
+    if cache.batch != 1 or (kv_start is not None and bool(kv_start.any())):
+        return f"the compiled decode layers serve batch 1 without left padding (batch {cache.batch})"
+    if model.lightning_layers or cfg.sparse is not None:
+        return "the compiled decode layers serve dense attention layers only (this model has lightning or sparse layers)"
+    if model.tp.size > 1:
+        return "the compiled decode layers do not serve tensor parallel models"
+    if len(set(model.residual_scales)) != 1:
+        return "the compiled decode layers need one residual scale for every layer"
+    first = model.layers[0]
+    for layer in model.layers:
+        if layer.mixer != "attention" or layer.o_gate is not None:
+            return "the compiled decode layers serve attention layers without an output gate only"
+        for name in LINEARS:
+            if _signature(getattr(layer, name)) != _signature(getattr(first, name)):
+                return f"the compiled decode layers need every layer's {name} in one layout"
+    return None
+
+
+def _signature(weight) -> tuple:
+    """What must agree between layers for one package to serve them: tensor metadata, and the
+    non-tensor fields of a prepared container (group size, padding, nibble order...)."""
+    if isinstance(weight, torch.Tensor):
+        return ("tensor", weight.dtype, tuple(weight.shape), weight.stride())
+    inner = weight.weight
+    fields = []
+    for field in dataclasses.fields(inner):
+        value = getattr(inner, field.name)
+        fields.append(_signature(value) if isinstance(value, torch.Tensor) else (field.name, id(value)
+                      if dataclasses.is_dataclass(value) else value))
+    return (weight.op, type(inner).__name__, tuple(fields))
+
+
+def _tensors(weight) -> list[torch.Tensor]:
+    """The tensors of one linear the package takes as inputs (a container's tensor fields)."""
+    if isinstance(weight, torch.Tensor):
+        return [weight]
+    inner = weight.weight
+    return [getattr(inner, f.name) for f in dataclasses.fields(inner) if isinstance(getattr(inner, f.name), torch.Tensor)]
+
+
+def _rebuild(template, tensors: list[torch.Tensor]):
+    """``template`` (a layer's linear) with its tensors replaced by ``tensors`` (graph inputs)."""
+    if isinstance(template, torch.Tensor):
+        return tensors[0]
+    inner = template.weight
+    names = [f.name for f in dataclasses.fields(inner) if isinstance(getattr(inner, f.name), torch.Tensor)]
+    return dataclasses.replace(template, weight=dataclasses.replace(inner, **dict(zip(names, tensors))))
+
+
+class _ViewCache:
+    """The cache as the traced layer sees it: one layer's key / value views `[1, L, Hk, D]`."""
+
+    def __init__(self, keys: torch.Tensor, values: torch.Tensor):
+        self.keys, self.values, self.kernels = [keys], [values], {}
+
+
+def _kv_write_last(k_cache, v_cache, k, v, slots) -> None:
+    """kv_write of one token into the last position of the views (its slot, kv_len - 1)."""
+    last = k_cache.shape[1] - 1
+    k_cache.narrow(1, last, 1).copy_(k)
+    v_cache.narrow(1, last, 1).copy_(v)
+
+
+def _attention_views(q, k_cache, v_cache, kv_lens, scale):
+    """attention_decode of one row over the whole views (their length is the row's kv_len)."""
+    return _sdpa_masked(q, k_cache, v_cache, None, False, scale)
+
+
+class _Layer(torch.nn.Module):
+    """:meth:`decoder_layer` with a layer's tensors as inputs: x, residual `[1, 1, E]`, the linears'
+    tensors, post_norm, next_norm `[E]`, cos / sin `[1, 1, D]`, keys / values `[1, L, Hk, D]`."""
+
+    def __init__(self, model, ops: BoundOps):
+        super().__init__()
+        self.model, self.ops = model, ops
+        self.template = model.layers[0]
+        self.counts = [len(_tensors(getattr(self.template, name))) for name in LINEARS]
+
+    def forward(self, x, residual, post_norm, next_norm, cos, sin, keys, values, *linears):
+        weights, at = {}, 0
+        for name, count in zip(LINEARS, self.counts):
+            weights[name] = _rebuild(getattr(self.template, name), list(linears[at:at + count]))
+            at += count
+        layer = LayerWeights("attention", None, weights["qkv"], weights["o"], post_norm, weights["gate_up"],
+                             weights["down"])
+        return self.model.decoder_layer(self.ops, 0, layer, x, residual, next_norm, cos, sin,
+                                        _ViewCache(keys, values), None, True, None, None, False, None)
+
+
+def _inputs(layer, x, residual, next_norm, cos, sin, keys, values) -> list[torch.Tensor]:
+    tensors = [x, residual, layer.post_norm, next_norm, cos, sin, keys, values]
+    for name in LINEARS:
+        tensors += _tensors(getattr(layer, name))
+    return tensors
+
+
+class CompiledLayers:
+    """The ``layer_runner`` of :meth:`MiniCPMForCausalLM.run` for one decode step object: each layer
+    is one call of the AOTInductor package; :meth:`begin` gives the step's cos / sin and length."""
+
+    def __init__(self, model, ops: BoundOps, cache, progress=sys.stderr):
+        self.model, self.cache = model, cache
+        self.ops = ops.with_impls({
+            "kv_write": (_kv_write_last, Binding("kv_write", "compiled.kv_write_last", False, ())),
+            "attention_decode": (_attention_views, Binding("attention_decode", "compiled.attention_views", False, ())),
+        })
+        self._run = None
+        self._progress = progress
+        self.path: Path | None = None
+        self._rope = self._length = None
+
+    def begin(self, rope: tuple[torch.Tensor, torch.Tensor], length: int) -> bool:
+        """Set the step's (cos, sin) and cache length after its token; False: too short, run eagerly."""
+        self._rope, self._length = rope, length
+        return length >= MIN_LENGTH
+
+    def __call__(self, index: int, layer, x, residual, next_norm):
+        cos, sin = self._rope
+        keys = self.cache.keys[index].narrow(1, 0, self._length)
+        values = self.cache.values[index].narrow(1, 0, self._length)
+        inputs = _inputs(layer, x, residual, next_norm, cos, sin, keys, values)
+        if self._run is None:
+            known = _LOADED.get(self.model)
+            if known is not None and known[0] is self.model.ops:
+                self._run, self.path = known[1], known[2]
+            else:
+                self._run = self._load(inputs)
+                _LOADED[self.model] = (self.model.ops, self._run, self.path)
+        return tuple(self._run(inputs))
+
+    def _load(self, inputs: list[torch.Tensor]):
+        length = torch.export.Dim("kv_len", min=MIN_LENGTH)
+        dynamic = [None] * 6 + [{1: length}, {1: length}, (None,) * (len(inputs) - 8)]  # the last: *linears
+        try:
+            program = torch.export.export(_Layer(self.model, self.ops), tuple(inputs), dynamic_shapes=dynamic,
+                                          strict=False)
+        except Exception as error:  # noqa: BLE001 - export names the op it could not trace
+            raise DeviceUnavailable(f"compiled decode: torch.export could not trace the decoder layer "
+                                    f"({type(error).__name__}: {str(error).splitlines()[0][:200]})") from None
+        key = hashlib.sha256()
+        key.update(torch.__version__.encode())
+        key.update(program.graph_module.code.encode())
+        for position, tensor in enumerate(inputs):  # the keys / values: dynamic length, batch 1 (its stride unused)
+            shape, stride = list(tensor.shape), list(tensor.stride())
+            if position in (6, 7):
+                shape[1], stride[0] = -1, -1
+            key.update(repr((tensor.dtype, shape, stride)).encode())
+        folder = env.ensure_cache_dir() / "aoti"
+        folder.mkdir(parents=True, exist_ok=True)
+        self.path = folder / f"decoder-layer-{key.hexdigest()[:24]}.pt2"
+        if not self.path.exists():
+            self._compile(program, self.path)
+        return torch._inductor.aoti_load_package(str(self.path)).loader.run
+
+    def _compile(self, program, path: Path) -> None:
+        print(f"minicpm-hal: compiling the decoder layer with AOTInductor (once per model shape, "
+              f"10-30 s) into {path}", file=self._progress, flush=True)
+        handle, temporary = tempfile.mkstemp(suffix=".pt2", dir=path.parent, prefix=".partial-")
+        os.close(handle)
+        try:
+            torch._inductor.aoti_compile_and_package(program, package_path=temporary)
+            os.replace(temporary, path)
+        except Exception as error:  # noqa: BLE001 - a missing compiler is the usual cause
+            raise DeviceUnavailable(f"compiled decode: AOTInductor could not build the decoder layer (a C++ "
+                                    f"compiler is needed): {type(error).__name__}: "
+                                    f"{str(error).splitlines()[0][:200] if str(error) else ''}") from None
+        finally:
+            if os.path.exists(temporary):
+                os.unlink(temporary)
