@@ -150,13 +150,6 @@ class _Layer(torch.nn.Module):
                                         _ViewCache(keys, values), None, True, None, None, False, None)
 
 
-def _inputs(layer, x, residual, next_norm, cos, sin, keys, values) -> list[torch.Tensor]:
-    tensors = [x, residual, layer.post_norm, next_norm, cos, sin, keys, values]
-    for name in LINEARS:
-        tensors += _tensors(getattr(layer, name))
-    return tensors
-
-
 class CompiledLayers:
     """The ``layer_runner`` of :meth:`MiniCPMForCausalLM.run` for one decode step object: each layer
     is one call of the AOTInductor package; :meth:`begin` gives the step's cos / sin and length."""
@@ -171,6 +164,7 @@ class CompiledLayers:
         self._progress = progress
         self.path: Path | None = None
         self._rope = self._length = None
+        self._linears: dict[int, tuple[LayerWeights, list[torch.Tensor]]] = {}
 
     def begin(self, rope: tuple[torch.Tensor, torch.Tensor], length: int) -> bool:
         """Set the step's (cos, sin) and cache length after its token; False: too short, run eagerly."""
@@ -181,7 +175,10 @@ class CompiledLayers:
         cos, sin = self._rope
         keys = self.cache.keys[index].narrow(1, 0, self._length)
         values = self.cache.values[index].narrow(1, 0, self._length)
-        inputs = _inputs(layer, x, residual, next_norm, cos, sin, keys, values)
+        linears = self._linears.get(index)
+        if linears is None or linears[0] is not layer:  # once per layer: a container's tensors
+            linears = self._linears[index] = (layer, [t for name in LINEARS for t in _tensors(getattr(layer, name))])
+        inputs = [x, residual, layer.post_norm, next_norm, cos, sin, keys, values] + linears[1]
         if self._run is None:
             known = _LOADED.get(self.model)
             if known is not None and known[0] is self.model.ops:

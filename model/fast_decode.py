@@ -70,9 +70,13 @@ class DecodeStep:
     """Decode steps of ``model`` (on the CPU) into ``cache``, after the prompt went through
     ``model.forward(ids, cache=cache, kv_start=kv_start)``; then ``logits = step(tokens)`` once
     per new token. kv_start: `[B]` left padding of each row (as given to forward), or None.
+    compiled: run the decoder layers as one AOTInductor call each (``model/compiled_decode.py``;
+    batch 1, dense attention; built on the first step when not cached; values within the float32
+    tolerance of the eager step, not bitwise); False: the layers' ops one by one.
 
-    Raises DeviceUnavailable for a model that is not on the CPU, InputError for a cache that
-    was not made for the model."""
+    Raises DeviceUnavailable for a model that is not on the CPU (and, compiled, when the layer
+    cannot be traced or built), InputError for a cache that was not made for the model or a
+    ``compiled=True`` it cannot serve (the reason named)."""
 
     def __init__(self, model, cache: KVCache, kv_start: torch.Tensor | None = None, compiled: bool = False):
         if model.device.type != "cpu":
