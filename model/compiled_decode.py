@@ -23,9 +23,13 @@ constants: nothing is copied) and every cache capacity. It is cached on disk und
 version: the first step of a new model shape compiles (10-30 s, a C++ compiler is needed),
 later ones load it (well under a second).
 
-Values: inductor fuses the elementwise ops and may sum in another order, so results are not
-bitwise those of the eager step; tests/test_compiled_decode.py holds the logits to the model
-tolerance of ``hal/ops.py`` and greedy tokens equal. Served: dense attention layers (no
+Values: the package keeps every rounding to bfloat16 / float16 the eager ops make (inductor's
+``emulate_precision_casts``; without it, fused intermediates stay float32 and a bfloat16 step's
+logits moved by up to 0.18 on the tiny checkpoint); the float32 sums inside fused norms may run
+in another order. Measured: bfloat16 (dense and int4) bitwise the eager step's logits and cache,
+float32 within 7.5e-6 of logits of magnitude 15 (tiny checkpoint, 12 steps);
+tests/test_compiled_decode.py holds them to the ``logits`` bounds of ``hal/ops.py`` and the
+greedy tokens equal. Served: dense attention layers (no
 lightning, sparse, output gate or tensor parallel), batch 1 without left padding, on the CPU;
 :func:`unsupported` says why not otherwise.
 """
@@ -51,6 +55,9 @@ LINEARS = ("qkv", "o", "gate_up", "down")
 _LOADED: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
 """model -> (its ops when traced, the loaded package's run, its path): later steps of the same
 model skip the export and the load."""
+BUILD_OPTIONS = {"emulate_precision_casts": True}
+"""inductor's options for the package (part of its cache key): keep every rounding to bfloat16 /
+float16 the eager ops make (without it, fused intermediates stay float32)."""
 MIN_LENGTH = 2
 """The shortest cache (prompt + the new token) the package serves; a shorter one runs eagerly
 (export would otherwise specialise lengths 0 and 1)."""
@@ -198,7 +205,7 @@ class CompiledLayers:
             raise DeviceUnavailable(f"compiled decode: torch.export could not trace the decoder layer "
                                     f"({type(error).__name__}: {str(error).splitlines()[0][:200]})") from None
         key = hashlib.sha256()
-        key.update(torch.__version__.encode())
+        key.update(repr((torch.__version__, sorted(BUILD_OPTIONS.items()))).encode())
         key.update(program.graph_module.code.encode())
         for position, tensor in enumerate(inputs):  # the keys / values: dynamic length, batch 1 (its stride unused)
             shape, stride = list(tensor.shape), list(tensor.stride())
@@ -218,7 +225,8 @@ class CompiledLayers:
         handle, temporary = tempfile.mkstemp(suffix=".pt2", dir=path.parent, prefix=".partial-")
         os.close(handle)
         try:
-            torch._inductor.aoti_compile_and_package(program, package_path=temporary)
+            with torch._inductor.config.patch(**BUILD_OPTIONS):
+                torch._inductor.aoti_compile_and_package(program, package_path=temporary)
             os.replace(temporary, path)
         except Exception as error:  # noqa: BLE001 - a missing compiler is the usual cause
             raise DeviceUnavailable(f"compiled decode: AOTInductor could not build the decoder layer (a C++ "

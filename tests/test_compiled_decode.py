@@ -4,8 +4,8 @@ the uncompiled layer code with the everyday ops).
 
 Checked: float32 logits and cache contents within the float32 bound of the ``logits`` op
 (hal/ops.py: sums may be reordered) and the same greedy tokens; bfloat16 with the int4 (Q4_0)
-linears of a GGUF kept quantized: the same greedy tokens and as close to the float32 judge (the
-dequantized model) as the eager step is; one package per model shape, reused across steps,
+linears of a GGUF kept quantized: the same greedy tokens, within the bfloat16 logits bound of the
+eager step, and as close to the float32 judge (the dequantized model) as the eager step is; one package per model shape, reused across steps,
 capacities and step objects; ``generate(compiled=True)``; clear errors where it does not apply,
 and no partial package left by a failed build. Each build takes 10-30 s (C++ compile)."""
 from __future__ import annotations
@@ -120,6 +120,9 @@ def test_int4_gguf_kept_quantized(tiny_q4_0, aoti_cache):
     eager, eager_tokens, _ = _decode(model, None)
     logits, tokens, _ = _decode(model, True)
     assert tokens == eager_tokens == judge_tokens
+    # the bfloat16 roundings are kept (emulate_precision_casts): bitwise the eager values on the
+    # machines we ran; held here to the logits contract, as float32 sums may still be reordered
+    assert _nmse(eager, logits) <= get_spec("logits").tolerance("bfloat16")
     assert _nmse(judge_logits, logits) <= 2 * _nmse(judge_logits, eager)
     assert _nmse(judge_logits, eager) < 1e-3
 
