@@ -81,7 +81,10 @@ def unsupported(model, cache, kv_start: torch.Tensor | None) -> str | None:
         if layer.mixer != "attention" or layer.o_gate is not None:
             return "the compiled decode layers serve attention layers without an output gate only"
         for name in LINEARS:
-            if _signature(getattr(layer, name)) != _signature(getattr(first, name)):
+            weight = getattr(layer, name)
+            if not isinstance(weight, torch.Tensor) and not dataclasses.is_dataclass(getattr(weight, "weight", None)):
+                return f"the compiled decode layers cannot take {name}'s prepared layout ({type(weight).__name__})"
+            if _signature(weight) != _signature(getattr(first, name)):
                 return f"the compiled decode layers need every layer's {name} in one layout"
     return None
 
@@ -220,7 +223,7 @@ class CompiledLayers:
         return torch._inductor.aoti_load_package(str(self.path)).loader.run
 
     def _compile(self, program, path: Path) -> None:
-        print(f"minicpm-hal: compiling the decoder layer with AOTInductor (once per model shape, "
+        print(f"[minicpm-hal] compiling the decoder layer with AOTInductor (once per model shape, "
               f"10-30 s) into {path}", file=self._progress, flush=True)
         handle, temporary = tempfile.mkstemp(suffix=".pt2", dir=path.parent, prefix=".partial-")
         os.close(handle)
