@@ -92,12 +92,15 @@ class DecodeStep:
         model.rope.ensure(cache.capacity)
         self.layers = None  # compiled=True: the decoder layers as one AOTInductor call each
         if compiled:
-            from model.compiled_decode import CompiledLayers, unsupported
+            from model.compiled_decode import CompiledCodesLogits, CompiledLayers, unsupported
 
             reason = unsupported(model, cache, kv_start)
             if reason is not None:
                 raise InputError(f"DecodeStep(compiled=True): {reason}")
             self.layers = CompiledLayers(model, model.ops, cache)
+            if CompiledCodesLogits.serves(model):  # a token table kept as codes, no packed copy
+                self.ops = self.ops.with_impls({"logits": (CompiledCodesLogits(self.ops.logits), Binding(
+                    "logits", "compiled.codes_logits", False, (("cpu.torch", "compiled=True: the codes' package"),)))})
 
     @property
     def bound_ops(self) -> dict[str, str]:

@@ -157,3 +157,30 @@ def test_a_failed_build_leaves_no_partial_package(tiny, tmp_path, monkeypatch):
         _decode(model, True)
     assert list((tmp_path / "aoti").iterdir()) == []
     assert model not in compiled_decode._LOADED
+
+
+def test_codes_logits_without_the_packed_copy(tiny_q4_0, aoti_cache):
+    """prefer={"logits": "cpu.torch"}: no packed float16 copy; the compiled step runs the Q8_0
+    table's logits from its codes (compiled.codes_logits) within the bf16 bound of the eager step,
+    whose logits decode the codes chunk by chunk; the bound function is checked on one row too."""
+    from backends.cpu.ops import logits_cpu
+    from backends.cpu.table import CodesTable
+    from model.compiled_decode import CompiledCodesLogits
+
+    model = hal.load_model(tiny_q4_0, "cpu", "bfloat16", quantize="keep", prefer={"logits": "cpu.torch"})
+    assert model.head.prepared_bytes == 0 and CompiledCodesLogits.serves(model)  # the codes, no copy
+    eager, eager_tokens, _ = _decode(model, None)
+    logits, tokens, _ = _decode(model, True)
+    assert tokens == eager_tokens
+    assert _nmse(eager, logits) <= get_spec("logits").tolerance("bfloat16")
+    table = model.head_weight(model.ops)
+    assert isinstance(table, CodesTable)
+    x = torch.randn(1, 1, model.config.hidden_size, generator=torch.Generator().manual_seed(5)).to(torch.bfloat16)
+    dense = x.float() @ table.weight.dequantize().to(torch.bfloat16).float().t()  # the table as defined
+    one = CompiledCodesLogits(logits_cpu)(x, table)
+    assert _nmse(dense, one) <= get_spec("logits").tolerance("float32")  # float32 sums of the same values
+    cache = model.new_cache(1, 40)
+    with torch.inference_mode():
+        model.forward(torch.tensor([PROMPT]), cache=cache)
+        assert DecodeStep(model, cache, compiled=True).bound_ops["logits"] == "compiled.codes_logits"
+        assert DecodeStep(model, cache).bound_ops["logits"] == "cpu.torch"
