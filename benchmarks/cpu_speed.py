@@ -189,15 +189,9 @@ def _rss_child(path: str, dtype: str) -> None:
     loaded = hal.load_model(path, device="cpu", dtype=dtype)
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
     peak_hwm = _vm_hwm()
-    seen: set[int] = set()
-    weight_bytes = loaded.head.prepared_bytes if loaded.head is not None else 0  # cpu.fbgemm's packed lm_head
-    tensors = [loaded.embed, loaded.lm_head, loaded.final_norm]
-    tensors += [t for layer in loaded.layers for t in vars(layer).values()]
-    for t in tensors:
-        key = t.untyped_storage().data_ptr()
-        if key not in seen:
-            seen.add(key)
-            weight_bytes += t.numel() * t.element_size()
+    from benchmarks.cpu_vs_llama import our_weight_bytes
+
+    weight_bytes = our_weight_bytes(loaded)  # distinct storages, prepared copies (cpu.fbgemm's lm_head) once
     with torch.inference_mode():
         loaded.forward(prompt_ids(loaded.config.vocab_size, 8), logits_last_only=True)
     after_forward = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024

@@ -18,6 +18,8 @@ Formats (the files: ``benchmarks/gguf_variants.py``, built from the source GGUF 
 ``float32`` and ``int4`` also get a row decoded by the same model with its decoder layers compiled
 by AOTInductor (``DecodeStep(compiled=True)``, ``model/compiled_decode.py``; opt-in, so the plain
 "ours" row stays the default path); its package is built in the warm-up round when not cached.
+``int4`` also gets :data:`CODES_LOGITS`: that compiled step on the model loaded without the packed
+float16 lm_head, the logits from the Q8_0 table's codes (the low-memory configuration).
 
 Per engine and format: prefill tok/s = prompt tokens / time of one forward over the prompt
 (last-position logits, greedy token); decode tok/s = new tokens / time of that many single-token
@@ -48,6 +50,9 @@ COMPILED_ROW = "ours, compiled decoder layers (opt-in: DecodeStep(compiled=True)
 """The formats that also get a row decoded by the AOTInductor-compiled layers (model/compiled_decode.py)."""
 OPT_OUTS = {"float32": ("ours, linear -> cpu.torch (before)", {"linear": "cpu.torch"})}
 """Per format: (engine name, ``prefer=``) of the before-row loaded with an implementation opted out."""
+CODES_LOGITS = ("ours, compiled, logits from the table's codes (prefer logits -> cpu.torch)", {"logits": "cpu.torch"})
+"""int4: the compiled step of the model loaded without cpu.fbgemm's packed float16 lm_head (its Q8_0
+token table held only as codes, ``compiled.codes_logits``): the low-memory row, also in the memory table."""
 
 
 def int4_unavailable() -> str | None:
@@ -260,7 +265,7 @@ def memory_child(engine: str, path: str, fmt: str, threads: int) -> None:
         runner.prefill(ids, 16)
         weight_bytes = gguf_tensor_bytes(Path(path))
     else:
-        opt_out = OPT_OUTS.get(fmt)
+        opt_out = CODES_LOGITS if fmt == "int4" else OPT_OUTS.get(fmt)
         loaded = load_ours(Path(path), fmt, opt_out[1] if opt_out and engine == opt_out[0] else None)
         OursRunner("ours", loaded).prefill(ids, 16)
         weight_bytes = our_weight_bytes(loaded)
@@ -331,6 +336,11 @@ def run_tables(source: Path, formats: list[str], prompt_tokens: int, new_tokens:
             elif model.head is not None:
                 runners.append(OursRunner(f"ours {fmt} chunked head", without_prepared_head(model)))
                 rows.append(Row(fmt, "ours, chunked float32 lm_head (before)", path.name))
+            if fmt == "int4":
+                engine, prefer = CODES_LOGITS
+                runners.append(OursRunner(engine, load_ours(path, fmt, prefer), compiled=True))
+                rows.append(Row(fmt, engine, path.name))
+                mem_rows.append((fmt, engine, path))
         llama_path = gguf_file(source, wanted[0])
         if llama_cpp:
             from benchmarks.engines import Unavailable
