@@ -42,7 +42,7 @@ from typing import Any, Callable
 
 import torch
 
-from benchmarks.cpu_vs_llama import FORMATS, memory_child, run_tables
+from benchmarks.cpu_vs_llama import FORMATS, memory_child, our_weight_bytes, run_tables
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 PRESET = "0.5b"
@@ -189,8 +189,6 @@ def _rss_child(path: str, dtype: str) -> None:
     loaded = hal.load_model(path, device="cpu", dtype=dtype)
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
     peak_hwm = _vm_hwm()
-    from benchmarks.cpu_vs_llama import our_weight_bytes
-
     weight_bytes = our_weight_bytes(loaded)  # distinct storages, prepared copies (cpu.fbgemm's lm_head) once
     with torch.inference_mode():
         loaded.forward(prompt_ids(loaded.config.vocab_size, 8), logits_last_only=True)

@@ -53,6 +53,8 @@ OPT_OUTS = {"float32": ("ours, linear -> cpu.torch (before)", {"linear": "cpu.to
 CODES_LOGITS = ("ours, compiled, logits from the table's codes (prefer logits -> cpu.torch)", {"logits": "cpu.torch"})
 """int4: the compiled step of the model loaded without cpu.fbgemm's packed float16 lm_head (its Q8_0
 token table held only as codes, ``compiled.codes_logits``): the low-memory row, also in the memory table."""
+PREFER_OF_ENGINE = {engine: prefer for engine, prefer in (*OPT_OUTS.values(), CODES_LOGITS)}
+"""Engine name -> its ``prefer=`` (the memory table's children load each row's model by its name)."""
 
 
 def int4_unavailable() -> str | None:
@@ -265,8 +267,7 @@ def memory_child(engine: str, path: str, fmt: str, threads: int) -> None:
         runner.prefill(ids, 16)
         weight_bytes = gguf_tensor_bytes(Path(path))
     else:
-        opt_out = CODES_LOGITS if fmt == "int4" else OPT_OUTS.get(fmt)
-        loaded = load_ours(Path(path), fmt, opt_out[1] if opt_out and engine == opt_out[0] else None)
+        loaded = load_ours(Path(path), fmt, PREFER_OF_ENGINE.get(engine))
         OursRunner("ours", loaded).prefill(ids, 16)
         weight_bytes = our_weight_bytes(loaded)
     peak = _status("VmHWM")

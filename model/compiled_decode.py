@@ -78,7 +78,7 @@ def unsupported(model, cache, kv_start: torch.Tensor | None) -> str | None:
         return "the compiled decode layers do not serve tensor parallel models"
     if len(set(model.residual_scales)) != 1:
         return "the compiled decode layers need one residual scale for every layer"
-    first = model.layers[0]
+    expected = {name: _signature(getattr(model.layers[0], name)) for name in LINEARS}
     for layer in model.layers:
         if layer.mixer != "attention" or layer.o_gate is not None:
             return "the compiled decode layers serve attention layers without an output gate only"
@@ -86,7 +86,7 @@ def unsupported(model, cache, kv_start: torch.Tensor | None) -> str | None:
             weight = getattr(layer, name)
             if not isinstance(weight, torch.Tensor) and not dataclasses.is_dataclass(getattr(weight, "weight", None)):
                 return f"the compiled decode layers cannot take {name}'s prepared layout ({type(weight).__name__})"
-            if _signature(weight) != _signature(getattr(first, name)):
+            if _signature(weight) != expected[name]:
                 return f"the compiled decode layers need every layer's {name} in one layout"
     return None
 
@@ -105,12 +105,16 @@ def _signature(weight) -> tuple:
     return (weight.op, type(inner).__name__, tuple(fields))
 
 
+def _tensor_fields(inner) -> list[str]:
+    """The names of a prepared container's tensor fields: what the package takes as inputs."""
+    return [f.name for f in dataclasses.fields(inner) if isinstance(getattr(inner, f.name), torch.Tensor)]
+
+
 def _tensors(weight) -> list[torch.Tensor]:
     """The tensors of one linear the package takes as inputs (a container's tensor fields)."""
     if isinstance(weight, torch.Tensor):
         return [weight]
-    inner = weight.weight
-    return [getattr(inner, f.name) for f in dataclasses.fields(inner) if isinstance(getattr(inner, f.name), torch.Tensor)]
+    return [getattr(weight.weight, name) for name in _tensor_fields(weight.weight)]
 
 
 def _rebuild(template, tensors: list[torch.Tensor]):
@@ -118,8 +122,7 @@ def _rebuild(template, tensors: list[torch.Tensor]):
     if isinstance(template, torch.Tensor):
         return tensors[0]
     inner = template.weight
-    names = [f.name for f in dataclasses.fields(inner) if isinstance(getattr(inner, f.name), torch.Tensor)]
-    return dataclasses.replace(template, weight=dataclasses.replace(inner, **dict(zip(names, tensors))))
+    return dataclasses.replace(template, weight=dataclasses.replace(inner, **dict(zip(_tensor_fields(inner), tensors))))
 
 
 class _ViewCache:

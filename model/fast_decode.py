@@ -71,8 +71,8 @@ class DecodeStep:
     ``model.forward(ids, cache=cache, kv_start=kv_start)``; then ``logits = step(tokens)`` once
     per new token. kv_start: `[B]` left padding of each row (as given to forward), or None.
     compiled: run the decoder layers as one AOTInductor call each (``model/compiled_decode.py``;
-    batch 1, dense attention; built on the first step when not cached; values within the float32
-    tolerance of the eager step, not bitwise); False: the layers' ops one by one.
+    batch 1, dense attention; built on the first step when not cached; logits within the bounds of
+    ``hal/ops.py`` of the eager step's, not always bitwise); False: the layers' ops one by one.
 
     Raises DeviceUnavailable for a model that is not on the CPU (and, compiled, when the layer
     cannot be traced or built), InputError for a cache that was not made for the model or a

@@ -119,7 +119,7 @@ def generate(model, input_ids: torch.Tensor | Sequence[Sequence[int]], max_new_t
             through ``model/fast_decode.py`` (the same results as ``model.forward``).
         compiled: CPU, batch 1, dense attention: run the decode steps' decoder layers as an
             AOTInductor package (``model/compiled_decode.py``; built once per model shape, 10-30 s
-            and a C++ compiler, then cached); logits within tolerance of the eager step, not bitwise.
+            and a C++ compiler, then cached); logits within the bounds of hal/ops.py of the eager step's.
         prefill_chunk: feed a longer prompt through the cache this many tokens at a time
             (bounds prefill memory: attention scores are chunk x length, not length^2); 0 = one
             forward. Ignored without the cache.
