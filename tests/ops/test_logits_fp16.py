@@ -48,7 +48,7 @@ def test_packed_copy_holds_the_weight_exactly(flags, dtype):
     assert 2.0 ** 15 <= top < 2.0 ** 16  # the largest magnitude sits in float16's top binade
     if flags == ("tiny",) and dtype == torch.bfloat16:
         # precondition: unscaled, float16 would lose most of this weight (its values sit below 2^-14)
-        assert f16.inexact_count(weight, 0) > weight.numel() // 2
+        assert int((weight.float().half().float() != weight.float()).sum()) > weight.numel() // 2
 
 
 def test_wide_weight_is_refused_and_served_exactly():
