@@ -119,10 +119,25 @@ class QuantizedWeight:
     def dequantize_rows(self, rows: torch.Tensor | slice) -> torch.Tensor:
         """float32 `[n, K]`: rows ``rows`` (an int64 index `[n]` or a slice) of :meth:`dequantize`,
         bit for bit, decoding only those rows (the lookups of a quantized token table)."""
-        return self._decode({k: (v[rows] if v is not None else None) for k, v in self._fields().items()})
+        return self._decode(self._rows(rows))
+
+    def dequantize_rows_into(self, rows: torch.Tensor | slice, out: torch.Tensor) -> None:
+        """:meth:`dequantize_rows` written into ``out`` (float32 `[n, K]`, contiguous), bit for bit,
+        without the decoding's float32 temporaries (the chunked logits of a quantized table)."""
+        self._decode_into(self._rows(rows), out)
+
+    def _rows(self, rows: torch.Tensor | slice) -> dict[str, torch.Tensor | None]:
+        return {k: (v[rows] if v is not None else None) for k, v in self._fields().items()}
 
     def _decode(self, fields: dict[str, torch.Tensor | None]) -> torch.Tensor:
-        """The format's float32 formula over ``fields`` (the container's per-row tensors, all rows or some)."""
+        rows = next(iter(fields.values())).shape[0]
+        out = torch.empty(rows, self.in_features, dtype=torch.float32, device=self.scales.device)
+        self._decode_into(fields, out)
+        return out
+
+    def _decode_into(self, fields: dict[str, torch.Tensor | None], out: torch.Tensor) -> None:
+        """The format's float32 formula over ``fields`` (the container's per-row tensors, all rows
+        or some), evaluated in place in ``out`` `[n, K]`."""
         raise NotImplementedError
 
 
@@ -181,11 +196,12 @@ class Int4Weight(QuantizedWeight):
         """uint8 `[O, K]`: the 4-bit codes q."""
         return unpack_int4(self.packed)
 
-    def _decode(self, f: dict[str, torch.Tensor | None]) -> torch.Tensor:
-        q = _grouped(unpack_int4(f["packed"]), self.group_size).float()
-        w = f["scales"][..., None] * (q - f["zeros"][..., None])
-        w = w if f["mins"] is None else w + f["mins"][..., None]
-        return w.flatten(1)
+    def _decode_into(self, f: dict[str, torch.Tensor | None], out: torch.Tensor) -> None:
+        w = _grouped(out, self.group_size)  # s * (q - z) (+ m), each product rounded once
+        w.copy_(_grouped(unpack_int4(f["packed"]), self.group_size))
+        w.sub_(f["zeros"][..., None]).mul_(f["scales"][..., None])
+        if f["mins"] is not None:
+            w.add_(f["mins"][..., None])
 
 
 @dataclass(frozen=True, eq=False)
@@ -201,9 +217,10 @@ class Int8Weight(QuantizedWeight):
     def _fields(self) -> dict[str, torch.Tensor | None]:
         return {"q": self.q, "scales": self.scales}
 
-    def _decode(self, f: dict[str, torch.Tensor | None]) -> torch.Tensor:
-        # int8 * float32 promotes each code to float32 exactly, then one rounded product as before
-        return (_grouped(f["q"], self.group_size) * f["scales"][..., None]).flatten(1)
+    def _decode_into(self, f: dict[str, torch.Tensor | None], out: torch.Tensor) -> None:
+        w = _grouped(out, self.group_size)  # each code to float32 exactly, then one rounded product
+        w.copy_(_grouped(f["q"], self.group_size))
+        w.mul_(f["scales"][..., None])
 
 
 @dataclass(frozen=True, eq=False)
@@ -224,8 +241,10 @@ class TernaryWeight(QuantizedWeight):
         """int8 `[O, K]` in {-1, 0, 1}."""
         return unpack_ternary(self.packed)
 
-    def _decode(self, f: dict[str, torch.Tensor | None]) -> torch.Tensor:
-        return (f["scales"][..., None] * _grouped(unpack_ternary(f["packed"]), self.group_size).float()).flatten(1)
+    def _decode_into(self, f: dict[str, torch.Tensor | None], out: torch.Tensor) -> None:
+        w = _grouped(out, self.group_size)
+        w.copy_(_grouped(unpack_ternary(f["packed"]), self.group_size))
+        w.mul_(f["scales"][..., None])
 
 
 def fusable(a: QuantizedWeight, b: QuantizedWeight) -> bool:

@@ -27,13 +27,17 @@ is prepared as its dense decoding (:class:`DenseFallback`, named in reports).
 Prefill: the int4 kernel is a GEMV at heart. At 1 thread it beats a dense bfloat16 matmul 2-3x for
 one row but is 6-17x slower at 128 rows (measured, ``python -m benchmarks.quant_ops``). Above
 :func:`kernel_max_rows` rows (64 for int4 / ternary, 32 for int8) the packed weight is instead
-decoded to bfloat16 on the fly in chunks of output rows (:func:`decode_rows`; a chunk's weight
-would take at most :data:`DECODE_CHUNK_BYTES` in float32: its temporaries, uint8 codes and the
-bfloat16 weight, take 3/4 of that), each chunk followed by one dense matmul. The decoding reads the kernel's own packed
+decoded to float32 on the fly in chunks of output rows (:func:`decode_rows`; a chunk's weight
+takes at most :data:`DECODE_CHUNK_BYTES`), each chunk followed by one float32 matmul of the
+activations upcast (exact), the output rounded to bfloat16 once: on CPUs without native bfloat16
+arithmetic a bfloat16 matmul of the transposed chunk is a slow path (AMD EPYC, AVX2, 2 threads,
+128 rows: gate_up [3072, 576] 615 ms in bfloat16 against 19 ms in float32; the dense float32
+matmul 5.5 ms, the dense bfloat16 one 29 ms), and with AVX-512 the dense float32 prefill was
+still 1.7x the bfloat16 one (benchmarks/RESULTS.md). The decoding reads the kernel's own packed
 layout, whose nibble order depends on the CPU (torch packs blocks of 64 rows on AVX512, 32 on
 AVX2): :func:`nibble_order` learns it at prepare time by packing row numbers, so no second copy
 of the weight is kept. Each weight is evaluated in float32 from the kernel's own bfloat16
-scales and zeros and rounded to bfloat16 once. The choice depends on shapes only (capturable).
+scales and zeros, as the kernel evaluates it. The choice depends on shapes only (capturable).
 
 Only bfloat16 is served (``supports``): the kernels' float32 and float16 paths are scalar loops,
 measured 14-27x slower than the dense float32 matmul on the SmolLM2 shapes (1 thread, [1, 576] x
@@ -261,9 +265,9 @@ def _decode_block_codes(weight: Int4Packed, start: int, stop: int, columns: torc
 
 
 def _decode_chunk(weight: Int4Packed, start: int, stop: int, columns: torch.Tensor, kind: str) -> torch.Tensor:
-    """`[K, stop - start]` in the scales' dtype: rows ``start:stop`` of the weight, transposed,
-    each ``q * scale + (zero - 8 scale)`` (= ``(q - 8) * scale + zero``) evaluated in float32
-    and rounded once. Grouped int8 first joins its nibbles back into ``u = 16 hi + lo = q + 128``
+    """`[K, stop - start]` float32: rows ``start:stop`` of the weight, transposed, each ``q * scale
+    + (zero - 8 scale)`` (= ``(q - 8) * scale + zero``) evaluated in float32 from the kernel's
+    bfloat16 scales and zeros. Grouped int8 first joins its nibbles back into ``u = 16 hi + lo = q + 128``
     (integer, exact) and evaluates ``u * s - 128 s`` with s the low half's scale."""
     codes = _decode_block_codes(weight, start, stop, columns, kind)
     k2, rows = codes.shape
@@ -275,7 +279,7 @@ def _decode_chunk(weight: Int4Packed, start: int, stop: int, columns: torch.Tens
     else:
         scale, zero = sz[..., 0], sz[..., 1] - 8 * sz[..., 0]
     k, groups = codes.shape[0], scale.shape[0]
-    out = torch.empty(k, rows, dtype=weight.scales_zeros.dtype)
+    out = torch.empty(k, rows, dtype=torch.float32)
     torch.addcmul(zero.unsqueeze(1), codes.view(groups, k // groups, rows), scale.unsqueeze(1),
                   out=out.view(groups, k // groups, rows))
     return out
@@ -298,27 +302,30 @@ def decode_rows(weight: Int4Packed) -> Iterator[tuple[int, int, torch.Tensor]]:
 
 
 def decode_linear(x: torch.Tensor, weight: Int4Packed) -> torch.Tensor:
-    """x `[M, K]` @ the weight decoded chunk by chunk -> `[M, out_features]`."""
-    y = x.new_empty(x.shape[0], weight.out_features)
+    """x `[M, K]` @ the weight decoded chunk by chunk, in float32 -> `[M, out_features]` in x's
+    dtype (one rounding)."""
+    xf = x.float()
+    y = torch.empty(x.shape[0], weight.out_features, dtype=torch.float32)
     for start, stop, w in decode_rows(weight):
         stop_out = min(stop, weight.out_features)
         if start < stop_out:
-            y[:, start:stop_out] = x @ w[:, :stop_out - start]
-    return y
+            torch.mm(xf, w[:, :stop_out - start], out=y[:, start:stop_out])
+    return y.to(x.dtype)
 
 
 def decode_int8_linear(x: torch.Tensor, weight: Int8PerChannel) -> torch.Tensor:
-    """x `[M, K]` @ the per-channel int8 weight decoded in row chunks (q * scale in float32,
-    rounded once) -> `[M, N]`."""
+    """x `[M, K]` @ the per-channel int8 weight decoded in row chunks (q * scale in float32), in
+    float32 -> `[M, N]` in x's dtype (one rounding)."""
     n, k = weight.q.shape
-    y = x.new_empty(x.shape[0], n)
+    xf = x.float()
+    y = torch.empty(x.shape[0], n, dtype=torch.float32)
     step = max(1, DECODE_CHUNK_BYTES // (4 * k))
     for start in range(0, n, step):
         stop = min(start + step, n)
-        w = torch.empty(stop - start, k, dtype=x.dtype)
+        w = torch.empty(stop - start, k, dtype=torch.float32)
         torch.mul(weight.q[start:stop], weight.scales[start:stop, None].float(), out=w)
-        y[:, start:stop] = torch.nn.functional.linear(x, w)
-    return y
+        torch.mm(xf, w.t(), out=y[:, start:stop])
+    return y.to(x.dtype)
 
 
 def kernel_max_rows(weight: Int4Packed | Int8PerChannel) -> int:

@@ -16,7 +16,7 @@ from dataclasses import dataclass
 
 import torch
 
-from hal.quant import Int4Weight, Int8Weight, QuantizedWeight, unpack_int4
+from hal.quant import QuantizedWeight
 
 
 @dataclass(frozen=True, eq=False)
@@ -41,25 +41,13 @@ class CodesTable:
         return decoded if self.dtype == torch.float32 else decoded.to(self.dtype)
 
     def rows_into(self, rows: slice, out: torch.Tensor, scratch: torch.Tensor | None = None) -> None:
-        """``out`` float32 `[n, E]` = ``self.rows(rows)`` upcast (bitwise), decoded in place: the
-        container's formula evaluated in ``out`` (the same float32 operations in the same order as
-        ``hal.quant``'s decoders), then one round trip through ``scratch`` (`[>= n, E]` in
-        ``dtype``) for the rounding to the model dtype. Saves ~1/3 of the chunked logits' decode
-        time over ``out.copy_(self.rows(rows))`` (no temporaries)."""
-        w = self.weight
-        if not isinstance(w, (Int8Weight, Int4Weight)):
-            out.copy_(self.rows(rows))
-            return
+        """``out`` float32 `[n, E]` = ``self.rows(rows)`` upcast (bitwise), decoded in place
+        (``hal.quant``'s :meth:`~hal.quant.QuantizedWeight.dequantize_rows_into`), then one round
+        trip through ``scratch`` (`[>= n, E]` in ``dtype``) for the rounding to the model dtype.
+        Saves ~1/3 of the chunked logits' decode time over ``out.copy_(self.rows(rows))`` (no
+        temporaries)."""
         n = out.shape[0]
-        grouped = out.view(n, -1, w.group_size)
-        if isinstance(w, Int8Weight):
-            grouped.copy_(w.q[rows].view(n, -1, w.group_size))
-            grouped.mul_(w.scales[rows][..., None])
-        else:
-            grouped.copy_(unpack_int4(w.packed[rows]).view(n, -1, w.group_size))
-            grouped.sub_(w.zeros[rows][..., None]).mul_(w.scales[rows][..., None])
-            if w.mins is not None:
-                grouped.add_(w.mins[rows][..., None])
+        self.weight.dequantize_rows_into(rows, out)
         if self.dtype != torch.float32:
             rounded = scratch[:n] if scratch is not None else torch.empty(out.shape, dtype=self.dtype)
             rounded.copy_(out)

@@ -15,7 +15,7 @@ int4 kernel would read, compressed to 2 bits, and expands it per call (no C++ of
 * Call: ``p[:h] = stored & 0xCC``, ``p[h:] = (stored << 2) & 0xCC`` (three ops on int32 views,
   4 bytes per element; a shift's bits from the neighbouring byte land in bits 0-1, which the
   mask clears), then the int4 kernel (up to ``quantized.KERNEL_MAX_ROWS`` activation rows) or
-  the chunk decoded to bfloat16 + one dense matmul (``quantized.decode_linear``, above). The
+  the chunk decoded to float32 + one float32 matmul (``quantized.decode_linear``, above). The
   temporaries of one chunk are all that exist in a wider form at any time.
 
 The kernel computes ``(q - 8) * scale + zero``; with scale s / 4 and zero s that is

@@ -1,6 +1,6 @@
 """The prefill path of the CPU packed quantized linears (backends/cpu/quantized.py): above
-``kernel_max_rows`` activation rows the kernel's packed weight is decoded to bfloat16 in row
-chunks and multiplied densely. Checked against the float32 reference ``x @ w.dequantize().T``
+``kernel_max_rows`` activation rows the kernel's packed weight is decoded to float32 in row
+chunks and multiplied densely in float32. Checked against the float32 reference ``x @ w.dequantize().T``
 of every container kind on both sides of the threshold, against hand-made codes whose decoding
 is exact (the packer's nibble order on every block shape), and that the path taken is the one
 the row count selects."""
@@ -62,13 +62,13 @@ def test_decoding_reads_the_packers_nibble_order_exactly(rows):
     assert torch.equal(decoded.t().float(), (codes - 8).float())
 
 
-def test_grouped_int8_decodes_to_scale_times_q_rounded_once():
+def test_grouped_int8_decodes_to_scale_times_q_in_float32():
     g = torch.Generator().manual_seed(3)
     weight = random_container(g, "linear_int8", "q8_0", 32, 64, 32)
     prepared = _prepare(weight)
     decoded = torch.cat([w for _, _, w in quantized.decode_rows(prepared)], dim=1).t()
     scales = weight.scales.bfloat16().float().repeat_interleave(32, 1)  # the kernel's bfloat16 scales
-    assert torch.equal(decoded, (scales * weight.q.float()).bfloat16())
+    assert decoded.dtype == torch.float32 and torch.equal(decoded, scales * weight.q.float())
 
 
 def test_chunks_stay_under_the_temporary_bound_and_cover_every_row(monkeypatch):
