@@ -130,8 +130,7 @@ class QuantizedWeight:
         return {k: (v[rows] if v is not None else None) for k, v in self._fields().items()}
 
     def _decode(self, fields: dict[str, torch.Tensor | None]) -> torch.Tensor:
-        rows = next(iter(fields.values())).shape[0]
-        out = torch.empty(rows, self.in_features, dtype=torch.float32, device=self.scales.device)
+        out = torch.empty(fields["scales"].shape[0], self.in_features, dtype=torch.float32, device=self.scales.device)
         self._decode_into(fields, out)
         return out
 

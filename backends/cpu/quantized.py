@@ -72,8 +72,8 @@ KERNEL_MAX_ROWS_INT8 = 32
 64 rows 1812 / 1699, gate_up 3017 / 4692, 6271 / 4853; per channel qkv 479 / 687, 954 / 720,
 gate_up 1594 / 2204, 3353 / 2325."""
 DECODE_CHUNK_BYTES = 8 << 20
-"""One decoded chunk of output rows, counted in float32, is at most this many bytes (its actual
-temporaries, uint8 codes and the bfloat16 weight, take 3/4 of it)."""
+"""One decoded chunk of output rows, its float32 weight, is at most this many bytes (beside it:
+its uint8 codes, a quarter of that)."""
 
 
 @dataclass(frozen=True)
