@@ -101,7 +101,7 @@ def supports(ctx) -> str | None:
         return f"cpu.fbgemm: torch's quantized engines must include fbgemm, got {engines}"
     if ctx.dtype not in (torch.bfloat16, torch.float16):
         return (f"cpu.fbgemm: dtype must be bfloat16 or float16 (float16 cannot hold a float32 lm_head; "
-                f"float32 keeps its float32 GEMM), got {ctx.dtype_name}")
+                f"float32 takes cpu.onednn), got {ctx.dtype_name}")
     return None
 
 
