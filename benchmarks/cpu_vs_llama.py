@@ -5,9 +5,9 @@ Formats (the files: ``benchmarks/gguf_variants.py``, built from the source GGUF 
 
 * ``float32``: ours in float32 on the F32 GGUF, against llama.cpp on that file; ours also
   through the eager ``model.forward`` (the path before ``model/fast_decode.py``) and with the
-  decoder linears on ``cpu.torch`` (``F.linear`` on the checkpoint's `[O, K]` layout, the path
-  before ``cpu.torch_kn``'s pre-transposed weights, :data:`OPT_OUTS`), for the before/after of the
-  same run (the opt-out also in the memory table);
+  decoder linears on ``cpu.torch_kn`` (MKL on pre-transposed `[K, O]` weights) and the logits on
+  ``cpu.torch`` (``F.linear``): the paths before ``cpu.onednn`` (:data:`OPT_OUTS`), for the
+  before/after of the same run (the opt-out also in the memory table);
 * ``bfloat16``: ours in bfloat16 on the F32 GGUF (rounded at load), against llama.cpp F32; ours
   also with the lm_head through the chunked float32 path (the path before ``cpu.fbgemm``'s packed
   float16 copy, ``backends/cpu/logits_fp16.py``), the same for ``int4``;
@@ -48,7 +48,8 @@ FORMATS = tuple(LLAMA_FILE)
 COMPILED = ("float32", "int4")
 COMPILED_ROW = "ours, compiled decoder layers (opt-in: DecodeStep(compiled=True))"
 """The formats that also get a row decoded by the AOTInductor-compiled layers (model/compiled_decode.py)."""
-OPT_OUTS = {"float32": ("ours, linear -> cpu.torch (before)", {"linear": "cpu.torch"})}
+OPT_OUTS = {"float32": ("ours, linear -> cpu.torch_kn, logits -> cpu.torch (before)",
+                        {"linear": "cpu.torch_kn", "logits": "cpu.torch"})}
 """Per format: (engine name, ``prefer=``) of the before-row loaded with an implementation opted out."""
 CODES_LOGITS = ("ours, compiled, logits from the table's codes (prefer logits -> cpu.torch)", {"logits": "cpu.torch"})
 """int4: the compiled step of the model loaded without cpu.fbgemm's packed float16 lm_head (its Q8_0
@@ -331,9 +332,14 @@ def run_tables(source: Path, formats: list[str], prompt_tokens: int, new_tokens:
                 rows.append(Row(fmt, "ours, eager forward (before)", path.name))
             if fmt in OPT_OUTS:
                 engine, prefer = OPT_OUTS[fmt]
-                runners.append(OursRunner(engine, load_ours(path, fmt, prefer)))
+                opted_out = load_ours(path, fmt, prefer)
+                runners.append(OursRunner(engine, opted_out))
                 rows.append(Row(fmt, engine, path.name))
                 mem_rows.append((fmt, engine, path))
+                if fmt in COMPILED:
+                    compiled_engine = engine.replace("ours,", "ours, compiled decoder layers,", 1)
+                    runners.append(OursRunner(compiled_engine, opted_out, compiled=True))
+                    rows.append(Row(fmt, compiled_engine, path.name))
             elif model.head is not None:
                 runners.append(OursRunner(f"ours {fmt} chunked head", without_prepared_head(model)))
                 rows.append(Row(fmt, "ours, chunked float32 lm_head (before)", path.name))

@@ -18,7 +18,7 @@ def test_cpu_binds_torch_ops_and_reference_mode_binds_the_judge():
     assert set(ops.record) == set(CATALOGUE)
     dense = {op: b for op, b in ops.record.items() if op not in QUANTIZED_LINEARS}
     assert {b.impl for op, b in dense.items() if op != "linear"} == {"cpu.torch"}
-    assert ops.record["linear"].impl == "cpu.torch_kn"  # float32 dense linears held pre-transposed
+    assert ops.record["linear"].impl == "cpu.onednn"  # float32 dense linears: oneDNN on the [O, K] weights
     assert all(("cpu.reference", "the reference is the judge only") in b.passed_over
                for b in ops.record.values())
     ref = bind("cpu", torch.float32, SHAPES, reference=True)

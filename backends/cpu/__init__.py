@@ -80,6 +80,10 @@ register(Impl(op="logits", backend="cpu", name="onednn", fn="backends.cpu.logits
               prepare="backends.cpu.table:prepare_table"))
 """float32 lm_heads: oneDNN's inner product on the dense `[V, E]` table (``logits_onednn.py``), ~1.7x
 faster than ``F.linear`` at one row; ``prefer={"logits": "cpu.torch"}`` keeps MKL's GEMM."""
+register(Impl(op="linear", backend="cpu", name="onednn", fn="backends.cpu.linear_onednn:linear_onednn",
+              supports=_lazy_supports("backends.cpu.linear_onednn"), priority=-2, capturable=True))
+"""float32 dense linears on the checkpoint's `[O, K]` weights (``linear_onednn.py``): oneDNN eagerly, a
+reduction inductor fuses when traced into the compiled decode layer."""
 register(Impl(op="linear", backend="cpu", name="torch_kn", fn="backends.cpu.linear_kn:linear_kn",
               supports=_lazy_supports("backends.cpu.linear_kn"), priority=-1, capturable=True,
               prepare="backends.cpu.linear_kn:prepare_linear_kn"))

@@ -37,17 +37,20 @@ def checkpoint(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def models(checkpoint):
-    return {"kn": hal.load_model(checkpoint, "cpu", "float32"),
+    return {"kn": hal.load_model(checkpoint, "cpu", "float32", prefer={"linear": "cpu.torch_kn"}),
             "opt-out": hal.load_model(checkpoint, "cpu", "float32", prefer={"linear": "cpu.torch"}),
             "reference": hal.load_model(checkpoint, "cpu", "float32", reference=True)}
 
 
 def test_binds_float32_only_and_says_why_not():
-    assert bind("cpu", torch.float32).record["linear"].impl == "cpu.torch_kn"
+    """float32 binds cpu.onednn first (tests/ops/test_linear_onednn.py), cpu.torch_kn when preferred."""
+    assert bind("cpu", torch.float32).record["linear"].impl == "cpu.onednn"
+    assert bind("cpu", torch.float32, prefer={"linear": "cpu.torch_kn"}).record["linear"].impl == "cpu.torch_kn"
     for dtype in (torch.bfloat16, torch.float16):
         record = bind("cpu", dtype).record["linear"]
         assert record.impl == "cpu.torch"
-        assert any(q == "cpu.torch_kn" and "dtype must be float32" in why for q, why in record.passed_over)
+        for impl in ("cpu.onednn", "cpu.torch_kn"):
+            assert any(q == impl and "dtype must be float32" in why for q, why in record.passed_over)
     assert "got bfloat16" in linear_kn.supports(BindContext("cpu", torch.bfloat16))
 
 
