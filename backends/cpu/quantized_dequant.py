@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import torch
 
+from backends.cpu.linear_onednn import linear_onednn
 from hal.probing import torch_device
 
 
@@ -15,5 +16,9 @@ def prepare_dequantized(weight, ctx) -> torch.Tensor:
 
 
 def linear_dequantized(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
-    """x `[..., K]` @ the prepared dense weight `[O, K]`."""
+    """x `[..., K]` @ the prepared dense weight `[O, K]`. float32 on the CPU: the product of the dense
+    float32 ``linear`` (``cpu.onednn``), so a model dequantized at load computes bit for bit as the
+    dense model of the same values (tests/test_cpu_speed_cli.py: a Q8_0 GGUF and its F32 conversion)."""
+    if x.device.type == "cpu" and x.dtype == torch.float32 and torch.backends.mkldnn.is_available():
+        return linear_onednn(x, weight)
     return torch.nn.functional.linear(x, weight)
