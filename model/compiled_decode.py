@@ -8,7 +8,9 @@ instead of 14 for add_rms_norm; the product's code and data push the dispatcher'
 caches), and a layer makes ~180 such calls. ``torch.compile`` per region adds more in guards and
 Python wrappers than it saves (measured: 34-105 us per compiled add_rms_norm call). An
 AOTInductor package called through its C++ runner costs 3-16 us per call and runs a whole layer,
-matrix products included (MKL, or torch's int4 kernel), as one call of generated C++.
+matrix products included, as one call of generated C++ (float32 products as the reductions that
+``cpu.onednn``'s linear is traced as, fused by inductor; bfloat16 ones through the GEMM; int4 through
+torch's int4 kernel).
 
 What is compiled: :meth:`MiniCPMForCausalLM.decoder_layer` itself (so the layer code exists
 once), traced by ``torch.export`` with the model's bound ops, except the two cache ops, which

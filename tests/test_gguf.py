@@ -12,6 +12,7 @@ import pytest
 import torch
 
 import hal
+from hal.ops import get_spec
 from model.tokenizer import render_chat
 
 PROMPTS = (
@@ -45,13 +46,13 @@ def ours(trained_gguf):
 
 
 @pytest.fixture(scope="module")
-def hf_model(trained_gguf):
+def hf_model_float64(trained_gguf):
     from transformers import AutoModelForCausalLM
 
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         model = AutoModelForCausalLM.from_pretrained(trained_gguf.parent, gguf_file=trained_gguf.name,
-                                                     dtype=torch.float32)
+                                                     dtype=torch.float64)
     return model.eval()
 
 
@@ -72,16 +73,22 @@ def test_config_from_metadata_is_smollm2_as_a_neutral_minicpm(ours):
     assert c.rms_norm_eps == 1e-5
 
 
-def test_float32_logits_equal_transformers_gguf_loading(ours, hf_model, hf_tokenizer):
-    worst = 0.0
+def test_float32_logits_equal_transformers_gguf_loading(ours, hf_model_float64, hf_tokenizer):
+    """Against transformers' model in float64 (its own reader and dequantizer; float64: the exact answer
+    for these weights, so the bound measures our float32 error, not the difference of two float32 sum
+    orders), within the float32 ``logits`` contract. Measured on this fixture: NMSE 4.8e-12 at most
+    (transformers' own float32 forward 1.4e-12; our float32 reference model 4.0e-12); a max-|difference|
+    bound against transformers in float32 sat at float32's reordering noise (1.2e-4 with oneDNN's sums,
+    1.1e-4 with F.linear's, 3.4e-5 with MKL's pre-transposed GEMM, on logits of magnitude 30)."""
+    bound = get_spec("logits").tolerance("float32")
     for prompt in PROMPTS:
         ids = torch.tensor([hf_tokenizer(prompt)["input_ids"]])
         with torch.no_grad():
-            expected = hf_model(input_ids=ids).logits.float()
+            expected = hf_model_float64(input_ids=ids).logits
         got = ours.logits(ids)
         assert got.shape == expected.shape
-        worst = max(worst, (got - expected).abs().max().item())
-    assert worst <= 1e-4, f"max |ours - transformers| = {worst:.3g} over {len(PROMPTS)} prompts"
+        error = float(((got.double() - expected) ** 2).mean() / (expected ** 2).mean())
+        assert error <= bound, f"{prompt!r}: NMSE {error:.3g} against transformers in float64 (bound {bound:g})"
 
 
 def test_tokenizer_equals_transformers_gguf_tokenizer(ours, hf_tokenizer):
