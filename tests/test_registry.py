@@ -17,8 +17,9 @@ def test_cpu_binds_torch_ops_and_reference_mode_binds_the_judge():
     ops = bind("cpu", torch.float32, SHAPES)
     assert set(ops.record) == set(CATALOGUE)
     dense = {op: b for op, b in ops.record.items() if op not in QUANTIZED_LINEARS}
-    assert {b.impl for op, b in dense.items() if op != "linear"} == {"cpu.torch"}
+    assert {b.impl for op, b in dense.items() if op not in ("linear", "logits")} == {"cpu.torch"}
     assert ops.record["linear"].impl == "cpu.onednn"  # float32 dense linears: oneDNN on the [O, K] weights
+    assert ops.record["logits"].impl == "cpu.onednn"  # float32 lm_head: oneDNN on the [V, E] table
     assert all(("cpu.reference", "the reference is the judge only") in b.passed_over
                for b in ops.record.values())
     ref = bind("cpu", torch.float32, SHAPES, reference=True)

@@ -44,8 +44,9 @@ def test_the_float32_torch_ops_can_judge(tmp_path):
     r = run.report
     assert run.code == 0 and r["reference"] == "cpu-fp32-torch" and "(torch ops)" in r["title"]
     assert {b["impl"] for op, b in r["reference_bound_ops"].items()
-            if op not in QUANTIZED_LINEARS + ("linear",)} == {"cpu.torch"}
+            if op not in QUANTIZED_LINEARS + ("linear", "logits")} == {"cpu.torch"}
     assert r["reference_bound_ops"]["linear"]["impl"] == "cpu.onednn"  # float32: oneDNN on the [O, K] weights
+    assert r["reference_bound_ops"]["logits"]["impl"] == "cpu.onednn"
     ids = hal.load_model(path, "cpu", "float32").tokenizer(prompt)["input_ids"]
     assert len(ids) > SPARSE["dense_len"]
     positions = r["prompts"][0]["positions"]
