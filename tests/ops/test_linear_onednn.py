@@ -13,6 +13,7 @@ from backends.cpu import linear_onednn as dnn
 from hal.ops import get_spec
 from hal.registry import BindContext, bind
 from validation.opcheck import nmse
+from cpu_conformance import assert_conforms, params
 
 pytestmark = pytest.mark.skipif(not torch.backends.mkldnn.is_available(), reason="torch built without oneDNN")
 FLOAT32 = get_spec("linear").tolerance("float32")
@@ -61,15 +62,23 @@ def test_other_layouts_and_empty_products_take_f_linear():
     assert dnn.linear_onednn(torch.randn(0, 96), weight).shape == (0, 300)
 
 
-def test_supports_names_the_dtype_and_a_missing_onednn(monkeypatch):
+def test_supports_names_the_dtype_the_cpu_and_a_missing_onednn(monkeypatch):
+    monkeypatch.setattr(torch.backends.cpu, "get_cpu_capability", lambda: "AVX2")
     assert dnn.supports(BindContext("cpu", torch.float32)) is None
+    assert bind("cpu", torch.float32).record["linear"].impl == "cpu.onednn"
+    monkeypatch.setattr(torch.backends.cpu, "get_cpu_capability", lambda: "AVX512")
+    record = bind("cpu", torch.float32).record["linear"]
+    assert record.impl == "cpu.torch_kn"  # where oneDNN's one-row product measured slower
+    assert any(q == "cpu.onednn" and "on AVX512 CPUs" in why for q, why in record.passed_over)
+    monkeypatch.setattr(torch.backends.cpu, "get_cpu_capability", lambda: "AVX2")
     assert "got bfloat16" in dnn.supports(BindContext("cpu", torch.bfloat16))
     monkeypatch.setattr(torch.backends.mkldnn, "is_available", lambda: False)
     assert "built without oneDNN" in dnn.supports(BindContext("cpu", torch.float32))
     assert bind("cpu", torch.float32).record["linear"].impl == "cpu.torch_kn"  # the next float32 choice
 
 
-def test_a_float32_model_holds_the_checkpoint_layout_and_matches_the_reference(tiny_checkpoint):
+def test_a_float32_model_holds_the_checkpoint_layout_and_matches_the_reference(tiny_checkpoint, monkeypatch):
+    monkeypatch.setattr(torch.backends.cpu, "get_cpu_capability", lambda: "AVX2")  # where oneDNN binds
     model = hal.load_model(tiny_checkpoint, "cpu", "float32")
     assert model.bound_ops["linear"] == "cpu.onednn"
     weights = [getattr(layer, name) for layer in model.layers for name in ("qkv", "o", "gate_up", "down")]
@@ -79,3 +88,11 @@ def test_a_float32_model_holds_the_checkpoint_layout_and_matches_the_reference(t
         want = hal.load_model(tiny_checkpoint, "cpu", "float32", reference=True).logits(ids).double()
         got = model.logits(ids).double()
     assert nmse(want, got) <= get_spec("logits").tolerance("float32")
+
+
+@pytest.mark.parametrize("impl,c", [p for p in params("linear") if p.values[0].qualname == "cpu.onednn"])
+def test_conforms_on_any_cpu(impl, c, monkeypatch):
+    """The conformance grid (tests/ops/test_linear.py) skips cpu.onednn on the CPUs where it does not bind
+    (AVX-512: slower, not wrong); here it runs on every CPU as it would on an AVX2 one."""
+    monkeypatch.setattr(torch.backends.cpu, "get_cpu_capability", lambda: "AVX2")
+    assert_conforms(impl, c)
