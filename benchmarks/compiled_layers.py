@@ -64,8 +64,7 @@ def split(model, ids: torch.Tensor, passes: int = 20, repeats: int = 5) -> dict[
         ops = model.ops
 
         def compiled_layers():
-            for index, layer in enumerate(model.layers):
-                layers(index, layer, x, x, layer.post_norm)
+            layers(x, x)
 
         def products():
             for layer in model.layers:

@@ -70,7 +70,7 @@ class DecodeStep:
     """Decode steps of ``model`` (on the CPU) into ``cache``, after the prompt went through
     ``model.forward(ids, cache=cache, kv_start=kv_start)``; then ``logits = step(tokens)`` once
     per new token. kv_start: `[B]` left padding of each row (as given to forward), or None.
-    compiled: run the decoder layers as one AOTInductor call each (``model/compiled_decode.py``;
+    compiled: run the decoder layers as one AOTInductor call per step (``model/compiled_decode.py``;
     batch 1, dense attention; built on the first step when not cached; logits within the bounds of
     ``hal/ops.py`` of the eager step's, not always bitwise); False: the layers' ops one by one.
 
@@ -90,7 +90,7 @@ class DecodeStep:
         self.ops = decode_ops(model.ops, keys is None or keys.dtype == torch.float32)
         self._length = None  # the cache's length after the last step (else it was written elsewhere)
         model.rope.ensure(cache.capacity)
-        self.layers = None  # compiled=True: the decoder layers as one AOTInductor call each
+        self.layers = None  # compiled=True: the decoder layers as one AOTInductor call
         if compiled:
             from model.compiled_decode import CompiledCodesLogits, CompiledLayers, unsupported
 
@@ -123,7 +123,7 @@ class DecodeStep:
         rope = model.rope.lookup(slots)
         runner = self.layers if self.layers is not None and self.layers.begin(rope, int(kv_lens[0])) else None
         out = model.run(self.ops, tokens[:, None], rope, self.cache, None, True, slots,
-                        kv_lens, logits_last_only=True, sparse=use_sparse, layer_runner=runner)
+                        kv_lens, logits_last_only=True, sparse=use_sparse, layers_runner=runner)
         self.cache.advance(1)
         self._length = self.cache.length
         return out.logits[:, -1]

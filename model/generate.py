@@ -62,7 +62,7 @@ def _main(argv: list[str] | None = None) -> int:
                         help="replay decode steps from a device graph (CUDA graph / NPUGraph); cuda and npu")
     parser.add_argument("--compiled", action="store_true",
                         help="cpu, batch 1: run the decoder layers as an AOTInductor package (built once per "
-                             "model shape, 10-30 s, needs a C++ compiler; cached)")
+                             "model shape, 10-60 s, needs a C++ compiler; cached)")
     parser.add_argument("--tp", type=int, default=1,
                         help="tensor-parallel ranks; run under torchrun --nproc-per-node N (default: 1)")
     args = parser.parse_args(argv)

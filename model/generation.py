@@ -118,7 +118,7 @@ def generate(model, input_ids: torch.Tensor | Sequence[Sequence[int]], max_new_t
             ``model/decode_graph.py``); cuda and npu only. On the CPU every decode step runs
             through ``model/fast_decode.py`` (the same results as ``model.forward``).
         compiled: CPU, batch 1, dense attention: run the decode steps' decoder layers as an
-            AOTInductor package (``model/compiled_decode.py``; built once per model shape, 10-30 s
+            AOTInductor package (``model/compiled_decode.py``; built once per model shape, 10-60 s
             and a C++ compiler, then cached); logits within the bounds of hal/ops.py of the eager step's.
         prefill_chunk: feed a longer prompt through the cache this many tokens at a time
             (bounds prefill memory: attention scores are chunk x length, not length^2); 0 = one

@@ -339,7 +339,7 @@ class MiniCPMForCausalLM:
             cache: KVCache | None, kv_start: torch.Tensor | None, decode: bool,
             slots: torch.Tensor | None, kv_lens: torch.Tensor | None, output_hidden_states: bool = False,
             logits_last_only: bool = False, hidden_hook: Callable[[int, torch.Tensor], None] | None = None,
-            sparse: bool = False, layer_runner: Callable[..., tuple[torch.Tensor, torch.Tensor]] | None = None
+            sparse: bool = False, layers_runner: Callable[..., tuple[torch.Tensor, torch.Tensor]] | None = None
             ) -> ForwardOutput:
         """The layers and logits, given where the tokens go (device work only: :meth:`forward`
         plans on the host; ``model/decode_graph.py`` captures this for decode steps).
@@ -347,9 +347,9 @@ class MiniCPMForCausalLM:
         rope: (cos, sin) `[B, T, D]` of the tokens' positions. slots `[B, T]` / kv_lens `[B]`: the
         cache plan (see :class:`KVCache`). decode: attend over the cache (attention_decode)
         instead of the new tokens alone (attention_prefill, left padding by kv_start). sparse:
-        InfLLM-v2 block-sparse attention over the cache instead (needs a cache). layer_runner:
-        ``(index, layer, x, residual, next_norm) -> (x, residual)`` in place of
-        :meth:`decoder_layer` (``model/compiled_decode.py``: the same layer, compiled)."""
+        InfLLM-v2 block-sparse attention over the cache instead (needs a cache). layers_runner:
+        ``(x, residual) -> (x, residual)`` in place of the loop over :meth:`decoder_layer`
+        (``model/compiled_decode.py``: the same layers, compiled; no hidden states or hook)."""
         cfg = self.config
         cos, sin = rope
         real = self._real_tokens(input_ids, cache, kv_start) if self.lightning_layers else None
@@ -357,17 +357,19 @@ class MiniCPMForCausalLM:
         hidden: list[torch.Tensor] | None = [h] if output_hidden_states else None
         residual = h
         x = ops.rms_norm(h, self.layers[0].input_norm, cfg.rms_norm_eps)
-        for index, layer in enumerate(self.layers):
-            next_norm = self.layers[index + 1].input_norm if index + 1 < len(self.layers) else self.final_norm
-            if layer_runner is not None:
-                x, residual = layer_runner(index, layer, x, residual, next_norm)
-            else:
+        if layers_runner is not None:
+            if hidden is not None or hidden_hook is not None:
+                raise InputError("run: a layers_runner gives no per-layer hidden states")
+            x, residual = layers_runner(x, residual)
+        else:
+            for index, layer in enumerate(self.layers):
+                next_norm = self.layers[index + 1].input_norm if index + 1 < len(self.layers) else self.final_norm
                 x, residual = self.decoder_layer(ops, index, layer, x, residual, next_norm, cos, sin, cache,
                                                  kv_start, decode, slots, kv_lens, sparse, real)
-            if hidden is not None:
-                hidden.append(residual)
-            if hidden_hook is not None:
-                hidden_hook(index, residual)
+                if hidden is not None:
+                    hidden.append(residual)
+                if hidden_hook is not None:
+                    hidden_hook(index, residual)
         if logits_last_only and x.shape[1] > 1:
             x = x[:, -1:]
         logits = self.tp.logits(ops, x / cfg.logit_scale, self.head_weight(ops))

@@ -7,7 +7,7 @@ Checked: float32 logits and cache contents within the float32 bound of the ``log
 linears of a GGUF kept quantized: the same greedy tokens, within the bfloat16 logits bound of the
 eager step, and as close to the float32 judge (the dequantized model) as the eager step is; one package per model shape, reused across steps,
 capacities and step objects; ``generate(compiled=True)``; clear errors where it does not apply,
-and no partial package left by a failed build. Each build takes 10-30 s (C++ compile)."""
+and no partial package left by a failed build. Each build takes ~10 s here (C++ compile)."""
 from __future__ import annotations
 
 import os
