@@ -76,7 +76,9 @@ def sigmoid_gate_cpu(x: torch.Tensor, gate: torch.Tensor) -> torch.Tensor:
 UPCAST_MIN_ROWS = 8
 """bfloat16 / float16 linears of at least this many activation rows run as one float32 matmul of
 the upcast operands (exact), rounded once, as the bfloat16 GEMM rounds its float32 sums, unless
-the CPU has AMX tiles (bfloat16 matrix units; not measured here). Measured on an AMD EPYC (AVX2,
+the CPU has AMX tiles (bfloat16 matrix units: on an Intel Xeon with AMX, 2 threads, the bfloat16
+GEMM of [128, 576] x [576, 3072] takes 0.42 ms against 1.98 upcast, [16, ...] 0.19 against 0.80,
+[2, ...] 0.17 against 0.44). Measured on an AMD EPYC (AVX2,
 2 threads) with SmolLM2's shapes: [128, 576] x [576, 3072] 44.9 ms in bfloat16 against 7.4 ms
 upcast, [16, ...] 3.7 against 1.4 ms, [4, ...] 0.96 against 0.85, [2, ...] 0.43 against 0.57
 (the weight's conversion costs more than it saves below ~4 rows)."""
