@@ -184,3 +184,24 @@ def test_codes_logits_without_the_packed_copy(tiny_q4_0, aoti_cache):
         model.forward(torch.tensor([PROMPT]), cache=cache)
         assert DecodeStep(model, cache, compiled=True).bound_ops["logits"] == "compiled.codes_logits"
         assert DecodeStep(model, cache).bound_ops["logits"] == "cpu.torch"
+
+
+def test_a_layers_runner_replaces_the_layer_loop(tiny):
+    """model.run's layers_runner (what the compiled step passes) stands for every decoder layer: its
+    output is what the logits read, and per-layer hidden states cannot come from it."""
+    model = hal.load_model(tiny, "cpu", "float32")
+    ids = torch.tensor([PROMPT[:3]])
+    model.rope.ensure(3)
+    rope = model.rope.lookup(torch.arange(3)[None])
+    calls = []
+
+    def zeros(x, residual):
+        calls.append(x.shape)
+        return torch.zeros_like(x), residual
+
+    with torch.inference_mode():
+        out = model.run(model.ops, ids, rope, None, None, False, None, None, layers_runner=zeros)
+        assert calls == [(1, 3, model.config.hidden_size)] and not out.logits.any()
+        with pytest.raises(InputError, match="no per-layer hidden states"):
+            model.run(model.ops, ids, rope, None, None, False, None, None, output_hidden_states=True,
+                      layers_runner=zeros)
