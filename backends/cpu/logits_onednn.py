@@ -5,8 +5,9 @@ B operand; oneDNN's inner-product primitive reads the same `[V, E]` tensor (no c
 the tied embedding keeps reading it) and streams it faster at one activation row. Measured on
 SmolLM2-135M's `[49152, 576]` float32 table (AMD EPYC, AVX2, 2 threads, 8 interleaved rounds,
 median): 1 row 8.61 ms through ``F.linear`` against 4.92 ms here (MKL on a `[K, V]` copy 4.88 ms,
-which would cost a second 113 MB table); 128 rows 80.2 against 64.0 ms
-(benchmarks/RESULTS.md, "CPU decode (issue 13)").
+which would cost a second 113 MB table); 128 rows 80.2 against 64.0 ms. On an Intel Xeon with
+AVX-512 and AMX the gap is small (1 row 4.18 ms ``F.linear``, 3.96 here, 3.54 on a `[K, V]` copy; in
+the decode step no measurable difference) (benchmarks/RESULTS.md, "CPU decode (issue 13)").
 
 Values: the float32 sums run in oneDNN's order instead of MKL's (differences of a few ulps of the
 largest logit; the catalogue's ``logits`` tolerance holds, tests/ops/test_logits.py). A table that
