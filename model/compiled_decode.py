@@ -8,17 +8,18 @@ instead of 14 for add_rms_norm; the product's code and data push the dispatcher'
 caches), and a layer makes ~180 such calls. ``torch.compile`` per region adds more in guards and
 Python wrappers than it saves (measured: 34-105 us per compiled add_rms_norm call). An
 AOTInductor package called through its C++ runner costs 3-16 us per call and runs every layer of
-the step, matrix products included, as one call of generated C++ (float32 products as the reductions that
-``cpu.onednn``'s linear is traced as, fused by inductor; bfloat16 ones through the GEMM; int4 through
-torch's int4 kernel).
+the step, matrix products included, as one call of generated C++ (float32 products as the
+reductions that ``cpu.onednn``'s linear is traced as, fused by inductor, or ``cpu.torch_kn``'s GEMM
+where that binds; bfloat16 ones through the GEMM; int4 through torch's int4 kernel).
 
 What is compiled: :meth:`MiniCPMForCausalLM.decoder_layer` itself (so the layer code exists
 once), called for each layer in turn (:class:`_Stack`), traced by ``torch.export`` with the
 model's bound ops, except the two cache ops, which read the step's length from the shape of the
-cache views they are given instead of from ``slots`` / ``kv_lens`` on the host: ``kv_write`` stores into the last position of the views
-(the slot of a batch-1 decode token: ``slot = kv_len - 1``) and ``attention_decode`` attends
-over the whole views, as ``cpu.decode``'s :func:`~backends.cpu.decode.kv_write_decode_cpu` and
-:func:`~backends.cpu.ops.attention_decode_cpu` do for one row. The length is the package's one
+cache views they are given instead of from ``slots`` / ``kv_lens`` on the host: ``kv_write``
+stores into the last position of the views (the slot of a batch-1 decode token: ``slot = kv_len -
+1``) and ``attention_decode`` attends over the whole views, as ``cpu.decode``'s
+:func:`~backends.cpu.decode.kv_write_decode_cpu` and :func:`~backends.cpu.ops.attention_decode_cpu`
+do for one row. The length is the package's one
 dynamic dimension, so one package serves every step (the layers' weights are inputs, not
 constants: nothing is copied) and every cache capacity. It is cached on disk under
 ``$HAL_CACHE_DIR/aoti/``, named by a hash of the exported graph, its input layouts and torch's
@@ -209,7 +210,8 @@ class CompiledLayers:
         self._progress = progress
         self.path: Path | None = None
         self._rope = self._length = None
-        self._fixed: tuple[list, list[tuple[torch.Tensor, torch.Tensor, list[torch.Tensor]]]] | None = None
+        self._fixed_for: list | None = None  # the layer objects _fixed was made from
+        self._fixed: list[tuple[torch.Tensor, torch.Tensor, list[torch.Tensor]]] = []
 
     def begin(self, rope: tuple[torch.Tensor, torch.Tensor], length: int) -> bool:
         """Set the step's (cos, sin) and cache length after its token; False: too short, run eagerly."""
@@ -219,11 +221,12 @@ class CompiledLayers:
     def _layer_tensors(self):
         """Per layer (post_norm, next_norm, the linears' tensors), made once per set of layer objects."""
         layers = self.model.layers
-        if self._fixed is None or any(a is not b for a, b in zip(self._fixed[0], layers)):
+        if self._fixed_for is None or any(a is not b for a, b in zip(self._fixed_for, layers)):
             norms = [layer.input_norm for layer in layers[1:]] + [self.model.final_norm]
-            self._fixed = (list(layers), [(layer.post_norm, norm, [t for name in LINEARS for t in _tensors(getattr(layer, name))])
-                                          for layer, norm in zip(layers, norms)])
-        return self._fixed[1]
+            self._fixed = [(layer.post_norm, norm, [t for name in LINEARS for t in _tensors(getattr(layer, name))])
+                           for layer, norm in zip(layers, norms)]
+            self._fixed_for = list(layers)
+        return self._fixed
 
     def __call__(self, x, residual):
         """x (the first layer's normed input), residual `[1, 1, E]` -> the final norm's output and
