@@ -142,8 +142,33 @@ def _kv_write_last(k_cache, v_cache, k, v, slots) -> None:
     v_cache.narrow(1, last, 1).copy_(v)
 
 
+ONE_ROW_ATTENTION_ON = ("AVX512",)
+"""``torch.backends.cpu.get_cpu_capability()`` values where the traced layers attend with
+:func:`attention_one_row` instead of the SDPA call. Measured on an Intel Xeon (AVX-512, AMX, 2
+threads, SmolLM2-135M's 30 layers, 40 interleaved rounds, median): float32 17.64 -> 17.02 ms per
+step at 128 cached tokens, int4 5.63 -> 5.26 (128) and 8.55 -> 8.19 (600); one SDPA call there is
+~20 us at 150 keys for ~2 us of arithmetic. An earlier einsum form, on another AVX-512 Xeon (no
+AMX) with one package per layer, gave int4 15.18 -> 13.99 ms/token but float32 29.73 -> 31.03
+(benchmarks/RESULTS.md). Not measured below AVX-512: the SDPA call stays there."""
+
+
+def attention_one_row(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, scale: float) -> torch.Tensor:
+    """One query row over every cached position, written for inductor to fuse: q `[1, 1, H, D]`,
+    k / v `[1, L, Hk, D]` (query head h reads kv head ``h // (H / Hk)``) -> `[1, 1, H, D]` in q's
+    dtype; scores, softmax and the weighted sum in float32, rounded once (as ``_sdpa_masked``)."""
+    batch, _, heads, dim = q.shape
+    kv_heads = k_cache.shape[2]
+    query = q.float().view(batch, 1, kv_heads, heads // kv_heads, dim)
+    scores = (query * k_cache.float().unsqueeze(3)).sum(-1) * scale  # [1, L, Hk, H / Hk]
+    weights = torch.softmax(scores, dim=1)
+    out = (weights.unsqueeze(-1) * v_cache.float().unsqueeze(3)).sum(1)  # [1, Hk, H / Hk, D]
+    return out.reshape(batch, 1, heads, dim).to(q.dtype)
+
+
 def _attention_views(q, k_cache, v_cache, kv_lens, scale):
     """attention_decode of one row over the whole views (their length is the row's kv_len)."""
+    if torch.backends.cpu.get_cpu_capability() in ONE_ROW_ATTENTION_ON:
+        return attention_one_row(q, k_cache, v_cache, scale)
     return _sdpa_masked(q, k_cache, v_cache, None, False, scale)
 
 

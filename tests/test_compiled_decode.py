@@ -205,3 +205,35 @@ def test_a_layers_runner_replaces_the_layer_loop(tiny):
         with pytest.raises(InputError, match="no per-layer hidden states"):
             model.run(model.ops, ids, rope, None, None, False, None, None, output_hidden_states=True,
                       layers_runner=zeros)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_one_row_attention_matches_float64_attention(dtype):
+    """compiled_decode.attention_one_row (the traced layers' attention on AVX-512 CPUs) against
+    softmax(q k^T * scale) v in float64 with grouped heads, within the attention_decode bounds."""
+    torch.manual_seed(0)
+    heads, kv_heads, dim, length = 6, 2, 16, 37
+    q = torch.randn(1, 1, heads, dim).to(dtype)
+    k, v = torch.randn(1, length, kv_heads, dim).to(dtype), torch.randn(1, length, kv_heads, dim).to(dtype)
+    group = heads // kv_heads
+    kk = k.double()[0].repeat_interleave(group, dim=1)  # [L, H, D]: head h reads kv head h // group
+    vv = v.double()[0].repeat_interleave(group, dim=1)
+    scores = torch.einsum("hd,lhd->hl", q.double()[0, 0], kk) * 0.25
+    want = torch.einsum("hl,lhd->hd", scores.softmax(-1), vv)[None, None]
+    got = compiled_decode.attention_one_row(q, k, v, 0.25)
+    assert got.dtype == dtype and got.shape == q.shape
+    assert _nmse(want, got) <= get_spec("attention_decode").tolerance("float32" if dtype == torch.float32 else "bfloat16")
+
+
+def test_the_sdpa_and_one_row_forms_of_the_layers_agree(tiny, tmp_path, monkeypatch):
+    """Both attention forms of the traced layers (compiled_decode.ONE_ROW_ATTENTION_ON picks one by
+    CPU) build, and decode within the float32 logits bound of the eager forward."""
+    monkeypatch.setenv("HAL_CACHE_DIR", str(tmp_path))
+    model = hal.load_model(tiny, "cpu", "float32")
+    ref_logits, ref_tokens, _ = _decode(model, None)
+    for capability in ("AVX2", "AVX512"):
+        monkeypatch.setattr(torch.backends.cpu, "get_cpu_capability", lambda c=capability: c)
+        compiled_decode._LOADED.pop(model, None)
+        logits, tokens, _ = _decode(model, True)
+        assert tokens == ref_tokens and _nmse(ref_logits, logits) <= get_spec("logits").tolerance("float32")
+    assert len(_packages(tmp_path)) == 2  # two graphs: the SDPA call and the one-row form
