@@ -19,7 +19,8 @@ cache views they are given instead of from ``slots`` / ``kv_lens`` on the host: 
 stores into the last position of the views (the slot of a batch-1 decode token: ``slot = kv_len -
 1``) and ``attention_decode`` attends over the whole views, as ``cpu.decode``'s
 :func:`~backends.cpu.decode.kv_write_decode_cpu` and :func:`~backends.cpu.ops.attention_decode_cpu`
-do for one row. The length is the package's one
+do for one row (through the SDPA call, or on AVX-512 CPUs as :func:`attention_one_row`, a form
+inductor fuses: :data:`ONE_ROW_ATTENTION_ON`). The length is the package's one
 dynamic dimension, so one package serves every step (the layers' weights are inputs, not
 constants: nothing is copied) and every cache capacity. It is cached on disk under
 ``$HAL_CACHE_DIR/aoti/``, named by a hash of the exported graph, its input layouts and torch's
