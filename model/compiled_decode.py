@@ -194,6 +194,10 @@ class _Layer(torch.nn.Module):
                                         _ViewCache(keys, values), None, True, None, None, False, None)
 
 
+PER_LAYER_FIXED = 4
+"""post_norm, next_norm, keys, values: the per-layer inputs of :class:`_Stack` before the linears."""
+
+
 class _Stack(torch.nn.Module):
     """Every decoder layer of the step, one :class:`_Layer` after another: x, residual `[1, 1, E]`,
     cos / sin `[1, 1, D]`, then per layer ``post_norm, next_norm, keys, values, *linears``
@@ -210,10 +214,6 @@ class _Stack(torch.nn.Module):
             post_norm, next_norm, keys, values, *linears = per_layer[index * self.width:(index + 1) * self.width]
             x, residual = self.layer(x, residual, post_norm, next_norm, cos, sin, keys, values, *linears)
         return x, residual
-
-
-PER_LAYER_FIXED = 4
-"""post_norm, next_norm, keys, values: the per-layer inputs of :class:`_Stack` before the linears."""
 
 
 class CompiledLayers:

@@ -20,7 +20,7 @@ On AVX-512 oneDNN's one-row inner product is the slower kernel, prepacked or not
 binds instead: SmolLM2's 120 decode products 23.5 ms against 15.8 (an Intel Xeon with AVX-512 and
 AMX, 2 threads, 10 interleaved rounds; 17.0 as ``F.linear``), the eager float32 step 37.2 against
 27.9 ms/token, the compiled one 26.2 against 22.3. On the AVX2 machine above the eager products were
-23.7 ms against 25.2. :func:`capability_reason` holds the rule.
+23.7 ms against 25.2. :func:`cpu_reason` holds the rule.
 
 Values: float32 sums in oneDNN's or inductor's order instead of MKL's (a few ulps; the catalogue's
 ``linear`` tolerance holds, tests/ops/test_linear.py). Weights that are not contiguous `[O, K]`
@@ -35,8 +35,11 @@ SLOWER_ON = ("AVX512",)
 """``torch.backends.cpu.get_cpu_capability()`` values where ``cpu.torch_kn``'s GEMM measured faster."""
 
 
-def capability_reason() -> str | None:
-    """Why this CPU takes ``cpu.torch_kn`` for float32 linears instead, or None (see the module doc)."""
+def cpu_reason() -> str | None:
+    """Why this torch build or CPU does not take ``cpu.onednn`` for float32 linears (``cpu.torch_kn``
+    binds then), or None (see the module doc)."""
+    if not torch.backends.mkldnn.is_available():
+        return "cpu.onednn: torch was built without oneDNN (torch.backends.mkldnn.is_available() is False)"
     capability = torch.backends.cpu.get_cpu_capability()
     if capability in SLOWER_ON:
         return (f"cpu.onednn: on {capability} CPUs oneDNN's one-row product measured slower than "
@@ -45,12 +48,10 @@ def capability_reason() -> str | None:
 
 
 def supports(ctx) -> str | None:
-    if not torch.backends.mkldnn.is_available():
-        return "cpu.onednn: torch was built without oneDNN (torch.backends.mkldnn.is_available() is False)"
     if ctx.dtype != torch.float32:
         return (f"cpu.onednn: dtype must be float32 (bfloat16 / float16 linears keep cpu.torch's "
                 f"F.linear), got {ctx.dtype_name}")
-    return capability_reason()
+    return cpu_reason()
 
 
 def linear_onednn(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:

@@ -10,15 +10,11 @@ from backends.cpu import linear_kn, linear_onednn
 from hal.probing import torch_device
 
 
-def _onednn_serves_float32() -> bool:
-    return torch.backends.mkldnn.is_available() and linear_onednn.capability_reason() is None
-
-
 def prepare_dequantized(weight, ctx) -> torch.Tensor:
     """``hal.quant`` container -> dense `[O, K]` in ``ctx.dtype`` on ``ctx.device`` (float32 on a CPU
     where ``cpu.torch_kn`` is the dense float32 ``linear``: in its pre-transposed layout)."""
     dense = weight.dequantize().to(device=torch_device(ctx.device), dtype=ctx.dtype)
-    if dense.device.type == "cpu" and dense.dtype == torch.float32 and not _onednn_serves_float32():
+    if dense.device.type == "cpu" and dense.dtype == torch.float32 and linear_onednn.cpu_reason() is not None:
         return linear_kn.prepare_linear_kn(dense)
     return dense
 
@@ -28,8 +24,8 @@ def linear_dequantized(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
     float32 ``linear`` this CPU binds (``cpu.onednn``, or ``cpu.torch_kn`` where oneDNN is the slower
     kernel), so a model dequantized at load computes bit for bit as the dense model of the same values
     (tests/test_cpu_speed_cli.py: a Q8_0 GGUF and its F32 conversion)."""
-    if x.device.type == "cpu" and x.dtype == torch.float32:
-        if _onednn_serves_float32():
+    if x.device.type == "cpu" and x.dtype == torch.float32:  # the layout prepare chose says which
+        if weight.is_contiguous() and torch.backends.mkldnn.is_available():
             return linear_onednn.linear_onednn(x, weight)
         return linear_kn.linear_kn(x, weight)
     return torch.nn.functional.linear(x, weight)

@@ -46,7 +46,7 @@ def test_binds_float32_only_and_says_why_not():
     """float32 binds cpu.onednn first (tests/ops/test_linear_onednn.py) except on CPUs where it is the
     slower kernel, cpu.torch_kn then or when preferred."""
     assert bind("cpu", torch.float32).record["linear"].impl == \
-        ("cpu.torch_kn" if linear_onednn.capability_reason() else "cpu.onednn")
+        ("cpu.torch_kn" if linear_onednn.cpu_reason() else "cpu.onednn")
     assert bind("cpu", torch.float32, prefer={"linear": "cpu.torch_kn"}).record["linear"].impl == "cpu.torch_kn"
     for dtype in (torch.bfloat16, torch.float16):
         record = bind("cpu", dtype).record["linear"]
