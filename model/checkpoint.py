@@ -225,14 +225,11 @@ class CheckpointReader:
                   or self.location[name + "_int8"])
         return source.path
 
-    def release(self, name: str) -> None:
-        """Drop the mapped pages of a tensor that is no longer referenced."""
-        self.location[name].release(name)
-
     def tensors(self, dtype: torch.dtype, device: torch.device,
                 shard: ShardPlan | None = None) -> Iterator[tuple[str, torch.Tensor]]:
         """Yields (name, tensor in dtype on device). Tensors already in the right dtype on CPU are
-        zero-copy views of the mapping; converted ones have their source pages released.
+        zero-copy views of the mapping; a converted one's source pages leave the process with its
+        view (``SafetensorsFile.tensor``).
         shard: keep only this tensor-parallel rank's slice (``model/sharding.py``), narrowed on the
         mapped view before any copy (a column slice is copied once, contiguous)."""
         for name in expected_shapes(self.config):
@@ -244,14 +241,10 @@ class CheckpointReader:
             if shard is not None:
                 raw = narrow(raw, shard.part(name))
             if raw.dtype == dtype and device.type == "cpu":
-                if not raw.is_contiguous():
-                    raw = raw.contiguous()
-                    source.release(name)
-                yield name, raw
+                yield name, raw.contiguous()
                 continue
             converted = raw.to(device=device, dtype=dtype)
-            del raw
-            source.release(name)
+            del raw  # its pages leave the process now
             yield name, converted
 
 
@@ -309,8 +302,7 @@ def load_weights(checkpoint: Path, config: MiniCPMConfig, dtype: torch.dtype,
                 continue
             del packed[prefix]
             name, tensor = prefix + "weight", _gptq_linear(reader, prefix, parts, config, dtype, device, keep)
-            for p in gptq.PARTS:
-                reader.release(prefix + p)
+            del parts  # the parts' pages leave the process once the container no longer needs them
         int8_part = next((p for p in INT8_PARTS if name.endswith("." + p)), None)
         if int8_part is not None:
             prefix = name[: -len(int8_part)]
@@ -324,16 +316,14 @@ def load_weights(checkpoint: Path, config: MiniCPMConfig, dtype: torch.dtype,
                                       group_size=parts["weight_int8"].shape[1] // parts["weight_scale"].shape[1],
                                       scales=parts["weight_scale"].contiguous(), q=parts["weight_int8"].contiguous())
             name, tensor = prefix + "weight", weight if keep else weight.dequantize().to(device=device, dtype=dtype)
-            for p in INT8_PARTS:
-                reader.release(prefix + p)
+            del parts, weight
         if isinstance(tensor, quant.QuantizedWeight):
             check_finite_container(reader.where(name), name, tensor)
         else:
             check_finite(reader.where(name), name, tensor)
         weights[name] = tensor
-        for part in fuse_parts(weights, name, dtype, device):
-            if part in reader.location:
-                reader.release(part)
+        fuse_parts(weights, name, dtype, device)  # the parts' pages leave the process with them
+        del tensor
     return weights
 
 

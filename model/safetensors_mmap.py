@@ -7,14 +7,17 @@ then the data area; offsets are relative to its start. Every header is first che
 contiguous, non-overlapping and covering the data area, byte size = dtype size x elements,
 metadata strings), so a file that library refuses is refused here too, with its reason.
 Tensors come back as zero-copy views of
-a private (copy-on-write) mapping, so loading in the stored dtype costs no second copy. After a
-tensor has been converted or moved, :meth:`SafetensorsFile.release` drops its pages from memory.
+a private (copy-on-write) mapping, so loading in the stored dtype costs no second copy. When the
+last view of a tensor is gone (its storage freed: after a dtype / device copy, a fused or
+repacked copy, a prepare that keeps its own layout), its pages leave the process
+(``MADV_DONTNEED``), so a model keeps resident only the mapped tensors it still references.
 """
 from __future__ import annotations
 
 import json
 import mmap
 import struct
+import weakref
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -68,6 +71,7 @@ class SafetensorsFile:
             library_check(self.path)
             header = json.loads(self._fh.read(header_len))
             self._map = mmap.mmap(self._fh.fileno(), 0, access=mmap.ACCESS_COPY) if size > 0 else None
+            self._live: dict[str, int] = {}  # name -> views whose storage is alive
         except OSError as exc:
             raise CheckpointError(f"{self.path}: cannot read: {exc.strerror or exc}") from None
         except (json.JSONDecodeError, UnicodeDecodeError) as exc:
@@ -109,19 +113,31 @@ class SafetensorsFile:
         return entries
 
     def tensor(self, name: str) -> torch.Tensor:
-        """Zero-copy view of one tensor (writable, copy-on-write)."""
+        """Zero-copy view of one tensor (writable, copy-on-write). Its pages are dropped from the
+        process when the storage of the last view of ``name`` handed out is freed."""
         e = self.entries[name]
         numel = (e.end - e.begin) // e.dtype.itemsize
         if numel == 0:
             return torch.empty(e.shape, dtype=e.dtype)
-        return torch.frombuffer(self._map, dtype=e.dtype, count=numel, offset=e.begin).view(e.shape)
+        # a buffer of its own per view: the storage holds it, so its finalizer runs when the storage
+        # (shared by every view derived from this tensor) is freed, not when this Python object is
+        window = memoryview(self._map)[e.begin:e.end]
+        self._live[name] = self._live.get(name, 0) + 1
+        weakref.finalize(window, self._view_gone, name).atexit = False
+        return torch.frombuffer(window, dtype=e.dtype, count=numel).view(e.shape)
 
-    def release(self, name: str) -> None:
-        """Drop the pages of a tensor nobody references any more (after a dtype/device copy)."""
-        e = self.entries[name]
+    def _view_gone(self, name: str) -> None:
+        self._live[name] -= 1
+        if self._live[name] == 0:
+            del self._live[name]
+            self._drop_pages(self.entries[name])
+
+    def _drop_pages(self, e: TensorEntry) -> None:
+        """Drop the pages wholly inside ``e``'s bytes (a page it shares with a neighbour stays):
+        unmodified private pages are re-read from the file if touched again."""
         first = -(-e.begin // mmap.PAGESIZE) * mmap.PAGESIZE
         last = (e.end // mmap.PAGESIZE) * mmap.PAGESIZE
-        if self._map is not None and last > first and hasattr(mmap, "MADV_DONTNEED"):
+        if self._map is not None and not self._map.closed and last > first and hasattr(mmap, "MADV_DONTNEED"):
             self._map.madvise(mmap.MADV_DONTNEED, first, last - first)
 
 
