@@ -163,13 +163,15 @@ GPTQ_CONFIG = {"quant_method": "gptq", "bits": 4, "group_size": 128, "desc_act":
 
 def _gptq_weights(config_dict: dict[str, Any], seed: int, dtype: torch.dtype):
     """The same weights as the float checkpoint of this seed, the decoder linears quantized
-    (``model.gptq.quantize``: symmetric, round to nearest) and stored in GPTQ layout."""
+    (``model.gptq.quantize``: round to nearest, symmetric unless quantization_config says
+    ``"sym": false``) and stored in GPTQ layout."""
     config = parse_config(config_dict)
+    sym = bool(config_dict["quantization_config"].get("sym", True))
     plain = {k: v for k, v in config_dict.items() if k != "quantization_config"}
     for name, tensor in _weights(plain, seed, torch.float32):
         prefix = name.removesuffix(".weight")
         if name.startswith("model.layers.") and prefix.endswith(QUANTIZED):
-            for part, value in gptq.quantize(tensor, config.gptq.group_size, config.gptq.zero_offset).items():
+            for part, value in gptq.quantize(tensor, config.gptq.group_size, config.gptq.zero_offset, sym=sym).items():
                 yield f"{prefix}.{part}", value
         else:
             yield name, tensor.to(dtype)

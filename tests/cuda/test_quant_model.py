@@ -33,11 +33,12 @@ def _interpreted_triton():
     return linear_int4
 
 
+@pytest.mark.parametrize("sym", [True, False], ids=["sym", "asym"])
 @pytest.mark.parametrize("dtype", ["float32", "float16"] + (["bfloat16"] if ON_GPU else []))
-def test_a_gptq_checkpoint_runs_on_the_triton_kernels(tmp_path, dtype):
+def test_a_gptq_checkpoint_runs_on_the_triton_kernels(tmp_path, dtype, sym):
     path = write_checkpoint(tmp_path / "gptq", "tiny", seed=5, dtype="float32", quantize_gptq=True,
                             overrides={"quantization_config": {"quant_method": "gptq", "bits": 4, "group_size": 32,
-                                                               "desc_act": False, "sym": True}})
+                                                               "desc_act": False, "sym": sym}})
     ref = hal.load_model(path, "cpu", "float32", reference=True).logits(PROMPTS)
     base = hal.load_model(path, "cpu", dtype, quantize="dequantize").logits(PROMPTS)
     if ON_GPU:

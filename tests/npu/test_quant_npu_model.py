@@ -10,6 +10,8 @@ import pytest
 import torch
 
 import hal
+from model.checkpoint import SINGLE
+from model.safetensors_mmap import SafetensorsFile
 from model.synthetic import write_checkpoint
 from npu_metrics import nmse
 
@@ -17,10 +19,12 @@ PROMPTS = torch.tensor([[5, 17, 300, 42, 7, 99, 1000, 3, 64, 128, 256, 11],
                         [900, 2, 33, 44, 55, 66, 77, 88, 99, 110, 121, 132]])
 
 
-def _gptq_tiny(tmp_path, group=32):
-    return write_checkpoint(tmp_path / f"gptq{group}", "tiny", seed=3, dtype="float32", quantize_gptq=True,
+def _gptq_tiny(tmp_path, group=32, sym=True, checkpoint_format="gptq"):
+    return write_checkpoint(tmp_path / f"gptq{group}{sym}{checkpoint_format}", "tiny", seed=3, dtype="float32",
+                            quantize_gptq=True,
                             overrides={"quantization_config": {"quant_method": "gptq", "bits": 4, "group_size": group,
-                                                               "desc_act": False, "sym": True}})
+                                                               "desc_act": False, "sym": sym,
+                                                               "checkpoint_format": checkpoint_format}})
 
 
 def _compare(path, monkeypatch, prompts=PROMPTS):
@@ -35,8 +39,15 @@ def _compare(path, monkeypatch, prompts=PROMPTS):
     return nmse(ref, got), nmse(ref, base), agree, npu.bound_ops
 
 
-def test_a_gptq_checkpoint_runs_on_the_fused_int4_op(emulated, monkeypatch, tmp_path):
-    err, baseline, agree, bound = _compare(_gptq_tiny(tmp_path), monkeypatch)
+@pytest.mark.parametrize("sym,checkpoint_format", [(True, "gptq"), (False, "gptq"), (False, "gptq_v2")])
+def test_a_gptq_checkpoint_runs_on_the_fused_int4_op(emulated, monkeypatch, tmp_path, sym, checkpoint_format):
+    """Asymmetric too: the zero point reaches CANN's ``(weight + antiquant_offset) * antiquant_scale``
+    negated (an un-negated offset fails this bound: test_quant_npu.py holds the op to it)."""
+    path = _gptq_tiny(tmp_path, sym=sym, checkpoint_format=checkpoint_format)
+    if not sym:
+        assert len(torch.unique(SafetensorsFile(path / SINGLE).tensor(
+            "model.layers.0.mlp.down_proj.qzeros"))) > 1  # real zero points, not 8 everywhere
+    err, baseline, agree, bound = _compare(path, monkeypatch)
     assert bound["linear_int4"] == "npu.torch_npu"
     assert err < 2.0 * baseline + 1e-6, f"NPU NMSE {err:.2e} vs CPU dense bf16 NMSE {baseline:.2e}"
     assert agree >= 0.9, agree
