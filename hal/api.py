@@ -169,13 +169,14 @@ def _load(path: str | Path, kind: str, dtype: str | torch.dtype | None, referenc
     ops = bind(kind, torch_dtype, config.shapes() if shard is None else shard.shapes(config), reference=reference,
                allow_fallback=allow_fallback, overrides=op_overrides, prefer=prefer)
     tokenizer_loader = None
+    decoded: dict[str, str] = {}  # model.checkpoint.DecodedAtLoad
     if opened is None:
-        weights = load_weights(folder, config, torch_dtype, device, shard=shard, keep=keep)
+        weights = load_weights(folder, config, torch_dtype, device, shard=shard, keep=keep, decoded=decoded)
     else:
         from model.gguf_checkpoint import load_gguf_weights
 
         tokenizer_loader = opened.tokenizer_loader
-        weights = load_gguf_weights(opened.file, config, torch_dtype, device, keep=keep, shard=shard)
+        weights = load_gguf_weights(opened.file, config, torch_dtype, device, keep=keep, shard=shard, decoded=decoded)
         del opened  # outside a shared-parse scope this closes the memory map: its pages leave the process
     if quantize == "ternary":
         weights = _pack_ternary(weights, folder)
@@ -183,7 +184,8 @@ def _load(path: str | Path, kind: str, dtype: str | torch.dtype | None, referenc
         _refuse_quantized(weights, folder, shard.size)
     ops = _bind_for_groups(ops, weights, reference, allow_fallback, op_overrides, prefer)
     model = MiniCPMForCausalLM(config, weights, ops, device, torch_dtype, path=folder,
-                               generation=generation, tokenizer_loader=tokenizer_loader, tp=tp)
+                               generation=generation, tokenizer_loader=tokenizer_loader, tp=tp,
+                               decoded_at_load=decoded)
     del weights  # the model holds what it needs; transient copies of the load go back to the OS
     return_freed_heap()
     return model

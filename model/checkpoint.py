@@ -282,13 +282,23 @@ FUSED = {
 One GEMM instead of three (q/k/v) or two (gate/up) per layer, as vLLM and CPM.cu load them."""
 
 
+DecodedAtLoad = dict[str, str]
+"""A load's record of the quantized linears it decoded to dense although asked to keep them:
+checkpoint name (after fusion, e.g. ``model.layers.3.self_attn.qkv_proj.weight``) -> why. The model
+keeps it (``MiniCPMForCausalLM.decoded_at_load``) and the report names them
+(``validation/quantization.py``)."""
+
+
 def load_weights(checkpoint: Path, config: MiniCPMConfig, dtype: torch.dtype,
-                 device: torch.device, shard: ShardPlan | None = None, keep: bool = False) -> dict[str, torch.Tensor]:
+                 device: torch.device, shard: ShardPlan | None = None, keep: bool = False,
+                 decoded: DecodedAtLoad | None = None) -> dict[str, torch.Tensor]:
     """Every tensor of the checkpoint in ``dtype`` on ``device``, GPTQ linears dequantized
     (``model/gptq.py``), with each layer's projections fused as :data:`FUSED` says (the parts
     are not kept; their mapped pages are released). ``keep``: GPTQ linears with plain groups
-    stay ``hal.quant.Int4Weight`` containers (on the CPU) instead. shard: only this
+    stay ``hal.quant.Int4Weight`` containers (on the CPU) instead; ``decoded`` (filled when given) names
+    those decoded to dense anyway, and why (:data:`DecodedAtLoad`). shard: only this
     tensor-parallel rank's slices (``model/sharding.py``; each part is sliced before the fusion)."""
+    decoded = {} if decoded is None else decoded
     reader = CheckpointReader(checkpoint, config)
     weights: dict[str, torch.Tensor] = {}
     packed: dict[str, dict[str, torch.Tensor]] = {}
@@ -302,6 +312,8 @@ def load_weights(checkpoint: Path, config: MiniCPMConfig, dtype: torch.dtype,
                 continue
             del packed[prefix]
             name, tensor = prefix + "weight", _gptq_linear(reader, prefix, parts, config, dtype, device, keep)
+            if keep and isinstance(tensor, torch.Tensor):
+                decoded[name] = "g_idx is not in plain groups (act order): no int4 kernel serves it"
             del parts  # the parts' pages leave the process once the container no longer needs them
         int8_part = next((p for p in INT8_PARTS if name.endswith("." + p)), None)
         if int8_part is not None:
@@ -322,7 +334,7 @@ def load_weights(checkpoint: Path, config: MiniCPMConfig, dtype: torch.dtype,
         else:
             check_finite(reader.where(name), name, tensor)
         weights[name] = tensor
-        fuse_parts(weights, name, dtype, device)  # the parts' pages leave the process with them
+        fuse_parts(weights, name, dtype, device, decoded)  # the parts' pages leave the process with them
         del tensor
     return weights
 
@@ -352,18 +364,24 @@ def check_finite_container(path: Path, name: str, weight: quant.QuantizedWeight)
 
 
 def fuse_parts(weights: dict[str, torch.Tensor], name: str, dtype: torch.dtype | None = None,
-               device: torch.device | None = None) -> tuple[str, ...]:
+               device: torch.device | None = None, decoded: DecodedAtLoad | None = None) -> tuple[str, ...]:
     """When ``name`` (just added to ``weights``) completes a :data:`FUSED` group, replace the
     group's parts by their concatenation. Returns the names of the parts fused (empty if none).
 
     Quantized parts (``hal.quant`` containers) of one kind, source and group size fuse into one
     container (``hal.quant.cat_rows``); a group mixing kinds or with dense parts is decoded into
-    dense ``dtype`` on ``device`` and fused dense (named in the model's quantization table)."""
+    dense ``dtype`` on ``device`` and fused dense, and ``decoded`` (when given) names it, and why
+    (a part's own entry there, decoded before the fusion, moves to the fused name)."""
     for fused, parts_of in FUSED.items():
         prefix = name[: -len(parts_of[-1])]
         if name.endswith(parts_of[-1]) and all(prefix + p in weights for p in parts_of):
             parts = [weights.pop(prefix + p) for p in parts_of]
             weights[prefix + fused] = _fuse(prefix + fused, parts, dtype, device)
+            if decoded is not None:
+                reasons = [decoded.pop(prefix + p) for p in parts_of if prefix + p in decoded]
+                kinds = sorted({p.format if isinstance(p, quant.QuantizedWeight) else "dense" for p in parts})
+                if isinstance(weights[prefix + fused], torch.Tensor) and (reasons or len(kinds) > 1):
+                    decoded[prefix + fused] = reasons[0] if reasons else f"its parts mix {' and '.join(kinds)}"
             return tuple(prefix + p for p in parts_of)
     return ()
 

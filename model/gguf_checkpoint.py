@@ -43,7 +43,7 @@ import torch
 
 from hal.errors import CheckpointError, ConfigError
 from hal import quant
-from model.checkpoint import QUANTIZED, expected_shapes, fuse_parts
+from model.checkpoint import QUANTIZED, DecodedAtLoad, expected_shapes, fuse_parts
 from model.config import MiniCPMConfig, parse_config
 from model.gguf_file import GGUFFile
 from model.sharding import ShardPlan
@@ -213,9 +213,11 @@ def kept_quantized(file: GGUFFile, hf_name: str, gguf_name: str) -> bool:
     quantized."""
     from model.gguf_quant import KEPT
 
-    kept = hf_name == EMBEDDING or (hf_name.startswith("model.layers.")
-                                    and hf_name.removesuffix(".weight").endswith(QUANTIZED))
-    return kept and file.type_name(gguf_name) in KEPT
+    return (hf_name == EMBEDDING or _is_linear(hf_name)) and file.type_name(gguf_name) in KEPT
+
+
+def _is_linear(hf_name: str) -> bool:
+    return hf_name.startswith("model.layers.") and hf_name.removesuffix(".weight").endswith(QUANTIZED)
 
 
 def _quantized_tensor(file: GGUFFile, gguf_name: str) -> quant.QuantizedWeight:
@@ -232,18 +234,24 @@ def _quantized_tensor(file: GGUFFile, gguf_name: str) -> quant.QuantizedWeight:
 
 
 def iter_hf_tensors(file: GGUFFile, config: MiniCPMConfig, dtype: torch.dtype, keep: bool = False,
-                    shard: ShardPlan | None = None):
+                    shard: ShardPlan | None = None, decoded: DecodedAtLoad | None = None):
     """Yields (HF name, tensor in ``dtype`` on the CPU, HF row order), one tensor at a time;
     ``keep``: Q4_0 / Q4_1 / Q8_0 decoder linears and token embedding as ``hal.quant`` containers instead.
     shard: only this tensor-parallel rank's slice of each (dense) tensor (``model/sharding.py``;
     ``keep`` does not apply then); the q/k row permutation stays inside each head, so a slice of
-    whole heads unpermutes alone."""
+    whole heads unpermutes alone. ``decoded`` (filled when given, with ``keep``): the decoder
+    linears stored quantized in a type that is decoded at load, and that type."""
+    from model.gguf_quant import KEPT
+
     names = tensor_names(config, file.architecture)
     _check_tensors(file, config, names)
     for hf_name, gguf_name in names.items():
         if keep and shard is None and kept_quantized(file, hf_name, gguf_name):
             tensor = _quantized_tensor(file, gguf_name)
         else:
+            kind = file.type_name(gguf_name)
+            if keep and decoded is not None and _is_linear(hf_name) and kind not in ("F32", "F16", "BF16"):
+                decoded[hf_name] = f"GGUF {kind} is decoded at load (kept quantized: {', '.join(sorted(KEPT))})"
             # the permutation is undone in float32 when the tensor is read as float32 anyway
             tensor = file.tensor(gguf_name, dtype, shard.part(hf_name) if shard is not None else None)
         heads = (config.num_attention_heads if hf_name.endswith("self_attn.q_proj.weight") else
@@ -257,15 +265,16 @@ def iter_hf_tensors(file: GGUFFile, config: MiniCPMConfig, dtype: torch.dtype, k
 
 def load_gguf_weights(file: GGUFFile, config: MiniCPMConfig, dtype: torch.dtype,
                       device: torch.device, keep: bool = False,
-                      shard: ShardPlan | None = None) -> dict[str, torch.Tensor]:
+                      shard: ShardPlan | None = None, decoded: DecodedAtLoad | None = None) -> dict[str, torch.Tensor]:
     """Every tensor of the GGUF dequantized into ``dtype`` on ``device``, under the HF names, with
     each layer's projections fused as ``model.checkpoint.FUSED`` says: what
     ``model.checkpoint.load_weights`` returns for the same model in safetensors. ``keep``: the
-    Q4_0 / Q4_1 / Q8_0 decoder linears and token embedding stay ``hal.quant`` containers (on the CPU)."""
+    Q4_0 / Q4_1 / Q8_0 decoder linears and token embedding stay ``hal.quant`` containers (on the CPU);
+    ``decoded``: ``model.checkpoint.DecodedAtLoad``, filled."""
     weights: dict[str, torch.Tensor] = {}
-    for name, tensor in iter_hf_tensors(file, config, dtype, keep, shard):
+    for name, tensor in iter_hf_tensors(file, config, dtype, keep, shard, decoded):
         weights[name] = tensor if isinstance(tensor, quant.QuantizedWeight) else tensor.to(device)
-        fuse_parts(weights, name, dtype, device)
+        fuse_parts(weights, name, dtype, device, decoded)
     return weights
 
 

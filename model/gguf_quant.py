@@ -10,7 +10,8 @@ dequantizers (``gguf.quants.Q4_0`` / ``Q4_1`` / ``Q8_0.dequantize_blocks``) read
 A Q4 block's value ``j < 16`` is the low nibble of byte ``j``, value ``j + 16`` its high nibble
 (``hal.quant.pack_int4`` pairs adjacent values instead: the codes are repacked). Each
 container's ``dequantize()`` evaluates the same float32 operations, so it equals
-``gguf.quants.dequantize`` bit for bit (tests/test_gguf_quant.py). Other types are not kept.
+``gguf.quants.dequantize`` bit for bit (tests/test_quant_gguf.py). Other types are decoded at load
+(and named: ``model.checkpoint.DecodedAtLoad``).
 """
 from __future__ import annotations
 

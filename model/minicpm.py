@@ -137,21 +137,29 @@ def _prepared(ops: BoundOps, weights: dict[str, torch.Tensor], name: str, option
     return prepared
 
 
+LINEAR_NAMES = {"qkv": "self_attn.qkv_proj.weight", "o": "self_attn.o_proj.weight",
+                "gate_up": "mlp.gate_up_proj.weight", "down": "mlp.down_proj.weight",
+                "o_gate": "self_attn.o_gate.weight", "z": "self_attn.z_proj.weight"}
+""":class:`LayerWeights` linear field -> its checkpoint tensor under ``model.layers.<i>.`` (after the
+load's fusion, ``model.checkpoint.FUSED``); o_gate and z only in SALA checkpoints."""
+
+
 def _layers(weights: dict[str, torch.Tensor], config: MiniCPMConfig, ops: BoundOps) -> list[LayerWeights]:
     layers = []
     for i in range(config.num_hidden_layers):
         p = f"model.layers.{i}."
         attn = p + "self_attn."
+        linear = {field: p + name for field, name in LINEAR_NAMES.items()}
         layers.append(LayerWeights(
             mixer=config.mixer(i),
             input_norm=weights[p + "input_layernorm.weight"],
-            qkv=_prepared(ops, weights, attn + "qkv_proj.weight"),
-            o=_prepared(ops, weights, attn + "o_proj.weight"),
+            qkv=_prepared(ops, weights, linear["qkv"]),
+            o=_prepared(ops, weights, linear["o"]),
             post_norm=weights[p + "post_attention_layernorm.weight"],
-            gate_up=_prepared(ops, weights, p + "mlp.gate_up_proj.weight"),
-            down=_prepared(ops, weights, p + "mlp.down_proj.weight"),
-            o_gate=_prepared(ops, weights, attn + "o_gate.weight", optional=True),
-            z=_prepared(ops, weights, attn + "z_proj.weight", optional=True),
+            gate_up=_prepared(ops, weights, linear["gate_up"]),
+            down=_prepared(ops, weights, linear["down"]),
+            o_gate=_prepared(ops, weights, linear["o_gate"], optional=True),
+            z=_prepared(ops, weights, linear["z"], optional=True),
             q_norm=weights.get(attn + "q_norm.weight"),
             k_norm=weights.get(attn + "k_norm.weight"),
             o_norm=weights.get(attn + "o_norm.weight"),
@@ -174,8 +182,11 @@ class MiniCPMForCausalLM:
     def __init__(self, config: MiniCPMConfig, weights: dict[str, torch.Tensor], ops: BoundOps,
                  device: torch.device, dtype: torch.dtype, path: Path | None = None,
                  generation: GenerationDefaults | None = None,
-                 tokenizer_loader: Callable[[], object] | None = None, tp: TensorParallel | None = None):
+                 tokenizer_loader: Callable[[], object] | None = None, tp: TensorParallel | None = None,
+                 decoded_at_load: dict[str, str] | None = None):
         self.config = config
+        # checkpoint name of a quantized linear the load decoded to dense -> why (model.checkpoint.DecodedAtLoad)
+        self.decoded_at_load = dict(decoded_at_load or {})
         # tensor parallel (model/tp.py): this rank's slice of heads / FFN / vocabulary, its collectives
         self.tp = tp if tp is not None else single_rank(config, device)
         shard = self.tp.plan

@@ -99,3 +99,30 @@ def test_a_checkpoint_with_groups_loads_the_decoded_weights(tmp_path):
     assert np.array_equal(got.down.double().numpy(), decoded(layer + "mlp.down_proj"))
     assert np.array_equal(kept.layers[1].qkv.weight.double().numpy(), qkv)
     assert np.array_equal(kept.layers[1].down.weight.double().numpy(), decoded(layer + "mlp.down_proj"))
+
+
+def test_an_act_order_checkpoint_is_decoded_dense_and_the_report_names_each_linear(tmp_path):
+    """desc_act: a g_idx that is not in plain groups has no int4 kernel layout; the load decodes those
+    linears (as the test above checks the values of) and says so: ``model.decoded_at_load`` and the
+    report's quantization section name every one, with the reason."""
+    from validation import quantization
+
+    config = dict(GPTQ_CONFIG, group_size=32, desc_act=True)
+    path = write_checkpoint(tmp_path / "g", "tiny", dtype="float32", quantize_gptq=True,
+                            overrides={"quantization_config": config})
+    tensors = load_file(str(path / "model.safetensors"))
+    rng = np.random.default_rng(1)
+    permuted = [n for n in tensors if n.endswith("o_proj.g_idx")]
+    for name in permuted:  # act order on o_proj only: the other linears stay kept
+        tensors[name] = torch.from_numpy(rng.permutation(tensors[name].numpy()))
+    save_file(tensors, str(path / "model.safetensors"), metadata={"format": "pt"})
+    model = hal.load_model(path, "cpu", "bfloat16")
+    assert sorted(model.decoded_at_load) == sorted(n.replace(".g_idx", ".weight") for n in permuted)
+    assert all("not in plain groups" in why for why in model.decoded_at_load.values())
+    section = quantization.describe(model)
+    layers = model.config.num_hidden_layers
+    assert [r["linear"] for r in section["decoded_at_load"]] == [f"layers.{i}.o" for i in range(layers)]
+    assert {r["kind"] for r in section["linears"]} == {"qkv", "gate_up", "down"}  # kept
+    table = "\n".join(quantization.markdown(section))
+    assert f"| o | dense bfloat16 (decoded at load: g_idx is not in plain groups" in table
+    assert f"| {layers} |" in table

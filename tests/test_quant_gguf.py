@@ -119,6 +119,26 @@ def test_a_fused_group_of_mixed_types_is_decoded_dense(tiny_f32, tmp_path):
     kept = hal.load_model(path, "cpu", "float32")
     assert isinstance(kept.layers[0].qkv, torch.Tensor)
     assert torch.equal(kept.logits(IDS), hal.load_model(path, "cpu", "float32", quantize="dequantize").logits(IDS))
+    assert kept.decoded_at_load == {f"model.layers.{i}.self_attn.qkv_proj.weight": "its parts mix q4_0 int4 g32 and "
+                                    "q8_0 int8 g32" for i in range(kept.config.num_hidden_layers)}
+
+
+def test_other_types_are_decoded_at_load_and_named(tiny_f32, tmp_path):
+    """Q5_0 / Q5_1 linears (not in model.gguf_quant.KEPT) are decoded at load as the gguf package
+    decodes them (the logits equal the dequantizing load's), and the model names each with its type;
+    a fused group with one such part is named with the part's reason. F32 linears are not named."""
+    path = write_minicpm_gguf(tiny_f32, tmp_path / "m.gguf", tensor_type=_types(
+        {"attn_q": "Q4_0", "attn_k": "Q5_0", "attn_v": "Q4_0", "attn_output": "Q4_0", "ffn_down": "Q5_1"}))
+    kept = hal.load_model(path, "cpu", "float32")
+    assert torch.equal(kept.logits(IDS), hal.load_model(path, "cpu", "float32", quantize="dequantize").logits(IDS))
+    layers = kept.config.num_hidden_layers
+    assert kept.layers[0].o.format == "q4_0 int4 g32"
+    assert isinstance(kept.layers[0].gate_up, torch.Tensor)  # F32 in the file: not a quantized linear
+    want = {}
+    for i in range(layers):
+        want[f"model.layers.{i}.self_attn.qkv_proj.weight"] = "GGUF Q5_0 is decoded at load (kept quantized: Q4_0, Q4_1, Q8_0)"
+        want[f"model.layers.{i}.mlp.down_proj.weight"] = "GGUF Q5_1 is decoded at load (kept quantized: Q4_0, Q4_1, Q8_0)"
+    assert kept.decoded_at_load == want
 
 
 def test_permuted_rows_move_their_blocks():

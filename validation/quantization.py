@@ -11,7 +11,9 @@ from typing import Any
 
 import torch
 
-LINEARS = ("qkv", "o", "gate_up", "down", "o_gate", "z")
+from model.minicpm import LINEAR_NAMES
+
+LINEARS = tuple(LINEAR_NAMES)
 """``LayerWeights`` fields that may hold a quantized linear (fused names)."""
 
 
@@ -45,7 +47,9 @@ def embedding(model: Any) -> dict[str, Any]:
 
 
 def describe(model: Any) -> dict[str, Any]:
-    """The report's ``quantization`` section: ``linears`` (one row per layer linear), ``groups``
+    """The report's ``quantization`` section: ``linears`` (one row per quantized layer linear),
+    ``decoded_at_load`` (one row per linear the checkpoint holds quantized that the load decoded to
+    dense, with the loader's ``reason``: ``model.decoded_at_load``; its bytes are among the dense), ``groups``
     (rows grouped by linear and format, for the markdown table), ``embedding`` (:func:`embedding`),
     ``lm_head`` (:func:`head`) and ``weight_bytes`` (``embedding``: a quantized table's bytes,
     ``lm_head_prepared``: the prepared lm_head's bytes beside the dense ones)."""
@@ -55,10 +59,17 @@ def describe(model: Any) -> dict[str, Any]:
     dense = (0 if quantized_table else table["bytes"]) + _dense_bytes(model.final_norm)
     if not table["tied"]:
         dense += _dense_bytes(model.lm_head)
+    decoded = getattr(model, "decoded_at_load", {})
+    dense_rows = []
     for index, layer in enumerate(model.layers):
         for field, value in vars(layer).items():
             if isinstance(value, torch.Tensor):
                 dense += _dense_bytes(value)
+                why = decoded.get(f"model.layers.{index}.{LINEAR_NAMES.get(field)}")
+                if why is not None:  # a linear the checkpoint holds quantized, held dense
+                    dense_rows.append({"linear": f"layers.{index}.{field}", "kind": field, "reason": why,
+                                       "format": f"dense {str(value.dtype).removeprefix('torch.')}",
+                                       "impl": model.ops.record["linear"].impl, "bytes": _dense_bytes(value)})
             elif field in LINEARS and value is not None:
                 rows.append({"linear": f"layers.{index}.{field}", "kind": field, "op": value.op, "format": value.format,
                              "impl": value.impl, "shape": list(value.shape), "bytes": value.nbytes, "prepared_bytes": value.prepared_bytes})
@@ -72,8 +83,9 @@ def describe(model: Any) -> dict[str, Any]:
         acc[1] += r["prepared_bytes"]
     prepared_head = head(model)
     return {
-        "quantized": bool(rows) or quantized_table,
+        "quantized": bool(rows) or quantized_table or bool(dense_rows),
         "linears": rows,
+        "decoded_at_load": dense_rows,
         "embedding": table,
         "lm_head": prepared_head,
         "groups": [{"kind": k, "format": f, "impl": i, "layers": n, "bytes": sizes[(k, f, i)][0],
@@ -96,6 +108,13 @@ def markdown(section: dict[str, Any]) -> list[str]:
     for g in section["groups"]:
         lines.append(f"| {g['kind']} | {g['format']} | {g['impl']} | {g['layers']} | {g['bytes']:,} | "
                      f"{g['prepared_bytes']:,} |")
+    decoded: dict[tuple[str, str, str, str], list[int]] = {}
+    for r in section.get("decoded_at_load", []):
+        acc = decoded.setdefault((r["kind"], r["format"], r["reason"], r["impl"]), [0, 0])
+        acc[0] += 1
+        acc[1] += r["bytes"]
+    for (kind, fmt, reason, impl), (layers, held) in decoded.items():
+        lines.append(f"| {kind} | {fmt} (decoded at load: {reason}) | {impl} | {layers} | — | {held:,} |")
     table = section.get("embedding")
     if table:
         lines.append(f"| embedding{' (tied lm_head)' if table['tied'] else ''} | {table['format']} | "
