@@ -375,3 +375,19 @@ def get_spec(name: str) -> OpSpec:
         return CATALOGUE[name]
     except KeyError:
         raise KeyError(f"unknown op {name!r}; the catalogue has: {', '.join(sorted(CATALOGUE))}") from None
+
+
+# Whole model. A path that changes how the weights are held or multiplied (quantized kernels, a
+# packed table, another device, the compiled decode layers) is judged on the logits against the
+# float32 reference of the same weights, relative to the CPU's dense path in the same dtype: its
+# rounding may be of the same size as dense's once more (a packed kernel rounds each group's scale
+# and zero as dense rounds the weight), so its NMSE may be up to twice dense's. The floor keeps the
+# bound meaningful where dense's NMSE is ~0 (float32: reordered sums only).
+MODEL_NMSE_FACTOR = 2.0
+MODEL_NMSE_FLOOR = {"float32": 1e-12, "bfloat16": 1e-7, "float16": 1e-7}
+
+
+def model_nmse_bound(dtype: str, dense_nmse: float) -> float:
+    """The largest logits NMSE (against the float32 reference on the same weights) a whole-model
+    path in ``dtype`` may show, given the CPU dense path's NMSE in that dtype on the same inputs."""
+    return MODEL_NMSE_FACTOR * dense_nmse + MODEL_NMSE_FLOOR[dtype]
