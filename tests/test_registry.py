@@ -8,8 +8,8 @@ from hal import registry
 from hal.errors import UnsupportedOpError
 from hal.ops import CATALOGUE
 from backends.cpu import QUANTIZED_LINEARS
-from backends.cpu.linear_onednn import cpu_reason
 from hal.registry import BindContext, Binding, Impl, bind
+from expected_bindings import float32_cpu_linear
 
 SHAPES = {"E": 64, "F": 128, "V": 100, "H": 4, "Hk": 2, "D": 16}
 
@@ -20,7 +20,7 @@ def test_cpu_binds_torch_ops_and_reference_mode_binds_the_judge():
     dense = {op: b for op, b in ops.record.items() if op not in QUANTIZED_LINEARS}
     assert {b.impl for op, b in dense.items() if op not in ("linear", "logits")} == {"cpu.torch"}
     # float32 dense linears: oneDNN on the [O, K] weights, the pre-transposed GEMM where oneDNN is slower
-    assert ops.record["linear"].impl == ("cpu.torch_kn" if cpu_reason() else "cpu.onednn")
+    assert ops.record["linear"].impl == float32_cpu_linear()
     assert ops.record["logits"].impl == "cpu.onednn"  # float32 lm_head: oneDNN on the [V, E] table
     assert all(("cpu.reference", "the reference is the judge only") in b.passed_over
                for b in ops.record.values())

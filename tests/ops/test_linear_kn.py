@@ -11,7 +11,7 @@ import torch
 import torch.nn.functional as F
 
 import hal
-from backends.cpu import linear_kn, linear_onednn
+from backends.cpu import linear_kn
 from hal.ops import get_spec
 from hal.registry import BindContext, bind
 from model.minicpm import MiniCPMForCausalLM
@@ -19,6 +19,7 @@ from model.synthetic import write_checkpoint
 from model.tp import weight_bytes
 from validation import floor
 from validation.opcheck import nmse
+from expected_bindings import float32_cpu_linear
 
 LINEARS = ("qkv", "o", "gate_up", "down")
 IDS = torch.tensor([[1, 5, 9, 200, 3, 77, 401, 12]])
@@ -46,7 +47,7 @@ def test_binds_float32_only_and_says_why_not():
     """float32 binds cpu.onednn first (tests/ops/test_linear_onednn.py) except on CPUs where it is the
     slower kernel, cpu.torch_kn then or when preferred."""
     assert bind("cpu", torch.float32).record["linear"].impl == \
-        ("cpu.torch_kn" if linear_onednn.cpu_reason() else "cpu.onednn")
+        float32_cpu_linear()
     assert bind("cpu", torch.float32, prefer={"linear": "cpu.torch_kn"}).record["linear"].impl == "cpu.torch_kn"
     for dtype in (torch.bfloat16, torch.float16):
         record = bind("cpu", dtype).record["linear"]

@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 from backends.cpu import QUANTIZED_LINEARS
-from backends.cpu.linear_onednn import cpu_reason
 
 import json
 
@@ -13,6 +12,7 @@ from compare_runner import run_cli
 import hal
 from hal.ops import CATALOGUE
 from validation.prompts import DEFAULT_PROMPTS
+from expected_bindings import float32_cpu_linear
 
 METRIC_KEYS = ("top1_match_rate", "top5_inclusion_rate", "top10_overlap_mean", "top1_prob_rel_err_mean",
                "top1_prob_rel_err_max", "top1_prob_rel_err_max_prompt", "top10_prob_mae",
@@ -50,7 +50,7 @@ def test_report_json_schema(fp32_run):
     assert all(len(p["positions"]) == 5 for p in r["prompts"])  # prompt end + 4 teacher-forced
     assert set(r["bound_ops"]) == set(CATALOGUE)
     assert all(b["impl"] == "cpu.torch" for op, b in r["bound_ops"].items() if op not in QUANTIZED_LINEARS + ("linear", "logits"))
-    assert r["bound_ops"]["linear"]["impl"] == ("cpu.torch_kn" if cpu_reason() else "cpu.onednn")
+    assert r["bound_ops"]["linear"]["impl"] == float32_cpu_linear()
     assert r["bound_ops"]["logits"]["impl"] == "cpu.onednn"  # float32 lm_head: oneDNN on the [V, E] table
     assert r["environment"]["torch"] == torch.__version__
     assert r["model"]["config"]["num_hidden_layers"] == len(r["drift"]["layers"]) - 1

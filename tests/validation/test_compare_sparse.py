@@ -3,12 +3,12 @@ is what gets compared, and its ops are checked on the model's shapes and geometr
 from __future__ import annotations
 
 from backends.cpu import QUANTIZED_LINEARS
-from backends.cpu.linear_onednn import cpu_reason
 
 import pytest
 from compare_runner import run_cli
 
 from model.synthetic import write_checkpoint
+from expected_bindings import float32_cpu_linear
 
 SPARSE = {"kernel_size": 8, "kernel_stride": 4, "init_blocks": 1, "block_size": 16, "window_size": 32,
           "topk": 3, "use_nope": False, "dense_len": 64}
@@ -46,7 +46,7 @@ def test_the_float32_torch_ops_can_judge(tmp_path):
     assert run.code == 0 and r["reference"] == "cpu-fp32-torch" and "(torch ops)" in r["title"]
     assert {b["impl"] for op, b in r["reference_bound_ops"].items()
             if op not in QUANTIZED_LINEARS + ("linear", "logits")} == {"cpu.torch"}
-    assert r["reference_bound_ops"]["linear"]["impl"] == ("cpu.torch_kn" if cpu_reason() else "cpu.onednn")
+    assert r["reference_bound_ops"]["linear"]["impl"] == float32_cpu_linear()
     assert r["reference_bound_ops"]["logits"]["impl"] == "cpu.onednn"
     ids = hal.load_model(path, "cpu", "float32").tokenizer(prompt)["input_ids"]
     assert len(ids) > SPARSE["dense_len"]
