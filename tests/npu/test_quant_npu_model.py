@@ -1,5 +1,7 @@
-"""A quantized checkpoint on the emulated NPU, whole model: a tiny GPTQ checkpoint loads quantized
-(linear_int4 on npu_weight_quant_batchmatmul) and its bfloat16 logits are as close to the float32
+"""Quantized checkpoints on the emulated NPU, whole model: tiny GPTQ (symmetric and asymmetric),
+``model.quantize`` int8 / ternary and GGUF Q4_0 / Q4_1 / Q8_0 checkpoints load quantized (linear_int4 /
+linear_int8 on npu_weight_quant_batchmatmul, ternary unpacked on the device) and their bfloat16
+logits are as close to the float32
 reference on the same containers (dequantized exactly) as the CPU's dense bfloat16 path of the
 same dequantized weights. (The trained SmolLM2 Q4_1 GGUF takes ~75 s this way, three loads of a
 GGUF and the emulator decoding every weight per call: its real Q4_1 / Q8_0 tensors are checked
@@ -28,13 +30,16 @@ def _gptq_tiny(tmp_path, group=32, sym=True, checkpoint_format="gptq"):
                                                                "checkpoint_format": checkpoint_format}})
 
 
-def _compare(path, monkeypatch, prompts=PROMPTS):
+def _compare(path, monkeypatch, prompts=PROMPTS, quantize=None):
+    """(NPU NMSE, CPU dense bfloat16 NMSE, top-1 agreement, the NPU's bound ops): both against the
+    float32 reference on the same weights (quantized containers decoded exactly; a ternary
+    checkpoint's fake-quantized values as stored). ``quantize``: the NPU load's mode."""
     reference = hal.load_model(path, "cpu", "float32", reference=True)  # the containers, decoded in float32
     dense_bf16 = hal.load_model(path, "cpu", "bfloat16", quantize="dequantize")
     ref, base = reference.logits(prompts), dense_bf16.logits(prompts)
     del reference, dense_bf16
     monkeypatch.setenv("HAL_NPU_EMULATE", "1")
-    npu = hal.load_model(path, "npu", "bfloat16")
+    npu = hal.load_model(path, "npu", "bfloat16", quantize=quantize)
     got = npu.logits(prompts)
     agree = float((got.argmax(-1) == ref.argmax(-1)).float().mean())
     return nmse(ref, got), nmse(ref, base), agree, npu.bound_ops
@@ -99,3 +104,52 @@ def test_decode_graph_refuses_a_weight_prepared_for_another_implementation(emula
     npu = hal.load_model(_gptq_tiny(tmp_path), "npu", "bfloat16", op_overrides={"linear_int4": quantized_linear_ref})
     with pytest.raises(UnsupportedOpError, match="linear_int4 was prepared for override at load.*npu.torch_npu"):
         DecodeGraph(npu, npu.new_cache(1, 32))
+
+
+@pytest.fixture(scope="module")
+def dense_tiny(tmp_path_factory):
+    return write_checkpoint(tmp_path_factory.mktemp("npuq") / "dense", "tiny", seed=3, dtype="float32")
+
+
+@pytest.mark.parametrize("args,op", [(["--format", "int8"], "linear_int8"),
+                                     (["--format", "int8", "--group-size", "32"], "linear_int8"),
+                                     (["--format", "ternary"], "linear_ternary")],
+                         ids=["int8-per-channel", "int8-g32", "ternary"])
+def test_model_quantize_outputs_run_quantized_on_the_npu(emulated, monkeypatch, tmp_path, dense_tiny, args, op):
+    """``python -m model.quantize`` int8 (per channel, groups of 32) and ternary checkpoints, whole
+    model, kept quantized on the emulated NPU (ternary: packed at load, unpacked to bfloat16 on the
+    device): as close to the float32 reference as the CPU's dense bfloat16."""
+    from model.quantize import main
+
+    path = tmp_path / "q"
+    assert main([str(dense_tiny), str(path)] + args) == 0
+    err, baseline, agree, bound = _compare(path, monkeypatch, quantize="ternary" if op == "linear_ternary" else None)
+    assert bound[op].startswith("npu."), bound[op]
+    assert err <= model_nmse_bound("bfloat16", baseline), f"NPU NMSE {err:.2e} vs CPU dense bf16 NMSE {baseline:.2e}"
+    assert agree >= 0.9, agree
+
+
+def test_a_gguf_with_q4_0_q4_1_and_q8_0_linears_runs_quantized_on_the_npu(emulated, monkeypatch, tmp_path,
+                                                                          dense_tiny):
+    """GGUF Q4_0 / Q4_1 (int4 with mins) / Q8_0 (int8 in groups of 32) linears kept quantized, whole
+    model on the emulated NPU: every linear a prepared quantized op, logits within the model bound."""
+    import gguf
+
+    from llamacpp_convert import write_minicpm_gguf
+
+    kinds = {"attn_q": "Q4_0", "attn_k": "Q4_0", "attn_v": "Q4_0", "attn_output": "Q8_0", "ffn_gate": "Q4_1",
+             "ffn_up": "Q4_1", "ffn_down": "Q4_0"}
+
+    def tensor_type(name):
+        kind = next((k for part, k in kinds.items() if f".{part}." in name), "F32")
+        return gguf.GGMLQuantizationType[kind]
+
+    path = write_minicpm_gguf(dense_tiny, tmp_path / "mixed.gguf", tensor_type=tensor_type)
+    err, baseline, agree, bound = _compare(path, monkeypatch)
+    monkeypatch.setenv("HAL_NPU_EMULATE", "1")
+    layer = hal.load_model(path, "npu", "bfloat16").layers[0]
+    assert (layer.qkv.format, layer.o.format, layer.gate_up.format) == ("q4_0 int4 g32", "q8_0 int8 g32",
+                                                                        "q4_1 int4 g32")
+    assert all(w.impl.startswith("npu.") for w in (layer.qkv, layer.o, layer.gate_up, layer.down))
+    assert err <= model_nmse_bound("bfloat16", baseline), f"NPU NMSE {err:.2e} vs CPU dense bf16 NMSE {baseline:.2e}"
+    assert agree >= 0.9, agree
