@@ -21,6 +21,8 @@ kernel) and held in 2 bits (``prefer={"linear_ternary": "cpu.torch_2bit"}``,
 ``backends/cpu/ternary2.py``). ``--preset NAME`` adds a table for a synthetic checkpoint of that
 preset (``model.synthetic``, seed 0) written as ternary by ``python -m model.quantize --format
 ternary``: dense bfloat16 (its fake-quantized weights), 4-bit codes, 2 bits.
+Below the table, for each GGUF kept quantized: the bytes llama.cpp holds for the same file (its
+tensor data, memory-mapped as stored), against the same bfloat16 baseline.
 ``benchmarks.cpu_speed`` may import :func:`measure` for its table.
 """
 from __future__ import annotations
@@ -181,6 +183,14 @@ def _table(title: str, runs: list[Run]) -> list[dict[str, Any]]:
     print(f"\nembedding (dense bf16): {base['embedding_bytes'] / 1e6:.1f} MB = "
           f"{base['embedding_bytes'] / base_w:.1%} of the bf16 weights")
     for r in results:
+        if str(r["path"]).endswith(".gguf") and r["quantize"] != "dequantize":
+            held = _gguf_tensor_bytes(Path(r["path"]))
+            r["llama_cpp_weight_bytes"] = held
+            plain = base_w - base["weight_bytes"].get("lm_head_prepared", 0)  # dense bf16 without a packed head
+            print(f"llama.cpp on {Path(r['path']).name}: {held / 1e6:.1f} MB of weights (the file's tensor data, "
+                  f"memory-mapped as stored) = {held / base_w:.3f}x ({held / plain:.3f}x of the dense bfloat16 "
+                  f"weights without the packed lm_head, {plain / 1e6:.1f} MB); ours {_held(r['weight_bytes']) / held:.2f}x that")
+    for r in results:
         if r.get("embedding_format", "dense").split()[0] != "dense":
             print(f"{r['format']}: embedding kept {r['embedding_format']}, {r['embedding_bytes'] / 1e6:.1f} MB")
         extra = r["weight_bytes"].get("lm_head_prepared", 0)
@@ -188,6 +198,14 @@ def _table(title: str, runs: list[Run]) -> list[dict[str, Any]]:
             print(f"{r['format']}: weight bytes include the lm_head packed for cpu.fbgemm, {extra / 1e6:.1f} MB "
                   "beside the embedding")
     return results
+
+
+def _gguf_tensor_bytes(path: Path) -> int:
+    """The bytes of a GGUF's tensor data: what llama.cpp holds as the model's weights (it maps the
+    file and computes on the stored blocks)."""
+    import gguf
+
+    return sum(int(t.n_bytes) for t in gguf.GGUFReader(str(path)).tensors)
 
 
 def main(argv: list[str] | None = None) -> int:
