@@ -35,7 +35,9 @@ def dtype_name(dtype: torch.dtype) -> str:
     return str(dtype).removeprefix("torch.")
 
 
-MODEL_HELP = "checkpoint folder (Hugging Face layout) or a .gguf file (llama.cpp; architectures minicpm, llama)"
+MODEL_HELP = ("checkpoint folder (Hugging Face layout; dense, GPTQ int4, python -m model.quantize int8 or "
+              "BitCPM4 ternary) or a .gguf file (llama.cpp; architectures minicpm, llama; Q4_0 / Q4_1 / Q8_0 "
+              "kept quantized, other types decoded at load)")
 """The help text of every CLI's ``--model`` option."""
 
 
