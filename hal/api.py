@@ -182,6 +182,7 @@ def _load(path: str | Path, kind: str, dtype: str | torch.dtype | None, referenc
         del opened  # outside a shared-parse scope this closes the memory map: its pages leave the process
     if quantize == "ternary":
         weights = _pack_ternary(weights, folder)
+        decoded = {name: why for name, why in decoded.items() if isinstance(weights.get(name), torch.Tensor)}
     if shard is not None:
         _refuse_quantized(weights, folder, shard.size)
     ops = _bind_for_groups(ops, weights, reference, allow_fallback, op_overrides, prefer)

@@ -241,7 +241,9 @@ class CheckpointReader:
             if shard is not None:
                 raw = narrow(raw, shard.part(name))
             if raw.dtype == dtype and device.type == "cpu":
-                yield name, raw.contiguous()
+                out = raw.contiguous()
+                del raw  # a copied slice's source pages leave now, not one tensor later
+                yield name, out
                 continue
             converted = raw.to(device=device, dtype=dtype)
             del raw  # its pages leave the process now
@@ -313,7 +315,7 @@ def load_weights(checkpoint: Path, config: MiniCPMConfig, dtype: torch.dtype,
             del packed[prefix]
             name, tensor = prefix + "weight", _gptq_linear(reader, prefix, parts, config, dtype, device, keep)
             if keep and isinstance(tensor, torch.Tensor):
-                decoded[name] = "g_idx is not in plain groups (act order): no int4 kernel serves it"
+                decoded[name] = "g_idx is not in plain groups (e.g. act order): no int4 kernel serves it"
             del parts  # the parts' pages leave the process once the container no longer needs them
         int8_part = next((p for p in INT8_PARTS if name.endswith("." + p)), None)
         if int8_part is not None:

@@ -206,6 +206,8 @@ def _check_tensors(file: GGUFFile, config: MiniCPMConfig, names: dict[str, str])
 
 
 EMBEDDING = "model.embed_tokens.weight"
+UNQUANTIZED = ("F32", "F16", "BF16", "F64", "I8", "I16", "I32", "I64")
+"""GGUF types that are plain numbers: a tensor stored so is not named as decoded at load."""
 
 
 def kept_quantized(file: GGUFFile, hf_name: str, gguf_name: str) -> bool:
@@ -239,8 +241,8 @@ def iter_hf_tensors(file: GGUFFile, config: MiniCPMConfig, dtype: torch.dtype, k
     ``keep``: Q4_0 / Q4_1 / Q8_0 decoder linears and token embedding as ``hal.quant`` containers instead.
     shard: only this tensor-parallel rank's slice of each (dense) tensor (``model/sharding.py``;
     ``keep`` does not apply then); the q/k row permutation stays inside each head, so a slice of
-    whole heads unpermutes alone. ``decoded`` (filled when given, with ``keep``): the decoder
-    linears stored quantized in a type that is decoded at load, and that type."""
+    whole heads unpermutes alone. ``decoded`` (filled when given, with ``keep`` and no shard): the
+    decoder linears, token embedding and lm_head stored quantized in a type decoded at load, and that type."""
     from model.gguf_quant import KEPT
 
     names = tensor_names(config, file.architecture)
@@ -250,7 +252,8 @@ def iter_hf_tensors(file: GGUFFile, config: MiniCPMConfig, dtype: torch.dtype, k
             tensor = _quantized_tensor(file, gguf_name)
         else:
             kind = file.type_name(gguf_name)
-            if keep and decoded is not None and _is_linear(hf_name) and kind not in ("F32", "F16", "BF16"):
+            if keep and shard is None and decoded is not None and kind not in UNQUANTIZED \
+                    and (_is_linear(hf_name) or hf_name in (EMBEDDING, "lm_head.weight")):
                 decoded[hf_name] = f"GGUF {kind} is decoded at load (kept quantized: {', '.join(sorted(KEPT))})"
             # the permutation is undone in float32 when the tensor is read as float32 anyway
             tensor = file.tensor(gguf_name, dtype, shard.part(hf_name) if shard is not None else None)

@@ -17,6 +17,7 @@ from __future__ import annotations
 import json
 import mmap
 import struct
+import threading
 import weakref
 from dataclasses import dataclass
 from pathlib import Path
@@ -72,6 +73,7 @@ class SafetensorsFile:
             header = json.loads(self._fh.read(header_len))
             self._map = mmap.mmap(self._fh.fileno(), 0, access=mmap.ACCESS_COPY) if size > 0 else None
             self._live: dict[str, int] = {}  # name -> views whose storage is alive
+            self._live_lock = threading.Lock()  # a view's finalizer runs in whichever thread frees it
         except OSError as exc:
             raise CheckpointError(f"{self.path}: cannot read: {exc.strerror or exc}") from None
         except (json.JSONDecodeError, UnicodeDecodeError) as exc:
@@ -81,7 +83,8 @@ class SafetensorsFile:
         self.entries = self._parse(header, 8 + header_len, size)
 
     def close(self) -> None:
-        """Unmap the file (views taken from it must be gone)."""
+        """Unmap the file. Views taken from it must be gone: while one lives, the mapping refuses
+        to close (``BufferError``)."""
         if self._map is not None:
             self._map.close()
             self._map = None
@@ -122,13 +125,16 @@ class SafetensorsFile:
         # a buffer of its own per view: the storage holds it, so its finalizer runs when the storage
         # (shared by every view derived from this tensor) is freed, not when this Python object is
         window = memoryview(self._map)[e.begin:e.end]
-        self._live[name] = self._live.get(name, 0) + 1
+        with self._live_lock:
+            self._live[name] = self._live.get(name, 0) + 1
         weakref.finalize(window, self._view_gone, name).atexit = False
         return torch.frombuffer(window, dtype=e.dtype, count=numel).view(e.shape)
 
     def _view_gone(self, name: str) -> None:
-        self._live[name] -= 1
-        if self._live[name] == 0:
+        with self._live_lock:
+            self._live[name] -= 1
+            if self._live[name]:
+                return
             del self._live[name]
             self._drop_pages(self.entries[name])
 

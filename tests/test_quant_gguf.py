@@ -158,3 +158,29 @@ def test_unknown_quantize_mode_is_one_line(mixed_gguf):
 
     with pytest.raises(InputError, match="quantize must be one of keep, dequantize, ternary"):
         hal.load_model(mixed_gguf, "cpu", "float32", quantize="int3")
+
+
+def test_a_token_table_in_another_type_is_named_on_the_embedding_row(tiny_f32, tmp_path):
+    from validation import quantization
+
+    def tensor_type(name):
+        return gguf.GGMLQuantizationType.Q5_0 if name.startswith("token_embd") else _types({"attn_q": "Q4_0"})(name)
+
+    kept = hal.load_model(write_minicpm_gguf(tiny_f32, tmp_path / "m.gguf", tensor_type=tensor_type), "cpu", "bfloat16")
+    why = "GGUF Q5_0 is decoded at load (kept quantized: Q4_0, Q4_1, Q8_0)"
+    assert kept.decoded_at_load["model.embed_tokens.weight"] == why
+    section = quantization.describe(kept)
+    assert section["embedding"]["decoded_at_load"] == why
+    assert f"| embedding (tied lm_head) | dense bfloat16 (decoded at load: {why}) |" in "\n".join(quantization.markdown(section))
+
+
+def test_linears_packed_ternary_after_their_decode_are_not_named(tiny_f32, tmp_path):
+    """quantize="ternary" packs what the load decoded (here llama.cpp's ternary TQ2_0 down_proj: its
+    values are {-s, 0, +s} per 256-block row): those linears are held quantized after all."""
+    types = _types({"attn_q": "Q4_0", "attn_k": "Q4_0", "attn_v": "Q4_0", "attn_output": "Q4_0",
+                    "ffn_gate": "Q4_0", "ffn_up": "Q4_0", "ffn_down": "TQ2_0"})
+    path = write_minicpm_gguf(tiny_f32, tmp_path / "t.gguf", tensor_type=types)
+    assert "model.layers.0.mlp.down_proj.weight" in hal.load_model(path, "cpu", "bfloat16").decoded_at_load
+    packed = hal.load_model(path, "cpu", "bfloat16", quantize="ternary")
+    assert packed.layers[0].down.format.split()[1] == "ternary"
+    assert packed.decoded_at_load == {}

@@ -36,13 +36,15 @@ def head(model: Any) -> dict[str, Any] | None:
 
 def embedding(model: Any) -> dict[str, Any]:
     """The token embedding table: its ``format`` (``dense <dtype>``, or the quantized container's,
-    e.g. ``q8_0 int8 g32``), the implementation that prepared it (None: dense), its ``bytes`` (held)
-    and whether the lm_head is the same table (``tied``)."""
+    e.g. ``q8_0 int8 g32``), the implementation that prepared it (None: dense), its ``bytes`` (held),
+    whether the lm_head is the same table (``tied``) and, for a table the checkpoint stores quantized
+    that the load decoded, why (``decoded_at_load``)."""
     table = model.embed
     tied = model.lm_head is table
     if isinstance(table, torch.Tensor):
+        why = getattr(model, "decoded_at_load", {}).get("model.embed_tokens.weight")
         return {"format": f"dense {str(table.dtype).removeprefix('torch.')}", "impl": None,
-                "bytes": _dense_bytes(table), "tied": tied}
+                "bytes": _dense_bytes(table), "tied": tied, **({"decoded_at_load": why} if why else {})}
     return {"format": table.format, "impl": table.impl, "bytes": table.prepared_bytes, "tied": tied}
 
 
@@ -83,7 +85,7 @@ def describe(model: Any) -> dict[str, Any]:
         acc[1] += r["prepared_bytes"]
     prepared_head = head(model)
     return {
-        "quantized": bool(rows) or quantized_table or bool(dense_rows),
+        "quantized": bool(rows) or quantized_table,
         "linears": rows,
         "decoded_at_load": dense_rows,
         "embedding": table,
@@ -99,7 +101,7 @@ def describe(model: Any) -> dict[str, Any]:
 
 def markdown(section: dict[str, Any]) -> list[str]:
     """The report's "Quantized linears" section (empty list for a dense model)."""
-    if not section.get("quantized"):
+    if not section.get("quantized") and not section.get("decoded_at_load") and not section.get("embedding", {}).get("decoded_at_load"):
         return []
     lines = ["## Quantized linears", "",
              "Each decoder linear's checkpoint format (the reference decodes the same containers in float32), the "
@@ -117,7 +119,8 @@ def markdown(section: dict[str, Any]) -> list[str]:
         lines.append(f"| {kind} | {fmt} (decoded at load: {reason}) | {impl} | {layers} | — | {held:,} |")
     table = section.get("embedding")
     if table:
-        lines.append(f"| embedding{' (tied lm_head)' if table['tied'] else ''} | {table['format']} | "
+        decoded_note = f" (decoded at load: {table['decoded_at_load']})" if table.get("decoded_at_load") else ""
+        lines.append(f"| embedding{' (tied lm_head)' if table['tied'] else ''} | {table['format']}{decoded_note} | "
                      f"{table['impl'] or '—'} | — | — | {table['bytes']:,} |")
     w = section["weight_bytes"]
     lines += ["", f"Weights: dense tensors {w['dense']:,} bytes (norms, dense linears; embedding and lm_head when "
