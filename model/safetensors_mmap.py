@@ -73,7 +73,8 @@ class SafetensorsFile:
             header = json.loads(self._fh.read(header_len))
             self._map = mmap.mmap(self._fh.fileno(), 0, access=mmap.ACCESS_COPY) if size > 0 else None
             self._live: dict[str, int] = {}  # name -> views whose storage is alive
-            self._live_lock = threading.Lock()  # a view's finalizer runs in whichever thread frees it
+            # a view's finalizer runs in whichever thread frees it (reentrant: also from a GC pass inside tensor())
+            self._live_lock = threading.RLock()
         except OSError as exc:
             raise CheckpointError(f"{self.path}: cannot read: {exc.strerror or exc}") from None
         except (json.JSONDecodeError, UnicodeDecodeError) as exc:
