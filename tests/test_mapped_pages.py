@@ -18,10 +18,19 @@ from model.synthetic import write_checkpoint
 pytestmark = pytest.mark.skipif(not sys.platform.startswith("linux") or not hasattr(mmap, "MADV_DONTNEED"),
                                 reason="reads /proc/self/smaps and needs madvise(MADV_DONTNEED): Linux only")
 PAGE = mmap.PAGESIZE
-FAULT_AROUND = 64 * 1024
-"""Linux's default ``fault_around_bytes``: a read fault on a file mapping also maps the pages of the
-aligned 64 KiB around it that the page cache holds, so touching a small tensor can make up to this
-much of its neighbours resident again."""
+
+
+def fault_around(tmp_path) -> int:
+    """Bytes a read fault on a file mapping makes resident on this kernel: Linux also maps the pages
+    around it that the page cache holds (``fault_around_bytes``, 64 KiB by default), so touching a small
+    tensor can make its neighbours' pages resident again. Measured: one float in the middle of 4 MiB."""
+    path = tmp_path / "probe.safetensors"
+    write_safetensors(path, {"a": torch.zeros(512 * 1024), "b": torch.ones(1), "c": torch.zeros(512 * 1024)})
+    path.read_bytes()  # every page in the page cache, as a freshly written checkpoint's are
+    f = SafetensorsFile(path)
+    before = mapped_resident(path)
+    assert float(f.tensor("b")[0]) == 1.0
+    return mapped_resident(path) - before
 ELEMENTS = 64 * 1024  # 256 KiB of float32 per tensor
 
 
@@ -81,9 +90,15 @@ def test_a_derived_view_or_a_second_view_keeps_the_pages(file):
 def test_a_ternary_model_keeps_only_its_dense_tensors_resident(tmp_path):
     """quantize="ternary" packs linears that were zero-copy views of a bfloat16 checkpoint (o_proj,
     down_proj: the fused ones are copies anyway): their pages must not stay in the process beside the
-    packed copies (before: the whole file stayed resident)."""
+    packed copies (before: the whole file stayed resident). The FFN is made wide enough that those
+    views outweigh twice what the dense tensors may keep resident with this kernel's fault-around."""
+    around = fault_around(tmp_path)
+    layers, hidden, vocab = 2, 128, 1024  # the tiny preset's hidden and vocabulary
+    dense_tensors = 1 + 2 * layers + 1  # embedding, two norms per layer, the final norm
+    allowed_estimate = vocab * hidden * 2 + dense_tensors * (around + 3 * PAGE)
+    ffn = max(4096, -(-3 * allowed_estimate // (layers * hidden * 2) // 256) * 256)
     source = write_checkpoint(tmp_path / "dense", "tiny", seed=3, dtype="bfloat16",
-                              overrides={"intermediate_size": 4096, "num_hidden_layers": 2})
+                              overrides={"intermediate_size": ffn, "num_hidden_layers": layers})
     assert quantize_main([str(source), str(tmp_path / "ternary"), "--format", "ternary"]) == 0
     path = tmp_path / "ternary" / SINGLE
     model = hal.load_model(tmp_path / "ternary", "cpu", "bfloat16", quantize="ternary")
@@ -92,7 +107,8 @@ def test_a_ternary_model_keeps_only_its_dense_tensors_resident(tmp_path):
     gc.collect()
     entries = SafetensorsFile(path).entries
     dense = [e for n, e in entries.items() if not n.endswith("proj.weight")]
-    allowed = sum(e.end - e.begin + 2 * PAGE + FAULT_AROUND for e in dense)
+    assert len(dense) == dense_tensors
+    allowed = sum(e.end - e.begin + 2 * PAGE + around for e in dense)
     views = sum(e.end - e.begin for n, e in entries.items() if n.endswith(("o_proj.weight", "down_proj.weight")))
     assert views > 2 * allowed  # the bound below tells a kept view apart
     assert mapped_resident(path) <= allowed
