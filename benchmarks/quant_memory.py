@@ -184,7 +184,9 @@ def _table(title: str, runs: list[Run]) -> list[dict[str, Any]]:
           f"{base['embedding_bytes'] / base_w:.1%} of the bf16 weights")
     for r in results:
         if str(r["path"]).endswith(".gguf") and r["quantize"] != "dequantize":
-            held = _gguf_tensor_bytes(Path(r["path"]))
+            from benchmarks.cpu_vs_llama import gguf_tensor_bytes
+
+            held = gguf_tensor_bytes(Path(r["path"]))
             r["llama_cpp_weight_bytes"] = held
             plain = base_w - base["weight_bytes"].get("lm_head_prepared", 0)  # dense bf16 without a packed head
             print(f"llama.cpp on {Path(r['path']).name}: {held / 1e6:.1f} MB of weights (the file's tensor data, "
@@ -198,14 +200,6 @@ def _table(title: str, runs: list[Run]) -> list[dict[str, Any]]:
             print(f"{r['format']}: weight bytes include the lm_head packed for cpu.fbgemm, {extra / 1e6:.1f} MB "
                   "beside the embedding")
     return results
-
-
-def _gguf_tensor_bytes(path: Path) -> int:
-    """The bytes of a GGUF's tensor data: what llama.cpp holds as the model's weights (it maps the
-    file and computes on the stored blocks)."""
-    import gguf
-
-    return sum(int(t.n_bytes) for t in gguf.GGUFReader(str(path)).tensors)
 
 
 def main(argv: list[str] | None = None) -> int:

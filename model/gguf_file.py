@@ -8,7 +8,6 @@ lists it that way in ``ReaderTensor.shape``. Everything this module returns is i
 from __future__ import annotations
 
 import math
-import mmap
 from pathlib import Path
 from typing import Any
 
@@ -16,6 +15,7 @@ import numpy as np
 import torch
 
 from hal.errors import CheckpointError
+from model.memory import drop_pages
 
 MAGIC = b"GGUF"
 CHUNK_BYTES = 16 << 20
@@ -188,10 +188,7 @@ class GGUFFile:
         """Drop the mapped file pages of tensor ``name`` from the process (they were copied)."""
         info = self.tensors[name]
         mapping = getattr(self.reader.data, "_mmap", None)  # numpy.memmap's mmap.mmap
-        first = -(-info.data_offset // mmap.PAGESIZE) * mmap.PAGESIZE
-        last = ((info.data_offset + info.n_bytes) // mmap.PAGESIZE) * mmap.PAGESIZE
-        if mapping is not None and last > first and hasattr(mmap, "MADV_DONTNEED"):
-            mapping.madvise(mmap.MADV_DONTNEED, first, last - first)
+        drop_pages(mapping, info.data_offset, info.data_offset + info.n_bytes)
 
     def forget_vocabulary(self) -> None:
         """Drop the parsed token arrays (``tokenizer.ggml.*`` lists: ~150 MB of reader objects for

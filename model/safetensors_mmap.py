@@ -26,6 +26,7 @@ import torch
 from safetensors import SafetensorError, safe_open
 
 from hal.errors import CheckpointError
+from model.memory import drop_pages
 
 DTYPES = {
     "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
@@ -137,15 +138,8 @@ class SafetensorsFile:
             if self._live[name]:
                 return
             del self._live[name]
-            self._drop_pages(self.entries[name])
-
-    def _drop_pages(self, e: TensorEntry) -> None:
-        """Drop the pages wholly inside ``e``'s bytes (a page it shares with a neighbour stays):
-        unmodified private pages are re-read from the file if touched again."""
-        first = -(-e.begin // mmap.PAGESIZE) * mmap.PAGESIZE
-        last = (e.end // mmap.PAGESIZE) * mmap.PAGESIZE
-        if self._map is not None and not self._map.closed and last > first and hasattr(mmap, "MADV_DONTNEED"):
-            self._map.madvise(mmap.MADV_DONTNEED, first, last - first)
+            e = self.entries[name]
+            drop_pages(self._map, e.begin, e.end)
 
 
 def write_safetensors(path: Path, tensors: dict[str, torch.Tensor],

@@ -21,6 +21,20 @@ from safetensors import safe_open
 NORMAL, UNKNOWN, CONTROL, BYTE = 1, 2, 3, 6
 
 
+MIXED_LINEAR_TYPES = {"attn_q": "Q4_0", "attn_k": "Q4_0", "attn_v": "Q4_0", "attn_output": "Q8_0",
+                      "ffn_gate": "Q4_1", "ffn_up": "Q4_1", "ffn_down": "Q4_0"}
+"""Decoder linears in every GGUF type kept quantized: fused qkv Q4_0, o Q8_0, gate_up Q4_1, down Q4_0."""
+
+
+def tensor_types(mapping: dict[str, str]) -> Callable[[str], gguf.GGMLQuantizationType]:
+    """A ``tensor_type`` for :func:`write_minicpm_gguf`: tensors whose GGUF name holds ``.<part>.`` in
+    the type ``mapping[part]`` names, the rest F32."""
+    def tensor_type(name: str) -> gguf.GGMLQuantizationType:
+        kind = next((k for part, k in mapping.items() if f".{part}." in name), "F32")
+        return gguf.GGMLQuantizationType[kind]
+    return tensor_type
+
+
 def converter_permute(weights: torch.Tensor, n_head: int, n_head_kv: int | None) -> torch.Tensor:
     """``LlamaModel.permute`` of convert_hf_to_gguf.py, as written there."""
     if n_head_kv is not None and n_head != n_head_kv:

@@ -15,7 +15,7 @@ from hal.ops import model_nmse_bound
 from hal import quant
 from model.gguf_quant import container
 from model.synthetic import write_checkpoint
-from llamacpp_convert import write_minicpm_gguf
+from llamacpp_convert import MIXED_LINEAR_TYPES, tensor_types, write_minicpm_gguf
 
 IDS = torch.tensor([[1, 5, 9, 200, 7, 300, 12, 1016, 44, 3, 77]])
 EDGE_SCALES = np.array([0x0000, 0x8000, 0x0001, 0x83FF, 0x7BFF, 0xFBFF, 0x7C00, 0xFC00, 0x7E00, 0x3C00],
@@ -67,22 +67,10 @@ def tiny_f32(tmp_path_factory):
     return write_checkpoint(tmp_path_factory.mktemp("qgguf") / "tiny", "tiny", seed=2, dtype="float32")
 
 
-def _types(mapping):
-    def tensor_type(name):
-        for part, kind in mapping.items():
-            if f".{part}." in name:
-                return gguf.GGMLQuantizationType[kind]
-        return gguf.GGMLQuantizationType.F32
-    return tensor_type
-
-
-MIXED = {"attn_q": "Q4_0", "attn_k": "Q4_0", "attn_v": "Q4_0", "attn_output": "Q8_0", "ffn_gate": "Q4_1",
-         "ffn_up": "Q4_1", "ffn_down": "Q4_0"}
-
-
 @pytest.fixture(scope="module")
 def mixed_gguf(tiny_f32, tmp_path_factory):
-    return write_minicpm_gguf(tiny_f32, tmp_path_factory.mktemp("qgguf") / "mixed.gguf", tensor_type=_types(MIXED))
+    return write_minicpm_gguf(tiny_f32, tmp_path_factory.mktemp("qgguf") / "mixed.gguf",
+                              tensor_type=tensor_types(MIXED_LINEAR_TYPES))
 
 
 def test_kept_linears_are_containers_and_float32_logits_equal_the_decoded_file(mixed_gguf):
@@ -115,7 +103,7 @@ def test_bfloat16_packed_kernels_err_like_dense_bfloat16(mixed_gguf):
 
 
 def test_a_fused_group_of_mixed_types_is_decoded_dense(tiny_f32, tmp_path):
-    path = write_minicpm_gguf(tiny_f32, tmp_path / "m.gguf", tensor_type=_types({"attn_q": "Q4_0", "attn_k": "Q8_0",
+    path = write_minicpm_gguf(tiny_f32, tmp_path / "m.gguf", tensor_type=tensor_types({"attn_q": "Q4_0", "attn_k": "Q8_0",
                                                                                 "attn_v": "Q4_0"}))
     kept = hal.load_model(path, "cpu", "float32")
     assert isinstance(kept.layers[0].qkv, torch.Tensor)
@@ -128,7 +116,7 @@ def test_other_types_are_decoded_at_load_and_named(tiny_f32, tmp_path):
     """Q5_0 / Q5_1 linears (not in model.gguf_quant.KEPT) are decoded at load as the gguf package
     decodes them (the logits equal the dequantizing load's), and the model names each with its type;
     a fused group with one such part is named with the part's reason. F32 linears are not named."""
-    path = write_minicpm_gguf(tiny_f32, tmp_path / "m.gguf", tensor_type=_types(
+    path = write_minicpm_gguf(tiny_f32, tmp_path / "m.gguf", tensor_type=tensor_types(
         {"attn_q": "Q4_0", "attn_k": "Q5_0", "attn_v": "Q4_0", "attn_output": "Q4_0", "ffn_down": "Q5_1"}))
     kept = hal.load_model(path, "cpu", "float32")
     assert torch.equal(kept.logits(IDS), hal.load_model(path, "cpu", "float32", quantize="dequantize").logits(IDS))
@@ -164,7 +152,7 @@ def test_a_token_table_in_another_type_is_named_on_the_embedding_row(tiny_f32, t
     from validation import quantization
 
     def tensor_type(name):
-        return gguf.GGMLQuantizationType.Q5_0 if name.startswith("token_embd") else _types({"attn_q": "Q4_0"})(name)
+        return gguf.GGMLQuantizationType.Q5_0 if name.startswith("token_embd") else tensor_types({"attn_q": "Q4_0"})(name)
 
     kept = hal.load_model(write_minicpm_gguf(tiny_f32, tmp_path / "m.gguf", tensor_type=tensor_type), "cpu", "bfloat16")
     why = "GGUF Q5_0 is decoded at load (kept quantized: Q4_0, Q4_1, Q8_0)"
@@ -177,7 +165,7 @@ def test_a_token_table_in_another_type_is_named_on_the_embedding_row(tiny_f32, t
 def test_linears_packed_ternary_after_their_decode_are_not_named(tiny_f32, tmp_path):
     """quantize="ternary" packs what the load decoded (here llama.cpp's ternary TQ2_0 down_proj: its
     values are {-s, 0, +s} per 256-block row): those linears are held quantized after all."""
-    types = _types({"attn_q": "Q4_0", "attn_k": "Q4_0", "attn_v": "Q4_0", "attn_output": "Q4_0",
+    types = tensor_types({"attn_q": "Q4_0", "attn_k": "Q4_0", "attn_v": "Q4_0", "attn_output": "Q4_0",
                     "ffn_gate": "Q4_0", "ffn_up": "Q4_0", "ffn_down": "TQ2_0"})
     path = write_minicpm_gguf(tiny_f32, tmp_path / "t.gguf", tensor_type=types)
     assert "model.layers.0.mlp.down_proj.weight" in hal.load_model(path, "cpu", "bfloat16").decoded_at_load

@@ -91,17 +91,9 @@ def test_model_quantize_outputs_run_on_the_triton_kernels(tmp_path, dense_tiny, 
 
 @pytest.mark.parametrize("dtype", ["float32", "float16"] + (["bfloat16"] if ON_GPU else []))
 def test_a_gguf_with_q4_0_q4_1_and_q8_0_linears_runs_on_the_triton_kernels(tmp_path, dense_tiny, dtype):
-    import gguf
+    from llamacpp_convert import MIXED_LINEAR_TYPES, tensor_types, write_minicpm_gguf
 
-    from llamacpp_convert import write_minicpm_gguf
-
-    kinds = {"attn_q": "Q4_0", "attn_k": "Q4_0", "attn_v": "Q4_0", "attn_output": "Q8_0", "ffn_gate": "Q4_1",
-             "ffn_up": "Q4_1", "ffn_down": "Q4_0"}
-
-    def tensor_type(name):
-        return gguf.GGMLQuantizationType[next((k for part, k in kinds.items() if f".{part}." in name), "F32")]
-
-    path = write_minicpm_gguf(dense_tiny, tmp_path / "mixed.gguf", tensor_type=tensor_type)
+    path = write_minicpm_gguf(dense_tiny, tmp_path / "mixed.gguf", tensor_type=tensor_types(MIXED_LINEAR_TYPES))
     ref = hal.load_model(path, "cpu", "float32", reference=True).logits(PROMPTS)
     base = hal.load_model(path, "cpu", dtype, quantize="dequantize").logits(PROMPTS)
     model = _on_triton(path, dtype)

@@ -133,18 +133,9 @@ def test_a_gguf_with_q4_0_q4_1_and_q8_0_linears_runs_quantized_on_the_npu(emulat
                                                                           dense_tiny):
     """GGUF Q4_0 / Q4_1 (int4 with mins) / Q8_0 (int8 in groups of 32) linears kept quantized, whole
     model on the emulated NPU: every linear a prepared quantized op, logits within the model bound."""
-    import gguf
+    from llamacpp_convert import MIXED_LINEAR_TYPES, tensor_types, write_minicpm_gguf
 
-    from llamacpp_convert import write_minicpm_gguf
-
-    kinds = {"attn_q": "Q4_0", "attn_k": "Q4_0", "attn_v": "Q4_0", "attn_output": "Q8_0", "ffn_gate": "Q4_1",
-             "ffn_up": "Q4_1", "ffn_down": "Q4_0"}
-
-    def tensor_type(name):
-        kind = next((k for part, k in kinds.items() if f".{part}." in name), "F32")
-        return gguf.GGMLQuantizationType[kind]
-
-    path = write_minicpm_gguf(dense_tiny, tmp_path / "mixed.gguf", tensor_type=tensor_type)
+    path = write_minicpm_gguf(dense_tiny, tmp_path / "mixed.gguf", tensor_type=tensor_types(MIXED_LINEAR_TYPES))
     err, baseline, agree, bound = _compare(path, monkeypatch)
     monkeypatch.setenv("HAL_NPU_EMULATE", "1")
     layer = hal.load_model(path, "npu", "bfloat16").layers[0]

@@ -7,11 +7,10 @@ from __future__ import annotations
 
 import math
 
-import gguf
 import pytest
 import torch
 from compare_runner import run_cli
-from llamacpp_convert import write_minicpm_gguf
+from llamacpp_convert import MIXED_LINEAR_TYPES, tensor_types, write_minicpm_gguf
 
 from model import gguf_checkpoint
 from model.gguf_file import GGUFFile
@@ -28,14 +27,7 @@ def q4_gguf(tmp_path_factory):
     """The tiny synthetic model (float32) as a GGUF whose decoder linears are Q4_0 / Q4_1 / Q8_0."""
     root = tmp_path_factory.mktemp("shared")
     folder = write_checkpoint(root / "tiny", "tiny", seed=3, dtype="float32")
-    kinds = {"attn_q": "Q4_0", "attn_k": "Q4_0", "attn_v": "Q4_0", "attn_output": "Q8_0",
-             "ffn_gate": "Q4_1", "ffn_up": "Q4_1", "ffn_down": "Q4_0"}
-
-    def tensor_type(name):
-        kind = next((k for part, k in kinds.items() if f".{part}." in name), "F32")
-        return gguf.GGMLQuantizationType[kind]
-
-    return write_minicpm_gguf(folder, root / "q4.gguf", tensor_type=tensor_type)
+    return write_minicpm_gguf(folder, root / "q4.gguf", tensor_type=tensor_types(MIXED_LINEAR_TYPES))
 
 
 def _old_position_metrics(p_ref, p_dev, k, tie_margin):
